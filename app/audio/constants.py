@@ -1,0 +1,15 @@
+"""Audio constants fixed by the Whisper model family (the encoder sees 30 s at 100 frames/s)."""
+
+from __future__ import annotations
+
+SAMPLE_RATE: int = 16000
+N_FFT: int = 400
+HOP_LENGTH: int = 160
+CHUNK_LENGTH: int = 30  # seconds of audio in one encoder window
+N_SAMPLES: int = CHUNK_LENGTH * SAMPLE_RATE  # 480000
+N_FRAMES: int = N_SAMPLES // HOP_LENGTH  # 3000 mel frames per window
+FRAMES_PER_SECOND: int = SAMPLE_RATE // HOP_LENGTH  # 100 (10 ms per mel frame)
+# The encoder halves the frame rate (stride-2 conv), so one audio token = 20 ms, which is
+# also the resolution of Whisper's timestamp tokens.
+TOKENS_PER_SECOND: int = FRAMES_PER_SECOND // 2  # 50
+TIME_PRECISION: float = 1.0 / TOKENS_PER_SECOND  # 0.02 s

@@ -1,0 +1,296 @@
+"""Turn uploaded bytes (any common audio/video format) into 16 kHz mono float32 samples.
+
+libsndfile (via soundfile) handles WAV/FLAC/OGG/MP3 quickly and exactly; everything else
+(AAC/M4A, MP4, WebM/Opus, AMR, WMA, ...) goes through FFmpeg (via PyAV). Both libraries
+raise a zoo of exception types, so every library call is wrapped and re-raised as one of
+our own errors, which the API layer maps to 400 / 413 / 415.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import av
+import numpy as np
+import soundfile as sf
+
+from app.audio.constants import SAMPLE_RATE
+from app.audio.pcm import pcm16_to_float
+from app.audio.resample import resample
+from app.audio.sniff import SNIFF_BYTES, is_audio_or_video, sniff_media
+from app.errors import AudioDecodeError, AudioTooLongError, UnsupportedMediaError
+
+__all__ = ["AudioSource", "decode_audio", "pcm16_to_float", "resample", "sniff_media"]
+
+AudioSource = bytes | bytearray | memoryview | str | os.PathLike[str] | BinaryIO
+
+# Header durations can be estimates (e.g. VBR MP3 without a Xing header), so the cheap
+# up-front check only rejects files clearly over the limit; the decoded sample count is
+# the exact check.
+_HEADER_SLACK_S: float = 1.0
+# Read this many frames at a time from soundfile, so stereo/float64 inputs are downmixed
+# block by block instead of materialising the whole multi-channel file.
+_BLOCK_FRAMES: int = 1 << 18
+_PARAM = "file"
+
+
+@dataclass(frozen=True)
+class _Source:
+    """The input normalised to either in-memory bytes or a filesystem path."""
+
+    data: bytes | None
+    path: str | None
+    head: bytes
+    size: int
+
+    def handle(self) -> str | BinaryIO:
+        return self.path if self.path is not None else io.BytesIO(self.data or b"")
+
+
+def _load_source(source: AudioSource) -> _Source:
+    if isinstance(source, bytes | bytearray | memoryview):
+        data = bytes(source)
+        return _Source(data=data, path=None, head=data[:SNIFF_BYTES], size=len(data))
+    if isinstance(source, str | os.PathLike):
+        path = os.fspath(source)
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(SNIFF_BYTES)
+            size = os.path.getsize(path)
+        except OSError as exc:
+            raise AudioDecodeError(f"Cannot read audio file: {exc.strerror or exc}") from exc
+        return _Source(data=None, path=path, head=head, size=size)
+    try:
+        data = source.read()
+    except (OSError, ValueError) as exc:
+        raise AudioDecodeError(f"Cannot read the uploaded audio: {exc}", param=_PARAM) from exc
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise TypeError(f"file-like audio source must be opened in binary mode, got {type(data)}")
+    data = bytes(data)
+    return _Source(data=data, path=None, head=data[:SNIFF_BYTES], size=len(data))
+
+
+def _too_long(duration_s: float, max_duration_s: float) -> AudioTooLongError:
+    return AudioTooLongError(
+        f"Audio is {duration_s:.1f} s long; the maximum is {max_duration_s:g} s.", param=_PARAM
+    )
+
+
+@dataclass
+class _Decoded:
+    audio: np.ndarray  # mono float32 at `sample_rate`
+    sample_rate: int
+
+
+class _Collector:
+    """Accumulates mono blocks at one rate and enforces the exact duration limit."""
+
+    def __init__(self, sample_rate: int, max_duration_s: float | None) -> None:
+        self.sample_rate = sample_rate
+        self.max_duration_s = max_duration_s
+        self.blocks: list[np.ndarray] = []
+        self.n_samples = 0
+
+    def add(self, mono: np.ndarray) -> None:
+        self.blocks.append(mono)
+        self.n_samples += mono.shape[0]
+        if self.max_duration_s is not None:
+            duration = self.n_samples / self.sample_rate
+            if duration > self.max_duration_s + 1e-9:
+                raise _too_long(duration, self.max_duration_s)
+
+    def result(self) -> _Decoded:
+        audio = np.concatenate(self.blocks) if self.blocks else np.zeros(0, np.float32)
+        return _Decoded(audio.astype(np.float32, copy=False), self.sample_rate)
+
+
+class _NotDecodable(Exception):
+    """One backend could not decode the input (the other one may still manage)."""
+
+    def __init__(self, reason: str, *, empty: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        #: The data parsed fine but holds zero samples (as opposed to being damaged).
+        self.empty = empty
+
+
+def _describe(exc: BaseException) -> str:
+    """The library's own short reason, without object reprs or errno noise."""
+    if isinstance(exc, sf.LibsndfileError):
+        return exc.error_string
+    if isinstance(exc, av.error.FFmpegError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def _decode_soundfile(src: _Source, max_duration_s: float | None) -> _Decoded:
+    try:
+        f = sf.SoundFile(src.handle())
+    except Exception as exc:  # LibsndfileError, RuntimeError, TypeError... all mean "not mine"
+        raise _NotDecodable(f"libsndfile: {_describe(exc)}") from exc
+    with f:
+        if max_duration_s is not None and f.samplerate > 0 and 0 < f.frames < 2**62:
+            header_s = f.frames / f.samplerate
+            if header_s > max_duration_s + _HEADER_SLACK_S:
+                raise _too_long(header_s, max_duration_s)
+        out = _Collector(f.samplerate, max_duration_s)
+        try:
+            while True:
+                block = f.read(_BLOCK_FRAMES, dtype="float32", always_2d=True)
+                if block.shape[0] == 0:
+                    break
+                out.add(block.mean(axis=1) if block.shape[1] > 1 else block[:, 0].copy())
+        except AudioTooLongError:
+            raise
+        except Exception as exc:
+            # libsndfile reports truncation and corruption alike ("lost sync"), and may have
+            # returned garbage before noticing; FFmpeg checks frame CRCs, so let it decide.
+            raise _NotDecodable(f"libsndfile ({f.format}): {_describe(exc)}") from exc
+    if out.n_samples == 0:
+        # e.g. a truncated Ogg: libsndfile finds no final page, reports 0 frames, reads none.
+        raise _NotDecodable(f"libsndfile ({f.format}): no samples", empty=True)
+    return out.result()
+
+
+_INT_SCALES: dict[np.dtype, tuple[float, float]] = {
+    np.dtype(np.uint8): (128.0, 1.0 / 128.0),
+    np.dtype(np.int16): (0.0, 1.0 / 32768.0),
+    np.dtype(np.int32): (0.0, 1.0 / 2147483648.0),
+    np.dtype(np.int64): (0.0, 1.0 / 9223372036854775808.0),
+}
+
+
+def _frame_to_mono(frame: av.AudioFrame) -> np.ndarray:
+    channels = frame.layout.nb_channels or 1
+    arr = frame.to_ndarray()
+    if not frame.format.is_planar:
+        # Packed formats come back as one row of interleaved samples.
+        arr = arr.reshape(-1, channels).T
+    if arr.dtype in _INT_SCALES:
+        offset, scale = _INT_SCALES[arr.dtype]
+        arr = (arr.astype(np.float64 if arr.dtype.itemsize > 2 else np.float32) - offset) * scale
+    mono = arr.mean(axis=0) if arr.shape[0] > 1 else arr[0]
+    return np.asarray(mono, dtype=np.float32)
+
+
+def _av_header_duration(container: av.container.InputContainer, stream: av.AudioStream) -> float:
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / av.time_base
+    return 0.0
+
+
+def _decode_av(src: _Source, max_duration_s: float | None) -> _Decoded:
+    try:
+        container = av.open(src.handle(), mode="r", metadata_errors="ignore")
+    except Exception as exc:
+        raise _NotDecodable(f"ffmpeg: {_describe(exc)}") from exc
+    with container:
+        if not container.streams.audio:
+            kinds = sorted({s.type for s in container.streams}) or ["none"]
+            raise AudioDecodeError(
+                f"The {container.format.name} file has no audio stream "
+                f"(streams found: {', '.join(kinds)}).",
+                param=_PARAM,
+            )
+        stream = container.streams.audio[0]
+        if max_duration_s is not None:
+            header_s = _av_header_duration(container, stream)
+            if header_s > max_duration_s + _HEADER_SLACK_S:
+                raise _too_long(header_s, max_duration_s)
+        return _decode_av_stream(container, stream, max_duration_s)
+
+
+def _decode_av_stream(
+    container: av.container.InputContainer, stream: av.AudioStream, max_duration_s: float | None
+) -> _Decoded:
+    # A stream may switch sample rate mid-way (rare: concatenated broadcast recordings);
+    # each run of one rate is kept apart and resampled to the first rate at the end.
+    runs: list[_Collector] = []
+    bad_packets = 0
+    error: str | None = None
+    try:
+        for packet in container.demux(stream):
+            try:
+                frames = packet.decode()
+            except av.error.InvalidDataError:
+                # One damaged packet should not sink the file (FFmpeg's CLI skips them too).
+                bad_packets += 1
+                continue
+            for frame in frames:
+                if not runs or runs[-1].sample_rate != frame.sample_rate:
+                    done = sum(r.n_samples / r.sample_rate for r in runs)
+                    remaining = None if max_duration_s is None else max_duration_s - done
+                    runs.append(_Collector(frame.sample_rate, remaining))
+                runs[-1].add(_frame_to_mono(frame))
+    except AudioTooLongError as exc:
+        total = sum(r.n_samples / r.sample_rate for r in runs)
+        raise _too_long(total, max_duration_s or 0.0) from exc
+    except Exception as exc:
+        # Demuxing stops at truncation or garbage; keep what decoded cleanly before it.
+        error = _describe(exc)
+    if not runs:
+        detail = error or (f"{bad_packets} undecodable packets" if bad_packets else "no samples")
+        raise _NotDecodable(
+            f"ffmpeg ({container.format.name}/{stream.codec_context.name}): {detail}",
+            empty=error is None and bad_packets == 0,
+        )
+    first = runs[0].sample_rate
+    parts = [resample(r.result().audio, r.sample_rate, first) for r in runs]
+    return _Decoded(np.concatenate(parts), first)
+
+
+def decode_audio(
+    source: AudioSource,
+    *,
+    sample_rate: int = SAMPLE_RATE,
+    max_duration_s: float | None = None,
+) -> np.ndarray:
+    """Decode an audio/video file to a mono float32 waveform at `sample_rate`.
+
+    `source` is raw bytes, a path, or a binary file object (read to the end).
+    Raises UnsupportedMediaError (415) for recognisably non-audio input (images, PDF, text,
+    archives...), AudioTooLongError (413) beyond `max_duration_s` (checked from the header
+    before decoding where the container states a duration), and AudioDecodeError (400) for
+    empty, corrupt or audio-less input. A file truncated mid-stream returns the part that
+    decodes, as FFmpeg does; one that yields no samples at all is an error.
+    """
+    src = _load_source(source)
+    if src.size == 0:
+        raise AudioDecodeError("The audio file is empty.", param=_PARAM)
+    mime = sniff_media(src.head)
+    if not is_audio_or_video(mime):
+        raise UnsupportedMediaError(
+            f"Unsupported file type {mime}: expected an audio or video file "
+            "(e.g. flac, mp3, mp4, m4a, ogg, wav, webm).",
+            param=_PARAM,
+        )
+
+    try:
+        decoded = _decode_soundfile(src, max_duration_s)
+    except _NotDecodable as sf_failure:
+        try:
+            decoded = _decode_av(src, max_duration_s)
+        except _NotDecodable as av_failure:
+            if sf_failure.empty and av_failure.empty:
+                raise AudioDecodeError(
+                    "The audio file contains no samples (zero duration).", param=_PARAM
+                ) from None
+            kind = mime or "unrecognised format"
+            raise AudioDecodeError(
+                f"Could not decode the audio ({kind}): the data is corrupt, truncated or "
+                f"in an unsupported encoding. [{sf_failure.reason}; {av_failure.reason}]",
+                param=_PARAM,
+            ) from None
+
+    audio = decoded.audio
+    if audio.size == 0:
+        raise AudioDecodeError("The audio file contains no samples (zero duration).", param=_PARAM)
+    if not np.isfinite(audio).all():
+        # Float WAVs can carry NaN/inf; they would poison the whole log-mel normalisation.
+        audio = np.nan_to_num(audio, nan=0.0, posinf=1.0, neginf=-1.0)
+    return resample(audio, decoded.sample_rate, sample_rate)

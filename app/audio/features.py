@@ -1,0 +1,105 @@
+"""Whisper log-mel features, computed exactly as faster-whisper's FeatureExtractor does.
+
+Matching faster-whisper (not HF's WhisperFeatureExtractor) matters for transcript parity:
+the log floor is taken over the whole input, not per 30 s window, and the waveform is
+padded by only `padding` samples (see docs/weights.md, Gotchas 2). Runs on any torch
+device, so the GPU can compute features for long files.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+from app.audio.constants import HOP_LENGTH, N_FFT, N_FRAMES
+from app.audio.mel import mel_filters
+
+#: log10 floor for the mel power, and the dynamic range kept below the loudest bin.
+_LOG_FLOOR: float = 1e-10
+_DYNAMIC_RANGE: float = 8.0  # in log10 units, i.e. 80 dB
+
+ArrayT = TypeVar("ArrayT", torch.Tensor, np.ndarray)
+
+
+def _as_tensor(audio: np.ndarray | torch.Tensor, device: str | torch.device | None) -> torch.Tensor:
+    if isinstance(audio, np.ndarray):
+        audio = torch.from_numpy(np.ascontiguousarray(audio))
+    if audio.dtype != torch.float64:
+        # float64 is kept so callers can get a high-precision reference; all else is float32.
+        audio = audio.to(torch.float32)
+    return audio if device is None else audio.to(device)
+
+
+def _reflect_pad(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """numpy-style `mode="reflect"` padding of the last dim, valid for any length >= 1.
+
+    torch's own reflect padding refuses pads >= the signal length; numpy (which
+    faster-whisper uses) keeps reflecting, so very short clips still get features.
+    """
+    n = x.shape[-1]
+    if n == 1:
+        return x.expand(*x.shape[:-1], 2 * pad + 1).contiguous()
+    period = 2 * (n - 1)
+    left = torch.arange(-pad, 0, device=x.device)
+    right = torch.arange(n, n + pad, device=x.device)
+    parts = []
+    for idx in (left, right):
+        idx = idx.remainder(period)
+        parts.append(x[..., torch.where(idx >= n, period - idx, idx)])
+    return torch.cat([parts[0], x, parts[1]], dim=-1)
+
+
+def log_mel_spectrogram(
+    audio: np.ndarray | torch.Tensor,
+    n_mels: int = 80,
+    *,
+    padding: int = HOP_LENGTH,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """Normalised log-mel spectrogram, [n_mels, n_frames] float32 (or [batch, n_mels, n_frames]).
+
+    `audio` is a 16 kHz mono waveform (1-D), or a batch of equal-length ones (2-D, each row
+    normalised on its own). It is computed on `device` (default: where `audio` lives, CPU
+    for numpy). n_frames = (len(audio) + padding) // 160. float64 input is processed in
+    float64 (a reference path); the result is always float32.
+    """
+    x = _as_tensor(audio, device)
+    if x.ndim not in (1, 2):
+        raise ValueError(f"audio must be 1-D or 2-D (batch, samples), got shape {tuple(x.shape)}")
+    if padding < 0:
+        raise ValueError(f"padding must be >= 0, got {padding}")
+    if padding:
+        x = torch.nn.functional.pad(x, (0, padding))
+    if x.shape[-1] == 0:
+        return torch.zeros(*x.shape[:-1], n_mels, 0, dtype=torch.float32, device=x.device)
+
+    # center=True semantics of faster-whisper's STFT: reflect-pad n_fft // 2 on both sides.
+    x = _reflect_pad(x, N_FFT // 2)
+    window = torch.hann_window(N_FFT, periodic=True, dtype=x.dtype, device=x.device)
+    spec = torch.stft(x, N_FFT, HOP_LENGTH, window=window, center=False, return_complex=True)
+    # Whisper drops the last STFT frame: it only covers the tail padding.
+    power = torch.view_as_real(spec[..., :-1]).square().sum(dim=-1)
+    mel = mel_filters(n_mels, device=x.device, dtype=x.dtype) @ power
+    log_spec = mel.clamp(min=_LOG_FLOOR).log10()
+    peak = log_spec.amax(dim=(-2, -1), keepdim=True)
+    log_spec = torch.maximum(log_spec, peak - _DYNAMIC_RANGE)
+    return ((log_spec + 4.0) / 4.0).to(torch.float32)
+
+
+def pad_or_trim(mel: ArrayT, n_frames: int = N_FRAMES) -> ArrayT:
+    """Trim or zero-pad the last (frame) dim to `n_frames`.
+
+    The pad value is 0 in *normalised* units (log10 power -4), as faster-whisper pads each
+    window's features; padding audio before the STFT would give different values.
+    """
+    length = mel.shape[-1]
+    if length > n_frames:
+        return mel[..., :n_frames]
+    if length == n_frames:
+        return mel
+    if isinstance(mel, torch.Tensor):
+        return torch.nn.functional.pad(mel, (0, n_frames - length))
+    widths = [(0, 0)] * (mel.ndim - 1) + [(0, n_frames - length)]
+    return np.pad(mel, widths)

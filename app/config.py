@@ -1,0 +1,117 @@
+"""Service settings: every knob is an environment variable prefixed with ``WHISPER_``.
+
+Each field is documented in README.md's settings table; keep the two in step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+if TYPE_CHECKING:  # app.runtime may import torch; settings must stay light
+    from app.runtime import RuntimeOptions
+
+#: OpenAI's model name; clients written for OpenAI send it, so it names our default model.
+OPENAI_ALIAS = "whisper-1"
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+def _split_commas(value: object) -> object:
+    # Env vars hold "a,b,c"; NoDecode keeps pydantic-settings from expecting JSON.
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="WHISPER_", extra="ignore", frozen=True)
+
+    # Models
+    engines_dir: Path = Path("engines")
+    models: CommaList = Field(default_factory=lambda: ["tiny.en"], min_length=1)
+    default_model: str | None = None
+
+    # Runtime (mapped onto app.runtime.RuntimeOptions)
+    device: str = "auto"
+    compute_dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    max_batch_size: int = Field(32, ge=1)
+    max_queue_windows: int = Field(1024, ge=1)
+    batch_wait_ms: float = Field(5.0, ge=0)
+    max_encode_batch: int = Field(8, ge=1)
+    int8_cross_kv: bool = False
+    cuda_graphs: bool = True
+    warmup: bool = True
+
+    # Default decoding options for requests (clients cannot set these through OpenAI's API)
+    beam_size: int = Field(5, ge=1, le=16)
+    vad_long_form: bool = False
+
+    # Limits and access
+    api_key: SecretStr | None = None
+    max_upload_mb: float = Field(25.0, gt=0)
+    max_audio_seconds: float = Field(7200.0, gt=0)
+    cors_origins: CommaList = Field(default_factory=list)
+
+    # Server
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
+
+    @field_validator("models", "cors_origins", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        return _split_commas(value)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, value: object) -> object:
+        # WHISPER_API_KEY="" (common in compose files) means "no auth", not "the empty key".
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _check_models(self) -> Settings:
+        if len(set(self.models)) != len(self.models):
+            raise ValueError(f"WHISPER_MODELS lists a model twice: {self.models}")
+        if OPENAI_ALIAS in self.models:
+            raise ValueError(f"{OPENAI_ALIAS!r} is reserved as the alias of the default model")
+        if self.default_model is not None and self.default_model not in self.models:
+            raise ValueError(
+                f"WHISPER_DEFAULT_MODEL={self.default_model!r} is not in WHISPER_MODELS={self.models}"
+            )
+        return self
+
+    @property
+    def default_model_name(self) -> str:
+        return self.default_model or self.models[0]
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def runtime_options(self) -> RuntimeOptions:
+        from app.runtime import RuntimeOptions
+
+        return RuntimeOptions(
+            device=self.device,
+            compute_dtype=self.compute_dtype,
+            max_batch_size=self.max_batch_size,
+            max_queue_windows=self.max_queue_windows,
+            batch_wait_ms=self.batch_wait_ms,
+            max_encode_batch=self.max_encode_batch,
+            int8_cross_kv=self.int8_cross_kv,
+            cuda_graphs=self.cuda_graphs,
+            warmup=self.warmup,
+        )
+
+    def engine_dir(self, model: str) -> Path:
+        return self.engines_dir / model

@@ -1,0 +1,165 @@
+"""Search strategies over a window's rows: greedy / sampling (best-of-N) and beam search.
+
+A strategy owns the rows of one window in the decode loop. Each step it receives the rule-masked
+logits of its rows and returns the next token of every row, plus (beam search) which row each new
+hypothesis continues, so the loop can reorder the self-attention caches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from app.decoding.options import WindowOptions
+
+
+def sequence_score(sum_logprob: float, length: int, length_penalty: float | None) -> float:
+    """openai-whisper's ranking: log-prob over length, or over the Google NMT length penalty."""
+    if length_penalty is None:
+        penalty = float(max(length, 1))
+    else:
+        penalty = ((5 + length) / 6) ** length_penalty
+    return sum_logprob / penalty
+
+
+@dataclass
+class StepOutput:
+    next_tokens: list[int]
+    #: for each row j, the row index (within the window's rows) whose history it continues;
+    #: None when no row changes history (greedy/sampling)
+    sources: list[int] | None
+    finished: bool
+
+
+@dataclass
+class Candidate:
+    tokens: list[int]
+    sum_logprob: float
+
+
+class SamplingSearch:
+    """Greedy (temperature 0, one row) or best-of-N sampling (temperature > 0, N rows)."""
+
+    def __init__(self, options: WindowOptions, eot: int, max_new_tokens: int) -> None:
+        self.temperature = options.temperature
+        self.n_rows = options.best_of if options.temperature > 0 else 1
+        self.length_penalty = options.length_penalty
+        self.eot = eot
+        self.max_new_tokens = max_new_tokens
+        self.sequences: list[list[int]] = [[] for _ in range(self.n_rows)]
+        self.sum_logprobs = [0.0] * self.n_rows
+        self.done = [False] * self.n_rows
+
+    def row_histories(self) -> list[list[int]]:
+        return self.sequences
+
+    def step(self, logits: Tensor) -> StepOutput:
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        if self.temperature == 0:
+            tokens = logits.argmax(dim=-1)
+        else:
+            probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+            tokens = torch.multinomial(probs, 1).squeeze(1)
+        chosen = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
+        next_tokens = tokens.tolist()
+        for r in range(self.n_rows):
+            if self.done[r]:
+                next_tokens[r] = self.eot
+                continue
+            self.sum_logprobs[r] += chosen[r]
+            if next_tokens[r] == self.eot:
+                self.done[r] = True
+            else:
+                self.sequences[r].append(next_tokens[r])
+                if len(self.sequences[r]) >= self.max_new_tokens:
+                    self.done[r] = True
+        return StepOutput(next_tokens, None, all(self.done))
+
+    def best(self) -> Candidate:
+        scores = [
+            sequence_score(s, len(seq), self.length_penalty)
+            for s, seq in zip(self.sum_logprobs, self.sequences, strict=True)
+        ]
+        i = max(range(self.n_rows), key=scores.__getitem__)
+        return Candidate(self.sequences[i], self.sum_logprobs[i])
+
+
+@dataclass
+class BeamSearch:
+    """Beam search with openai-whisper's semantics (patience, max candidates, length ranking)."""
+
+    options: WindowOptions
+    eot: int
+    max_new_tokens: int
+    beams: list[Candidate] = field(init=False)
+    finished: dict[tuple[int, ...], float] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.n_rows = self.options.beam_size
+        self.max_candidates = max(1, round(self.options.beam_size * self.options.patience))
+        self.beams = [Candidate([], 0.0) for _ in range(self.n_rows)]
+        self.finished = {}
+        self.first_step = True
+
+    def row_histories(self) -> list[list[int]]:
+        return [b.tokens for b in self.beams]
+
+    def step(self, logits: Tensor) -> StepOutput:
+        k = self.n_rows
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        top_lp, top_ids = logprobs.topk(k + 1, dim=-1)
+        top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
+        scored: dict[tuple[int, ...], tuple[float, int]] = {}
+        # All rows start identical: on the first step only row 0's continuations are distinct.
+        source_rows = [0] if self.first_step else range(k)
+        self.first_step = False
+        for r in source_rows:
+            base = self.beams[r]
+            for lp, tok in zip(top_lp[r], top_ids[r], strict=True):
+                seq = (*base.tokens, tok)
+                score = base.sum_logprob + lp
+                if seq not in scored or scored[seq][0] < score:
+                    scored[seq] = (score, r)
+        new_beams: list[Candidate] = []
+        sources: list[int] = []
+        for seq, (score, r) in sorted(scored.items(), key=lambda kv: kv[1][0], reverse=True):
+            if seq[-1] == self.eot:
+                if len(self.finished) < self.max_candidates:
+                    self.finished[seq[:-1]] = score
+            else:
+                new_beams.append(Candidate(list(seq), score))
+                sources.append(r)
+            if len(new_beams) == k:
+                break
+        self.beams = new_beams
+        out_of_room = len(new_beams[0].tokens) >= self.max_new_tokens if new_beams else True
+        done = len(self.finished) >= self.max_candidates or out_of_room
+        return StepOutput([b.tokens[-1] for b in new_beams], sources, done)
+
+    def best(self) -> Candidate:
+        candidates = dict(self.finished)
+        if len(candidates) < self.max_candidates:  # ran out of room: rank the live beams too
+            for b in self.beams:
+                candidates.setdefault(tuple(b.tokens), b.sum_logprob)
+        best = max(
+            candidates.items(),
+            key=lambda kv: sequence_score(kv[1], len(kv[0]), self.options.length_penalty),
+        )
+        return Candidate(list(best[0]), best[1])
+
+
+Search = SamplingSearch | BeamSearch
+
+
+def make_search(options: WindowOptions, eot: int, max_new_tokens: int) -> Search:
+    if options.temperature == 0 and options.beam_size > 1:
+        return BeamSearch(options, eot, max_new_tokens)
+    return SamplingSearch(options, eot, max_new_tokens)
+
+
+def rows_needed(options: WindowOptions) -> int:
+    if options.temperature == 0:
+        return max(1, options.beam_size)
+    return max(1, options.best_of)

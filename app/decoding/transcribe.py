@@ -1,0 +1,287 @@
+"""Long-form transcription: windows, temperature fallback, timestamps, segments.
+
+Two modes:
+- sequential: openai-whisper's timestamp seeking. Each window starts where the last complete
+  segment ended, so no text is lost at 30 s cuts; optionally conditioned on previous text.
+- vad: cut the audio at pauses into <= 30 s chunks and decode them all at once (batched).
+
+Everything model-specific is behind `submit` (decode one window, batched by the scheduler) and
+`cross_attention` (alignment pass for word timestamps), so the same code serves every backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from app.audio.constants import HOP_LENGTH, N_FRAMES, SAMPLE_RATE
+from app.audio.features import log_mel_spectrogram, pad_or_trim
+from app.decoding.options import TranscribeOptions, WindowOptions
+from app.decoding.results import Segment, TranscriptionResult, Word
+from app.decoding.tokenizer import WhisperTokenizer
+from app.decoding.window import WindowResult, WindowTask
+
+TIME_PRECISION = 0.02  # seconds per timestamp token
+INPUT_STRIDE = 2  # mel frames per encoder position
+FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH
+
+SubmitFn = Callable[[WindowTask], Awaitable[WindowResult]]
+#: (audio_features, tokens) -> (alignment-head weights [H, T, 1500], logits [T, V])
+CrossAttentionFn = Callable[[Tensor, list[int]], Awaitable[tuple[Tensor, Tensor]]]
+
+
+def compression_ratio(text: str) -> float:
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+@dataclass
+class DecodeOutcome:
+    result: WindowResult
+    avg_logprob: float
+    temperature: float
+    compression_ratio: float
+
+
+@dataclass
+class ModelContext:
+    tokenizer: WhisperTokenizer
+    n_mels: int
+    multilingual: bool
+    submit: SubmitFn
+    cross_attention: CrossAttentionFn | None = None
+
+
+async def decode_with_fallback(ctx: ModelContext, mel: Tensor, previous: list[int],
+                               options: TranscribeOptions, window: WindowOptions,
+                               keep_features: bool) -> DecodeOutcome:
+    """Decode a window at rising temperatures until it passes the quality thresholds."""
+    attempts: list[DecodeOutcome] = []
+    below_cr: list[DecodeOutcome] = []
+    outcome: DecodeOutcome | None = None
+    for temperature in options.temperatures:
+        result = await ctx.submit(WindowTask(mel, replace(window, temperature=temperature), previous,
+                                             keep_audio_features=keep_features))
+        text = ctx.tokenizer.decode(result.tokens).strip()
+        outcome = DecodeOutcome(result, result.avg_logprob, temperature, compression_ratio(text))
+        attempts.append(outcome)
+        if window.language is None and result.language is not None:
+            window = replace(window, language=result.language)
+        needs_fallback = False
+        if options.compression_ratio_threshold is not None:
+            if outcome.compression_ratio > options.compression_ratio_threshold:
+                needs_fallback = True  # too repetitive
+            else:
+                below_cr.append(outcome)
+        if options.log_prob_threshold is not None and outcome.avg_logprob < options.log_prob_threshold:
+            needs_fallback = True
+        if (options.no_speech_threshold is not None and options.log_prob_threshold is not None
+                and result.no_speech_prob > options.no_speech_threshold
+                and outcome.avg_logprob < options.log_prob_threshold):
+            needs_fallback = False  # silence: no temperature will help
+        if not needs_fallback:
+            return outcome
+    assert outcome is not None
+    best = max(below_cr or attempts, key=lambda o: o.avg_logprob)
+    return replace(best, temperature=outcome.temperature)
+
+
+def should_skip_window(outcome: DecodeOutcome, options: TranscribeOptions) -> bool:
+    if options.no_speech_threshold is None:
+        return False
+    skip = outcome.result.no_speech_prob > options.no_speech_threshold
+    if options.log_prob_threshold is not None and outcome.avg_logprob > options.log_prob_threshold:
+        skip = False
+    return skip
+
+
+@dataclass
+class RawSegment:
+    seek: int
+    start: float
+    end: float
+    tokens: list[int]
+    words: list[Word] | None = None
+
+
+def split_by_timestamps(tokens: list[int], tb: int, time_offset: float, segment_size: int,
+                        seek: int) -> tuple[list[RawSegment], int, bool]:
+    """Cut a window's tokens into segments at timestamp pairs; return them and the next seek."""
+    single_ending = len(tokens) >= 2 and tokens[-2] < tb <= tokens[-1]
+    pairs = [i for i in range(1, len(tokens)) if tokens[i] >= tb and tokens[i - 1] >= tb]
+    segments: list[RawSegment] = []
+    if pairs:
+        cuts = pairs + ([len(tokens)] if single_ending else [])
+        last = 0
+        for cut in cuts:
+            part = tokens[last:cut]
+            start = time_offset + (part[0] - tb) * TIME_PRECISION
+            end = time_offset + (part[-1] - tb) * TIME_PRECISION
+            segments.append(RawSegment(seek, start, end, part))
+            last = cut
+        if single_ending:
+            next_seek = seek + segment_size  # nothing was said after the last timestamp
+        else:
+            # the text after the last complete pair is cut off: re-decode it in the next window
+            next_seek = seek + (tokens[last - 1] - tb) * INPUT_STRIDE
+    else:
+        duration = segment_size * HOP_LENGTH / SAMPLE_RATE
+        stamps = [t for t in tokens if t >= tb]
+        if stamps and stamps[-1] != tb:
+            duration = (stamps[-1] - tb) * TIME_PRECISION
+        segments.append(RawSegment(seek, time_offset, time_offset + duration, tokens))
+        next_seek = seek + segment_size
+    return segments, next_seek, single_ending
+
+
+class Transcriber:
+    def __init__(self, ctx: ModelContext) -> None:
+        self.ctx = ctx
+        self.tokenizer = ctx.tokenizer
+
+    async def transcribe(self, audio: np.ndarray, options: TranscribeOptions) -> TranscriptionResult:
+        duration = len(audio) / SAMPLE_RATE
+        mel = await asyncio.to_thread(log_mel_spectrogram, audio, self.ctx.n_mels, padding=HOP_LENGTH)
+        window = options.window
+        if not self.ctx.multilingual:
+            window = replace(window, language="en")
+        if options.long_form == "vad" and duration > N_FRAMES / FRAMES_PER_SECOND:
+            segments, language, lang_prob = await self._transcribe_vad(audio, mel, options, window)
+        else:
+            segments, language, lang_prob = await self._transcribe_sequential(mel, options, window)
+        text = "".join(s.text for s in segments).strip()
+        return TranscriptionResult(text=text, segments=segments, language=language or "en",
+                                   duration=duration, language_probability=lang_prob,
+                                   task=window.task)
+
+    async def _transcribe_sequential(self, mel: Tensor, options: TranscribeOptions, window: WindowOptions
+                                     ) -> tuple[list[Segment], str | None, float | None]:
+        tok = self.tokenizer
+        tb = tok.timestamp_begin
+        content_frames = mel.shape[-1] - 1
+        seek = 0
+        all_tokens: list[int] = []
+        prompt_reset_since = 0
+        if options.initial_prompt:
+            all_tokens.extend(tok.encode(" " + options.initial_prompt.strip()))
+        segments: list[Segment] = []
+        language_prob: float | None = None
+        last_speech = 0.0
+        while seek < content_frames:
+            time_offset = seek * HOP_LENGTH / SAMPLE_RATE
+            segment_size = min(N_FRAMES, content_frames - seek)
+            window_mel = pad_or_trim(mel[:, seek : seek + segment_size], N_FRAMES)
+            previous = all_tokens[prompt_reset_since:] if options.condition_on_previous_text or \
+                options.initial_prompt else []
+            outcome = await decode_with_fallback(self.ctx, window_mel, previous, options, window,
+                                                 options.word_timestamps)
+            result = outcome.result
+            if window.language is None and result.language is not None:
+                window = replace(window, language=result.language)
+                if result.language_probs:
+                    language_prob = result.language_probs.get(result.language)
+            if should_skip_window(outcome, options):
+                seek += segment_size
+                continue
+            previous_seek = seek
+            raw, seek, single_ending = split_by_timestamps(result.tokens, tb, time_offset, segment_size, seek)
+            if options.word_timestamps and self.ctx.cross_attention is not None:
+                last_speech = await self._add_words(raw, result, window, segment_size, time_offset,
+                                                    last_speech, options)
+                if not single_ending:
+                    last_end = next((s.words[-1].end for s in reversed(raw) if s.words), None)
+                    if last_end is not None and last_end > time_offset:
+                        seek = round(last_end * FRAMES_PER_SECOND)
+            for part in raw:
+                text = tok.decode(part.tokens)
+                if part.start == part.end or not text.strip():
+                    continue
+                all_tokens.extend(part.tokens)
+                segments.append(self._segment(len(segments), previous_seek, part, text, outcome))
+            if not options.condition_on_previous_text or outcome.temperature > options.prompt_reset_on_temperature:
+                prompt_reset_since = len(all_tokens)
+            if seek <= previous_seek:  # guarantee progress even on degenerate timestamp output
+                seek = previous_seek + segment_size
+        return segments, window.language, language_prob
+
+    async def _transcribe_vad(self, audio: np.ndarray, mel: Tensor, options: TranscribeOptions,
+                              window: WindowOptions) -> tuple[list[Segment], str | None, float | None]:
+        from app.audio.vad import chunk_at_pauses
+
+        chunks = chunk_at_pauses(audio, max_chunk_s=N_FRAMES / FRAMES_PER_SECOND)
+        language_prob = None
+        if window.language is None and chunks:
+            # detect once on the first chunk so every chunk is decoded in the same language
+            first = self._chunk_mel(mel, chunks[0])
+            probe = await self.ctx.submit(WindowTask(first, replace(window, beam_size=1, max_new_tokens=1)))
+            window = replace(window, language=probe.language)
+            if probe.language_probs and probe.language:
+                language_prob = probe.language_probs.get(probe.language)
+        tb = self.tokenizer.timestamp_begin
+
+        async def run_chunk(start: int, end: int) -> list[tuple[RawSegment, DecodeOutcome]]:
+            chunk_mel = self._chunk_mel(mel, (start, end))
+            outcome = await decode_with_fallback(self.ctx, chunk_mel, [], options, window,
+                                                 options.word_timestamps)
+            if should_skip_window(outcome, options):
+                return []
+            seek = start // HOP_LENGTH
+            size = min(N_FRAMES, max(1, (end - start) // HOP_LENGTH))
+            offset = start / SAMPLE_RATE
+            tokens = outcome.result.tokens
+            raw, _, single_ending = split_by_timestamps(tokens, tb, offset, size, seek)
+            if raw and not single_ending and raw[-1].tokens and tokens and len(raw) >= 1:
+                # text after the last timestamp pair belongs to the chunk's tail: keep it
+                used = sum(len(r.tokens) for r in raw)
+                tail = tokens[used:]
+                if any(t < tb for t in tail):
+                    raw.append(RawSegment(seek, raw[-1].end, end / SAMPLE_RATE, tail))
+            if options.word_timestamps and self.ctx.cross_attention is not None:
+                await self._add_words(raw, outcome.result, window, size, offset, offset, options)
+            return [(r, outcome) for r in raw]
+
+        per_chunk = await asyncio.gather(*(run_chunk(s, e) for s, e in chunks))
+        segments: list[Segment] = []
+        for items in per_chunk:
+            for raw, outcome in items:
+                text = self.tokenizer.decode(raw.tokens)
+                if raw.start >= raw.end or not text.strip():
+                    continue
+                segments.append(self._segment(len(segments), raw.seek, raw, text, outcome))
+        return segments, window.language, language_prob
+
+    @staticmethod
+    def _chunk_mel(mel: Tensor, chunk: tuple[int, int]) -> Tensor:
+        start, end = chunk[0] // HOP_LENGTH, chunk[1] // HOP_LENGTH
+        return pad_or_trim(mel[:, start : min(end, start + N_FRAMES)], N_FRAMES)
+
+    def _segment(self, index: int, seek: int, raw: RawSegment, text: str, outcome: DecodeOutcome) -> Segment:
+        return Segment(
+            id=index,
+            seek=seek,
+            start=round(raw.start, 3),
+            end=round(raw.end, 3),
+            text=text,
+            tokens=raw.tokens,
+            temperature=outcome.temperature,
+            avg_logprob=outcome.avg_logprob,
+            compression_ratio=outcome.compression_ratio,
+            no_speech_prob=outcome.result.no_speech_prob,
+            words=raw.words,
+        )
+
+    async def _add_words(self, raw: list[RawSegment], result: WindowResult, window: WindowOptions,
+                         segment_size: int, time_offset: float, last_speech: float,
+                         options: TranscribeOptions) -> float:
+        from app.decoding.word_timing import assign_words
+
+        return await assign_words(self.ctx, raw, result, window, segment_size, time_offset,
+                                  last_speech, options)
+
+

@@ -1,0 +1,37 @@
+"""The engine interface every backend implements. The decode loop talks only to this."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from app.engine.config import EngineConfig
+
+
+class Engine(Protocol):
+    """Encoder + cross-K/V precompute + row-cached decoder for one loaded model."""
+
+    config: EngineConfig
+    device: torch.device
+    dtype: torch.dtype
+    max_rows: int
+
+    def encode_into_rows(self, mel: Tensor, rows: list[int]) -> Tensor:
+        """Encode mel [B, n_mels, 3000]; write cross-attention K/V into `rows`; return audio features."""
+        ...
+
+    def decode(self, tokens: Tensor, positions: Tensor, start: int, kv_len: int,
+               uniform_position: bool = False) -> Tensor:
+        """Feed tokens [B, T] for rows [start, start+B) at `positions`; return float32 logits [B, T, V]."""
+        ...
+
+    def copy_rows(self, src: list[int], dst: list[int], self_len: int, cross: bool = True) -> None:
+        """Copy cached state between rows (compaction, beam reorder, replicas of one window)."""
+        ...
+
+    def cross_attention_weights(self, tokens: Tensor, audio_features: Tensor,
+                                heads: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
+        """Alignment-head cross-attention weights for word timestamps."""
+        ...

@@ -1,0 +1,108 @@
+"""Load an engine directory into the torch backend (CPU fp32 or CUDA fp16/bf16)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor
+
+from app.engine.config import EngineConfig, load_engine_config
+from app.engine.torch_model import DecoderCache, WhisperModel, WhisperRunner
+from app.errors import EngineError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(device: torch.device, compute_dtype: str | None) -> torch.dtype:
+    if compute_dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if compute_dtype not in DTYPES:
+        raise EngineError(f"Unknown compute dtype {compute_dtype!r}; use one of {sorted(DTYPES)}")
+    return DTYPES[compute_dtype]
+
+
+def load_model(engine_dir: Path, config: EngineConfig, device: torch.device, dtype: torch.dtype) -> WhisperModel:
+    int8 = config.quantization == "int8"
+    model = WhisperModel(config.dims, int8=int8)
+    try:
+        state = load_file(str(engine_dir / config.weights_file), device="cpu")
+    except Exception as exc:
+        raise EngineError(f"Cannot read weights {engine_dir / config.weights_file}: {exc}") from exc
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise EngineError(
+            f"Engine {engine_dir} does not match its config: missing {missing[:5]} unexpected {unexpected[:5]}"
+        )
+    for name, tensor in state.items():
+        if tensor.dtype != torch.int8 and tensor.shape != expected[name].shape:
+            raise EngineError(
+                f"Engine {engine_dir}: {name} has shape {tuple(tensor.shape)}, config implies "
+                f"{tuple(expected[name].shape)}"
+            )
+        if tensor.is_floating_point():
+            state[name] = tensor.to(dtype)
+    model.load_state_dict(state, strict=True)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+class TorchEngine:
+    """The torch backend: a WhisperModel plus preallocated per-row decoder caches."""
+
+    def __init__(self, engine_dir: Path, config: EngineConfig, device: torch.device, dtype: torch.dtype,
+                 max_rows: int, int8_cross_kv: bool = False) -> None:
+        self.engine_dir = engine_dir
+        self.config = config
+        self.device = device
+        self.dtype = dtype
+        self.max_rows = max_rows
+        self.model = load_model(engine_dir, config, device, dtype)
+        cache = DecoderCache(config.dims, max_rows, device, dtype,
+                             cross_dtype=torch.int8 if int8_cross_kv else None)
+        self.runner = WhisperRunner(self.model, cache)
+
+    def encode_into_rows(self, mel: Tensor, rows: list[int]) -> Tensor:
+        with torch.inference_mode():
+            features = self.runner.encode(mel.to(self.device, self.dtype))
+            self.runner.write_cross_kv(features, torch.tensor(rows, device=self.device))
+        return features
+
+    def decode(self, tokens: Tensor, positions: Tensor, start: int, kv_len: int,
+               uniform_position: bool = False) -> Tensor:
+        return self.runner.decode(tokens.to(self.device), positions.to(self.device), start, kv_len,
+                                  uniform_position)
+
+    def copy_rows(self, src: list[int], dst: list[int], self_len: int, cross: bool = True) -> None:
+        with torch.inference_mode():
+            self.runner.cache.copy_rows(src, dst, self_len, cross)
+
+    def cross_attention_weights(self, tokens: Tensor, audio_features: Tensor,
+                                heads: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
+        return self.runner.cross_attention_weights(tokens.to(self.device), audio_features, heads)
+
+
+def load_engine(engine_dir: str | Path, *, device: str = "auto", compute_dtype: str | None = None,
+                max_rows: int = 32, int8_cross_kv: bool = False) -> TorchEngine:
+    engine_dir = Path(engine_dir)
+    config = load_engine_config(engine_dir)
+    if config.backend == "trtllm":
+        from app.engine.trtllm import load_trtllm_engine
+
+        load_trtllm_engine(engine_dir, config)
+    dev = resolve_device(device)
+    dtype = resolve_dtype(dev, compute_dtype)
+    if dev.type == "cpu" and dtype != torch.float32:
+        log.warning("compute dtype %s on CPU is slow; float32 is recommended", dtype)
+    return TorchEngine(engine_dir, config, dev, dtype, max_rows, int8_cross_kv)

@@ -1,0 +1,304 @@
+"""Whisper as PyTorch modules, shaped for serving.
+
+Differences from a textbook Whisper, each for speed:
+- fused QKV (self-attention) and fused KV (cross-attention) projections: one GEMM instead of three;
+- SDPA attention (flash / memory-efficient kernels on GPU);
+- the decoder never recomputes anything: cross-attention K/V are written once per window into a
+  preallocated *row* of a cache, self-attention K/V are appended into a preallocated cache, and
+  one decode call serves many rows at different positions (in-flight batching).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from app.engine.config import ModelDims
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8 linear layer: int8 weights with a per-output-row scale."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.is_cuda or x.dtype != torch.float32:
+            # Dequantize in the activation dtype; on GPU the int8 read halves the weight bytes.
+            w = self.weight.to(x.dtype) * self.weight_scale.to(x.dtype)[:, None]
+            return F.linear(x, w, self.bias)
+        out = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.weight_scale)
+        out = out.reshape(*x.shape[:-1], self.out_features)
+        return out + self.bias if self.bias is not None else out
+
+
+def make_linear(in_features: int, out_features: int, bias: bool, int8: bool) -> nn.Module:
+    return Int8Linear(in_features, out_features, bias) if int8 else nn.Linear(in_features, out_features, bias)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, d: int, n_head: int, int8: bool) -> None:
+        super().__init__()
+        self.n_head = n_head
+        self.qkv = make_linear(d, 3 * d, True, int8)
+        self.out = make_linear(d, d, True, int8)
+
+    def split_heads(self, x: Tensor) -> Tensor:  # [B, T, d] -> [B, H, T, dh]
+        b, t, d = x.shape
+        return x.view(b, t, self.n_head, d // self.n_head).transpose(1, 2)
+
+    def merge_heads(self, x: Tensor) -> Tensor:  # [B, H, T, dh] -> [B, T, d]
+        b, h, t, dh = x.shape
+        return x.transpose(1, 2).reshape(b, t, h * dh)
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, d: int, n_head: int, ffn: int, int8: bool) -> None:
+        super().__init__()
+        self.attn_ln = nn.LayerNorm(d)
+        self.attn = SelfAttention(d, n_head, int8)
+        self.mlp_ln = nn.LayerNorm(d)
+        self.mlp1 = make_linear(d, ffn, True, int8)
+        self.mlp2 = make_linear(ffn, d, True, int8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, k, v = self.attn.qkv(self.attn_ln(x)).chunk(3, dim=-1)
+        heads = self.attn.split_heads
+        a = F.scaled_dot_product_attention(heads(q), heads(k), heads(v))
+        x = x + self.attn.out(self.attn.merge_heads(a))
+        return x + self.mlp2(F.gelu(self.mlp1(self.mlp_ln(x))))
+
+
+class AudioEncoder(nn.Module):
+    def __init__(self, dims: ModelDims, int8: bool) -> None:
+        super().__init__()
+        d = dims.n_audio_state
+        self.conv1 = nn.Conv1d(dims.n_mels, d, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1)
+        self.register_buffer("positional_embedding", torch.zeros(dims.n_audio_ctx, d))
+        self.layers = nn.ModuleList(
+            EncoderBlock(d, dims.n_audio_head, dims.ffn_dim, int8) for _ in range(dims.n_audio_layer)
+        )
+        self.ln_post = nn.LayerNorm(d)
+
+    def forward(self, mel: Tensor) -> Tensor:  # [B, n_mels, 3000] -> [B, 1500, d]
+        x = F.gelu(self.conv1(mel))
+        x = F.gelu(self.conv2(x)).transpose(1, 2)
+        x = x + self.positional_embedding[: x.shape[1]]
+        for layer in self.layers:
+            x = layer(x)
+        return self.ln_post(x)
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, d: int, n_head: int, int8: bool) -> None:
+        super().__init__()
+        self.n_head = n_head
+        self.q = make_linear(d, d, True, int8)
+        self.kv = make_linear(d, 2 * d, True, int8)
+        self.out = make_linear(d, d, True, int8)
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, d: int, n_head: int, ffn: int, int8: bool) -> None:
+        super().__init__()
+        self.attn_ln = nn.LayerNorm(d)
+        self.attn = SelfAttention(d, n_head, int8)
+        self.cross_ln = nn.LayerNorm(d)
+        self.cross = CrossAttention(d, n_head, int8)
+        self.mlp_ln = nn.LayerNorm(d)
+        self.mlp1 = make_linear(d, ffn, True, int8)
+        self.mlp2 = make_linear(ffn, d, True, int8)
+
+
+class TextDecoder(nn.Module):
+    def __init__(self, dims: ModelDims, int8: bool) -> None:
+        super().__init__()
+        d = dims.n_text_state
+        self.token_embedding = nn.Embedding(dims.n_vocab, d)
+        self.positional_embedding = nn.Parameter(torch.zeros(dims.n_text_ctx, d))
+        self.layers = nn.ModuleList(
+            DecoderBlock(d, dims.n_text_head, dims.ffn_dim, int8) for _ in range(dims.n_text_layer)
+        )
+        self.ln = nn.LayerNorm(d)
+
+
+class WhisperModel(nn.Module):
+    def __init__(self, dims: ModelDims, int8: bool = False) -> None:
+        super().__init__()
+        self.dims = dims
+        self.encoder = AudioEncoder(dims, int8)
+        self.decoder = TextDecoder(dims, int8)
+
+
+class DecoderCache:
+    """Preallocated per-row caches. Row r holds one decoding sequence (a window, or one beam of it).
+
+    Layout [layer, row, head, time, head_dim] so attention reads them without transposes.
+    """
+
+    def __init__(self, dims: ModelDims, max_rows: int, device: torch.device, dtype: torch.dtype,
+                 cross_dtype: torch.dtype | None = None) -> None:
+        h, dh = dims.n_text_head, dims.n_text_state // dims.n_text_head
+        layers = dims.n_text_layer
+        self.max_rows = max_rows
+        self.self_k = torch.zeros(layers, max_rows, h, dims.n_text_ctx, dh, device=device, dtype=dtype)
+        self.self_v = torch.zeros_like(self.self_k)
+        cross_dtype = cross_dtype or dtype
+        self.cross_k = torch.zeros(layers, max_rows, h, dims.n_audio_ctx, dh, device=device, dtype=cross_dtype)
+        self.cross_v = torch.zeros_like(self.cross_k)
+        # int8 cross-K/V keeps one scale per (layer, row, head, audio position)
+        self.quantized_cross = cross_dtype == torch.int8
+        if self.quantized_cross:
+            self.cross_k_scale = torch.ones(layers, max_rows, h, dims.n_audio_ctx, 1, device=device, dtype=dtype)
+            self.cross_v_scale = torch.ones_like(self.cross_k_scale)
+
+    def tensors(self) -> list[Tensor]:
+        out = [self.self_k, self.self_v, self.cross_k, self.cross_v]
+        if self.quantized_cross:
+            out += [self.cross_k_scale, self.cross_v_scale]
+        return out
+
+    def copy_rows(self, src: list[int], dst: list[int], self_len: int, cross: bool = True) -> None:
+        """Copy rows src -> dst (compaction and beam reordering); gathers first, so overlaps are safe."""
+        if not src:
+            return
+        device = self.self_k.device
+        s = torch.tensor(src, device=device)
+        d = torch.tensor(dst, device=device)
+        for cache in (self.self_k, self.self_v):
+            cache[:, d, :, :self_len] = cache[:, s, :, :self_len]
+        if cross:
+            for cache in self.tensors()[2:]:
+                cache[:, d] = cache[:, s]
+
+
+def quantize_rows_int8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 per vector along the last dim: returns (int8 values, scale)."""
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / 127.0
+    return torch.round(x / scale).clamp_(-127, 127).to(torch.int8), scale.to(x.dtype)
+
+
+class WhisperRunner:
+    """Stateless model + a DecoderCache: encode windows into rows, step rows forward."""
+
+    def __init__(self, model: WhisperModel, cache: DecoderCache) -> None:
+        self.model = model
+        self.cache = cache
+        self.dims = model.dims
+
+    @torch.inference_mode()
+    def encode(self, mel: Tensor) -> Tensor:
+        return self.model.encoder(mel)
+
+    @torch.inference_mode()
+    def write_cross_kv(self, audio_features: Tensor, rows: Tensor) -> None:
+        """Compute every decoder layer's cross-attention K/V once per window and store them in rows."""
+        b, t, d = audio_features.shape
+        h = self.dims.n_text_head
+        cache = self.cache
+        for i, layer in enumerate(self.model.decoder.layers):
+            kv = layer.cross.kv(audio_features).view(b, t, 2, h, d // h).permute(2, 0, 3, 1, 4)
+            if cache.quantized_cross:
+                k, ks = quantize_rows_int8(kv[0])
+                v, vs = quantize_rows_int8(kv[1])
+                cache.cross_k[i, rows], cache.cross_k_scale[i, rows] = k, ks
+                cache.cross_v[i, rows], cache.cross_v_scale[i, rows] = v, vs
+            else:
+                cache.cross_k[i, rows] = kv[0]
+                cache.cross_v[i, rows] = kv[1]
+
+    def _cross_kv(self, layer: int, start: int, end: int) -> tuple[Tensor, Tensor]:
+        c = self.cache
+        if c.quantized_cross:
+            # Dequantize on read; the int8 read is what halves the dominant memory traffic on GPU.
+            k = c.cross_k[layer, start:end].to(c.cross_k_scale.dtype) * c.cross_k_scale[layer, start:end]
+            v = c.cross_v[layer, start:end].to(c.cross_v_scale.dtype) * c.cross_v_scale[layer, start:end]
+            return k, v
+        return c.cross_k[layer, start:end], c.cross_v[layer, start:end]
+
+    @torch.inference_mode()
+    def decode(self, tokens: Tensor, positions: Tensor, start: int, kv_len: int,
+               uniform_position: bool = False) -> Tensor:
+        """Run rows [start, start + B) forward.
+
+        tokens [B, T] are fed at positions positions[b] + t; self-attention K/V are written into the
+        cache there and attention reads cache positions [0, kv_len). Returns logits [B, T, V].
+        `uniform_position` (every row at the same position, T == 1) drops the mask on CPU.
+        """
+        dec = self.model.decoder
+        cache = self.cache
+        b, t = tokens.shape
+        end = start + b
+        steps = torch.arange(t, device=tokens.device)
+        pos = positions[:, None] + steps[None, :]  # [B, T]
+        x = dec.token_embedding(tokens) + dec.positional_embedding[pos]
+        rows = torch.arange(start, end, device=tokens.device)
+        mask = None
+        if not (uniform_position and t == 1):
+            keys = torch.arange(kv_len, device=tokens.device)
+            mask = (keys[None, None, :] <= pos[:, :, None])[:, None]  # [B, 1, T, kv_len]
+        for i, layer in enumerate(dec.layers):
+            attn = layer.attn
+            q, k, v = attn.qkv(layer.attn_ln(x)).chunk(3, dim=-1)
+            q, k, v = attn.split_heads(q), attn.split_heads(k), attn.split_heads(v)
+            # scatter this step's K/V into each row at its own positions
+            ck, cv = cache.self_k[i], cache.self_v[i]
+            ck[rows[:, None], :, pos] = k.transpose(1, 2)
+            cv[rows[:, None], :, pos] = v.transpose(1, 2)
+            a = F.scaled_dot_product_attention(q, ck[start:end, :, :kv_len], cv[start:end, :, :kv_len],
+                                               attn_mask=mask)
+            x = x + attn.out(attn.merge_heads(a))
+            cross = layer.cross
+            cq = attn.split_heads(cross.q(layer.cross_ln(x)))
+            xk, xv = self._cross_kv(i, start, end)
+            a = F.scaled_dot_product_attention(cq, xk, xv)
+            x = x + cross.out(attn.merge_heads(a))
+            x = x + layer.mlp2(F.gelu(layer.mlp1(layer.mlp_ln(x))))
+        x = dec.ln(x)
+        return (x @ dec.token_embedding.weight.T).float()
+
+    @torch.inference_mode()
+    def cross_attention_weights(self, tokens: Tensor, audio_features: Tensor,
+                                heads: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
+        """Full (uncached) decoder pass returning the cross-attention weights of `heads` and logits.
+
+        tokens [1, T], audio_features [1, n_audio_ctx', d] ->
+        (weights [len(heads), T, n_audio_ctx'] float32, logits [T, V] float32).
+        Used once per segment for word timestamps, so clarity wins over speed here.
+        """
+        dec = self.model.decoder
+        t = tokens.shape[1]
+        x = dec.token_embedding(tokens) + dec.positional_embedding[:t]
+        causal = torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril()
+        wanted: dict[int, list[int]] = {}
+        for layer_idx, head in heads:
+            wanted.setdefault(layer_idx, []).append(head)
+        collected: dict[tuple[int, int], Tensor] = {}
+        for i, layer in enumerate(dec.layers):
+            attn = layer.attn
+            q, k, v = attn.qkv(layer.attn_ln(x)).chunk(3, dim=-1)
+            a = F.scaled_dot_product_attention(attn.split_heads(q), attn.split_heads(k),
+                                               attn.split_heads(v), attn_mask=causal)
+            x = x + attn.out(attn.merge_heads(a))
+            cross = layer.cross
+            cq = attn.split_heads(cross.q(layer.cross_ln(x)))
+            kv = cross.kv(audio_features)
+            ck, cv = kv.chunk(2, dim=-1)
+            ck, cv = attn.split_heads(ck), attn.split_heads(cv)
+            scores = (cq.float() @ ck.float().transpose(-1, -2)) / math.sqrt(cq.shape[-1])
+            weights = scores.softmax(dim=-1)
+            for head in wanted.get(i, []):
+                collected[(i, head)] = weights[0, head]
+            x = x + cross.out(attn.merge_heads((weights.to(cv.dtype) @ cv)))
+            x = x + layer.mlp2(F.gelu(layer.mlp1(layer.mlp_ln(x))))
+        logits = (dec.ln(x) @ dec.token_embedding.weight.T).float()[0]
+        return torch.stack([collected[h] for h in heads]), logits

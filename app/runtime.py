@@ -1,0 +1,143 @@
+"""One served model: its engine, tokenizer, scheduler and transcriber.
+
+The API layer depends only on `Runtime` / `load_runtime`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from app import metrics
+from app.audio.constants import SAMPLE_RATE
+from app.decoding.options import TranscribeOptions
+from app.decoding.results import TranscriptionResult
+from app.decoding.tokenizer import WhisperTokenizer
+from app.decoding.transcribe import ModelContext, Transcriber
+from app.decoding.window import WindowResult, WindowTask
+from app.engine.config import EngineConfig
+from app.engine.torch_engine import TorchEngine, load_engine
+from app.errors import AudioTooLongError
+from app.scheduler.decode_loop import DecodeLoop
+from app.scheduler.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    compute_dtype: str | None = None  # None: float16 on CUDA, float32 on CPU
+    max_batch_size: int = 32  # decoder rows in one step (beam hypotheses count as rows)
+    max_queue_windows: int = 1024  # admission bound; beyond it transcribe() raises QueueFullError
+    batch_wait_ms: float = 5.0  # how long the idle scheduler waits to grow a first batch
+    max_encode_batch: int = 8  # windows encoded together when joining a running batch
+    int8_cross_kv: bool = False
+    cuda_graphs: bool = True
+    warmup: bool = True
+
+
+class Runtime(Protocol):
+    name: str
+    config: EngineConfig
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def transcribe(
+        self, audio: np.ndarray, options: TranscribeOptions, *, duration_limit_s: float | None = None
+    ) -> TranscriptionResult: ...
+    def queue_depth(self) -> int: ...
+    def active_rows(self) -> int: ...
+
+
+_request_ids = itertools.count()
+
+
+class ModelRuntime:
+    """Engine + decode loop + scheduler + transcriber for one engine directory."""
+
+    def __init__(self, name: str, engine: TorchEngine, options: RuntimeOptions) -> None:
+        self.name = name
+        self.engine = engine
+        self.config = engine.config
+        self.options = options
+        self.tokenizer = WhisperTokenizer.from_engine(engine.engine_dir, engine.config)
+        self.scheduler = Scheduler(
+            DecodeLoop(engine, self.tokenizer),
+            model_name=name,
+            max_queue_windows=options.max_queue_windows,
+            batch_wait_ms=options.batch_wait_ms,
+            max_encode_batch=options.max_encode_batch,
+        )
+        self.ready = False
+
+    def _context(self, request_id: object) -> ModelContext:
+        async def submit(task: WindowTask) -> WindowResult:
+            return await self.scheduler.submit(task, request_id)
+
+        async def cross_attention(features: Tensor, tokens: list[int]) -> tuple[Tensor, Tensor]:
+            heads = [tuple(h) for h in self.config.alignment_heads]
+            future = self.scheduler.run_in_engine_thread(
+                lambda: self.engine.cross_attention_weights(torch.tensor([tokens]), features, heads)
+            )
+            return await asyncio.wrap_future(future)
+
+        return ModelContext(self.tokenizer, self.config.dims.n_mels, self.config.multilingual,
+                            submit, cross_attention)
+
+    async def start(self) -> None:
+        self.scheduler.start()
+        if self.options.warmup:
+            started = time.perf_counter()
+            # one short greedy and one beam window: builds kernels / allocator pools before traffic
+            noise = (np.random.default_rng(0).standard_normal(SAMPLE_RATE) * 0.01).astype(np.float32)
+            await self._transcribe(noise, TranscribeOptions.greedy(), record=False)
+            await self._transcribe(noise, TranscribeOptions(), record=False)
+            log.info("model %s warmed up in %.1f s", self.name, time.perf_counter() - started)
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        await asyncio.to_thread(self.scheduler.stop)
+
+    async def transcribe(self, audio: np.ndarray, options: TranscribeOptions, *,
+                         duration_limit_s: float | None = None) -> TranscriptionResult:
+        duration = len(audio) / SAMPLE_RATE
+        if duration_limit_s is not None and duration > duration_limit_s:
+            raise AudioTooLongError(
+                f"Audio is {duration:.1f} s long; the limit is {duration_limit_s:.0f} s.", param="file"
+            )
+        return await self._transcribe(audio, options, record=True)
+
+    async def _transcribe(self, audio: np.ndarray, options: TranscribeOptions, record: bool
+                          ) -> TranscriptionResult:
+        started = time.perf_counter()
+        transcriber = Transcriber(self._context(next(_request_ids)))
+        result = await transcriber.transcribe(audio, options)
+        if record and result.duration > 0:
+            metrics.AUDIO_SECONDS.labels(self.name).inc(result.duration)
+            metrics.REAL_TIME_FACTOR.labels(self.name).observe((time.perf_counter() - started) / result.duration)
+        return result
+
+    def queue_depth(self) -> int:
+        return self.scheduler.queue_depth()
+
+    def active_rows(self) -> int:
+        return self.scheduler.active_rows()
+
+
+def load_runtime(engine_dir: str | Path, options: RuntimeOptions, name: str | None = None) -> ModelRuntime:
+    """Load an engine directory (raises app.errors.EngineError with a build hint)."""
+    engine_dir = Path(engine_dir)
+    engine = load_engine(engine_dir, device=options.device, compute_dtype=options.compute_dtype,
+                         max_rows=options.max_batch_size, int8_cross_kv=options.int8_cross_kv)
+    return ModelRuntime(name or engine_dir.name, engine, options)

@@ -1,0 +1,278 @@
+"""The in-flight batching decode loop: windows join and leave a running batch between steps.
+
+Rows of the engine's preallocated caches are the unit of space. A window takes a contiguous run
+of rows (1 for greedy, beam_size or best_of otherwise). Every step decodes all occupied rows in
+one engine call; finished windows free their rows, the last windows move down into the holes
+(so the decoded span stays dense), and waiting windows are encoded and prefilled into free rows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from app.decoding.rules import RowRules, apply_rules
+from app.decoding.search import Search, make_search, rows_needed
+from app.decoding.tokenizer import WhisperTokenizer
+from app.decoding.window import WindowResult, WindowTask
+from app.engine.base import Engine
+
+
+@dataclass(eq=False)
+class ActiveWindow:
+    task: WindowTask
+    search: Search
+    start: int
+    n_rows: int
+    prompt: list[int]
+    position: int = 0  # next self-attention cache position to write
+    max_new_tokens: int = 224
+    next_tokens: list[int] = field(default_factory=list)
+    no_speech_prob: float = 0.0
+    language: str | None = None
+    language_probs: dict[str, float] | None = None
+    audio_features: Tensor | None = None
+    rules: RowRules | None = None
+
+    @property
+    def rows(self) -> range:
+        return range(self.start, self.start + self.n_rows)
+
+
+class DecodeLoop:
+    """Not thread-safe: owned by the scheduler's engine thread."""
+
+    def __init__(self, engine: Engine, tokenizer: WhisperTokenizer) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.config = engine.config
+        self.n_ctx = engine.config.dims.n_text_ctx
+        self.owner: list[ActiveWindow | None] = [None] * engine.max_rows
+        self.active: list[ActiveWindow] = []
+
+    # ---- row bookkeeping -------------------------------------------------------------------
+    def rows_in_use(self) -> int:
+        return sum(w.n_rows for w in self.active)
+
+    def span(self) -> int:
+        return max((w.start + w.n_rows for w in self.active), default=0)
+
+    def _free_run(self, k: int, before: int | None = None) -> int | None:
+        limit = len(self.owner) if before is None else before
+        run = 0
+        for r in range(limit):
+            run = run + 1 if self.owner[r] is None else 0
+            if run == k:
+                return r - k + 1
+        return None
+
+    def can_admit(self, task: WindowTask) -> bool:
+        k = rows_needed(task.options)
+        if k > len(self.owner):
+            raise ValueError(f"a window needs {k} rows but the engine has {len(self.owner)}")
+        return self._free_run(k) is not None
+
+    # ---- admission: encode, cross-K/V, language detection, prompt prefill -------------------
+    def admit(self, tasks: list[WindowTask]) -> list[tuple[WindowTask, WindowResult]]:
+        placed: list[ActiveWindow] = []
+        for task in tasks:
+            k = rows_needed(task.options)
+            start = self._free_run(k)
+            if start is None:
+                raise RuntimeError("admit() called without room; check can_admit() first")
+            window = ActiveWindow(task, make_search(task.options, self.tokenizer.eot, 224), start, k, [])
+            for r in window.rows:
+                self.owner[r] = window
+            placed.append(window)
+        if not placed:
+            return []
+        mel = torch.stack([w.task.mel for w in placed])
+        features = self.engine.encode_into_rows(mel, [w.start for w in placed])
+        for i, w in enumerate(placed):
+            if w.n_rows > 1:  # beams / samples of one window share its audio
+                self.engine.copy_rows([w.start] * (w.n_rows - 1), list(w.rows)[1:], 0, cross=True)
+            if w.task.keep_audio_features:
+                w.audio_features = features[i : i + 1].clone()
+        for w in placed:
+            self._prepare(w)
+        finished: list[ActiveWindow] = []
+        logits_by_window = self._prefill(placed)
+        self._advance(placed, logits_by_window, finished)
+        self.active.extend(w for w in placed if w not in finished)
+        return self._finish(finished)
+
+    def _prepare(self, w: ActiveWindow) -> None:
+        options = w.task.options
+        tok = self.tokenizer
+        language = options.language
+        if self.config.multilingual and language is None:
+            language, w.language_probs = self._detect_language(w)
+        w.language = language if self.config.multilingual else "en"
+        prompt: list[int] = []
+        if w.task.previous_tokens:
+            prev = w.task.previous_tokens[-(self.n_ctx // 2 - 1):]
+            prompt = [tok.sot_prev, *prev]
+        prompt += tok.sot_sequence(language, options.task)
+        if options.without_timestamps:
+            prompt.append(tok.no_timestamps)
+        w.prompt = prompt
+        w.max_new_tokens = min(options.max_new_tokens, self.n_ctx - len(prompt))
+        w.search.max_new_tokens = w.max_new_tokens
+        suppress = options.suppress_tokens
+        if suppress is None:
+            suppress = tuple(self.config.suppress_tokens)
+        max_initial = None
+        if options.max_initial_timestamp is not None:
+            max_initial = round(options.max_initial_timestamp / 0.02)
+        w.rules = RowRules(
+            sampled=[],
+            suppress=tuple(suppress),
+            suppress_begin=tuple(self.config.suppress_tokens_begin) if options.suppress_blank else (),
+            timestamps=not options.without_timestamps,
+            max_initial_timestamp_index=max_initial,
+        )
+
+    def _detect_language(self, w: ActiveWindow) -> tuple[str, dict[str, float]]:
+        tok = self.tokenizer
+        logits = self.engine.decode(torch.tensor([[tok.sot]]), torch.tensor([0]), w.start, 1)[0, -1]
+        ids = torch.tensor(tok.language_token_ids, device=logits.device)
+        probs = torch.softmax(logits[ids], dim=-1).tolist()
+        by_code = {tok.id_to_language[i]: p for i, p in zip(tok.language_token_ids, probs, strict=True)}
+        return max(by_code, key=by_code.__getitem__), by_code
+
+    def _prefill(self, windows: list[ActiveWindow]) -> dict[int, Tensor]:
+        """Feed each new window's prompt; return its last-position logits [n_rows, V] by id()."""
+        out: dict[int, Tensor] = {}
+        # Adjacent windows with equal prompt length go through the engine together.
+        ordered = sorted(windows, key=lambda w: w.start)
+        i = 0
+        while i < len(ordered):
+            j = i + 1
+            while (j < len(ordered) and len(ordered[j].prompt) == len(ordered[i].prompt)
+                   and ordered[j].start == ordered[j - 1].start + ordered[j - 1].n_rows):
+                j += 1
+            group = ordered[i:j]
+            plen = len(group[0].prompt)
+            tokens = torch.tensor([w.prompt for w in group for _ in w.rows])
+            positions = torch.zeros(tokens.shape[0], dtype=torch.long)
+            logits = self.engine.decode(tokens, positions, group[0].start, plen)
+            offset = 0
+            sot_index = None
+            for w in group:
+                part = logits[offset : offset + w.n_rows]
+                sot_index = w.prompt.index(self.tokenizer.sot)
+                w.no_speech_prob = torch.softmax(part[0, sot_index].float(), dim=-1)[
+                    self.tokenizer.no_speech].item()
+                out[id(w)] = part[:, -1]
+                w.position = plen
+                offset += w.n_rows
+            i = j
+        return out
+
+    # ---- stepping ---------------------------------------------------------------------------
+    def step(self) -> list[tuple[WindowTask, WindowResult]]:
+        """One decoder step for every active row. Returns the windows that finished."""
+        self._drop_cancelled()
+        if not self.active:
+            return []
+        span = self.span()
+        eot = self.tokenizer.eot
+        tokens = [eot] * span
+        positions = [0] * span
+        for w in self.active:
+            for j, r in enumerate(w.rows):
+                tokens[r] = w.next_tokens[j]
+                positions[r] = w.position
+        kv_len = max(positions) + 1
+        uniform = len(set(positions)) == 1
+        logits = self.engine.decode(torch.tensor(tokens)[:, None], torch.tensor(positions), 0, kv_len,
+                                    uniform_position=uniform)[:, -1]
+        for w in self.active:
+            w.position += 1
+        by_window = {id(w): logits[w.start : w.start + w.n_rows] for w in self.active}
+        finished: list[ActiveWindow] = []
+        self._advance(self.active, by_window, finished)
+        self.active = [w for w in self.active if w not in finished]
+        return self._finish(finished)
+
+    def _advance(self, windows: list[ActiveWindow], logits_by_window: dict[int, Tensor],
+                 finished: list[ActiveWindow]) -> None:
+        if not windows:
+            return
+        logits = torch.cat([logits_by_window[id(w)] for w in windows]).float()
+        row_rules: list[RowRules] = []
+        for w in windows:
+            assert w.rules is not None
+            for history in w.search.row_histories():
+                rule = RowRules(history, w.rules.suppress, w.rules.suppress_begin, w.rules.timestamps,
+                                w.rules.max_initial_timestamp_index)
+                row_rules.append(rule)
+        apply_rules(logits, row_rules, self.tokenizer)
+        offset = 0
+        for w in windows:
+            out = w.search.step(logits[offset : offset + w.n_rows])
+            offset += w.n_rows
+            if out.sources is not None and out.sources != list(range(w.n_rows)):
+                src = [w.start + s for s in out.sources]
+                self.engine.copy_rows(src, list(w.rows)[: len(src)], w.position, cross=False)
+            tokens = out.next_tokens
+            if len(tokens) < w.n_rows:  # beam search found fewer live hypotheses than rows
+                tokens = tokens + [tokens[0] if tokens else self.tokenizer.eot] * (w.n_rows - len(tokens))
+            w.next_tokens = tokens
+            if out.finished or w.position >= self.n_ctx:
+                finished.append(w)
+
+    def _drop_cancelled(self) -> None:
+        cancelled = [w for w in self.active if getattr(w.task.handle, "cancelled", False)]
+        if cancelled:
+            self.active = [w for w in self.active if w not in cancelled]
+            self._release(cancelled)
+
+    def _release(self, windows: list[ActiveWindow]) -> None:
+        for w in windows:
+            for r in w.rows:
+                self.owner[r] = None
+        self._compact()
+
+    def _compact(self) -> None:
+        """Move the last windows down into free runs so the decoded span stays dense."""
+        while self.active:
+            tail = max(self.active, key=lambda w: w.start)
+            target = self._free_run(tail.n_rows, before=tail.start)
+            if target is None:
+                return
+            self.engine.copy_rows(list(tail.rows), list(range(target, target + tail.n_rows)),
+                                  tail.position, cross=True)
+            for r in tail.rows:
+                self.owner[r] = None
+            tail.start = target
+            for r in tail.rows:
+                self.owner[r] = tail
+
+    def _finish(self, windows: list[ActiveWindow]) -> list[tuple[WindowTask, WindowResult]]:
+        results = []
+        for w in windows:
+            best = w.search.best()
+            tokens = best.tokens
+            results.append((w.task, WindowResult(
+                tokens=tokens,
+                sum_logprob=best.sum_logprob,
+                avg_logprob=best.sum_logprob / (len(tokens) + 1),
+                no_speech_prob=w.no_speech_prob,
+                temperature=w.task.options.temperature,
+                language=w.language,
+                language_probs=w.language_probs,
+                prompt_length=len(w.prompt),
+                prompt_tokens=list(w.prompt),
+                audio_features=w.audio_features,
+            )))
+        if windows:
+            self._release(windows)
+        return results
+
+
+def finite_or(value: float, default: float) -> float:
+    return value if math.isfinite(value) else default

@@ -1,0 +1,225 @@
+"""The batching scheduler: one queue of windows from every client, one engine thread.
+
+Clients `await submit(task)`. The engine thread admits waiting windows into the running decode
+loop between steps (in-flight batching), round-robin across requests so a 2-hour upload cannot
+starve a 5-second clip, and resolves each window's future when it finishes. Inference never runs
+on the event loop. The queue is bounded: beyond `max_queue_windows` submit() raises QueueFullError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from app import metrics
+from app.decoding.search import rows_needed
+from app.decoding.window import WindowResult, WindowTask
+from app.errors import QueueFullError, ShuttingDownError
+from app.scheduler.decode_loop import DecodeLoop
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Ticket:
+    """The scheduler's handle on one submitted window."""
+
+    task: WindowTask
+    request_id: object
+    future: Future[WindowResult] = field(default_factory=Future)
+    cancelled: bool = False
+    submitted_at: float = field(default_factory=time.perf_counter)
+
+
+class Scheduler:
+    def __init__(self, loop: DecodeLoop, *, model_name: str, max_queue_windows: int = 1024,
+                 batch_wait_ms: float = 5.0, max_encode_batch: int = 8) -> None:
+        self.decode_loop = loop
+        self.model_name = model_name
+        self.max_queue_windows = max_queue_windows
+        self.batch_wait_s = batch_wait_ms / 1000.0
+        self.max_encode_batch = max_encode_batch
+        self._queues: OrderedDict[object, deque[Ticket]] = OrderedDict()
+        self._queued = 0
+        self._jobs: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._accepting = True
+        self._in_flight: dict[int, Ticket] = {}
+
+    # ---- lifecycle --------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=f"engine-{self.model_name}", daemon=True)
+            self._thread.start()
+
+    def stop_accepting(self) -> None:
+        with self._cond:
+            self._accepting = False
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish every accepted window, then stop the engine thread."""
+        with self._cond:
+            self._accepting = False
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    # ---- client side --------------------------------------------------------------------------
+    def queue_depth(self) -> int:
+        return self._queued
+
+    def active_rows(self) -> int:
+        return self.decode_loop.rows_in_use()
+
+    async def submit(self, task: WindowTask, request_id: object) -> WindowResult:
+        ticket = self.submit_nowait(task, request_id)
+        try:
+            return await asyncio.wrap_future(ticket.future)
+        except asyncio.CancelledError:
+            self.cancel(ticket)
+            raise
+
+    def submit_nowait(self, task: WindowTask, request_id: object) -> Ticket:
+        ticket = Ticket(task, request_id)
+        task.handle = ticket
+        with self._cond:
+            if not self._accepting:
+                raise ShuttingDownError("The server is shutting down; retry on another instance.",
+                                        retry_after_s=5.0)
+            if self._queued >= self.max_queue_windows:
+                raise QueueFullError(
+                    f"The server is at capacity ({self._queued} windows queued); retry shortly.",
+                    retry_after_s=max(1.0, self._queued * 0.05),
+                )
+            self._queues.setdefault(request_id, deque()).append(ticket)
+            self._queued += 1
+            metrics.QUEUE_DEPTH.labels(self.model_name).set(self._queued)
+            self._cond.notify_all()
+        return ticket
+
+    def cancel(self, ticket: Ticket) -> None:
+        with self._cond:
+            ticket.cancelled = True
+            queue = self._queues.get(ticket.request_id)
+            if queue is not None and ticket in queue:
+                queue.remove(ticket)
+                self._queued -= 1
+                if not queue:
+                    del self._queues[ticket.request_id]
+                metrics.QUEUE_DEPTH.labels(self.model_name).set(self._queued)
+
+    def run_in_engine_thread(self, fn: Callable[[], Any]) -> Future[Any]:
+        """Run fn on the engine thread between steps (alignment passes, warm-up)."""
+        future: Future[Any] = Future()
+        with self._cond:
+            self._jobs.append((fn, future))
+            self._cond.notify_all()
+        return future
+
+    # ---- engine thread ----------------------------------------------------------------------
+    def _take_round_robin(self) -> list[Ticket]:
+        """Pop windows that fit, one per request per round, oldest request first."""
+        taken: list[Ticket] = []
+        loop = self.decode_loop
+        reserved = 0
+        free = len(loop.owner) - loop.rows_in_use()
+        while self._queues and len(taken) < self.max_encode_batch:
+            progressed = False
+            for request_id in list(self._queues):
+                queue = self._queues[request_id]
+                ticket = queue[0]
+                need = rows_needed(ticket.task.options)
+                if need > free - reserved:
+                    continue
+                queue.popleft()
+                self._queued -= 1
+                # rotate: this request goes to the back of the line
+                self._queues.move_to_end(request_id)
+                if not queue:
+                    del self._queues[request_id]
+                taken.append(ticket)
+                reserved += need
+                progressed = True
+                if len(taken) >= self.max_encode_batch:
+                    break
+            if not progressed:
+                break
+        metrics.QUEUE_DEPTH.labels(self.model_name).set(self._queued)
+        return taken
+
+    def _run(self) -> None:
+        loop = self.decode_loop
+        while True:
+            with self._cond:
+                while not (self._queued or self._jobs or loop.active or self._stopping):
+                    self._cond.wait()
+                if self._stopping and not (self._queued or self._jobs or loop.active):
+                    return
+                jobs = list(self._jobs)
+                self._jobs.clear()
+            for fn, future in jobs:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except BaseException as exc:  # noqa: BLE001 - delivered to the waiting caller
+                        future.set_exception(exc)
+            if not loop.active and self.batch_wait_s > 0 and self._queued:
+                # idle: let a first batch gather for a moment
+                time.sleep(self.batch_wait_s)
+            with self._cond:
+                tickets = self._take_round_robin()
+            try:
+                self._admit_and_step(tickets)
+            except BaseException as exc:  # noqa: BLE001 - fail the affected windows, keep serving
+                log.exception("decode step failed")
+                self._fail_all(tickets, exc)
+
+    def _admit_and_step(self, tickets: list[Ticket]) -> None:
+        loop = self.decode_loop
+        done: list[tuple[WindowTask, WindowResult]] = []
+        live = [t for t in tickets if not t.cancelled]
+        for t in live:
+            self._in_flight[id(t.task)] = t
+        if live:
+            started = time.perf_counter()
+            done += loop.admit([t.task for t in live])
+            metrics.ENCODE_SECONDS.labels(self.model_name).observe(time.perf_counter() - started)
+            metrics.ENCODE_BATCH_SIZE.labels(self.model_name).observe(len(live))
+        if loop.active:
+            rows = loop.rows_in_use()
+            started = time.perf_counter()
+            done += loop.step()
+            metrics.DECODE_STEP_SECONDS.labels(self.model_name).observe(time.perf_counter() - started)
+            metrics.BATCH_SIZE.labels(self.model_name).observe(rows)
+            metrics.TOKENS.labels(self.model_name).inc(rows)
+        metrics.ACTIVE_SLOTS.labels(self.model_name).set(loop.rows_in_use())
+        for task, result in done:
+            ticket = self._in_flight.pop(id(task), None)
+            metrics.WINDOWS.labels(self.model_name).inc()
+            if ticket is not None and not ticket.future.done():
+                ticket.future.set_result(result)
+        # windows dropped because their client went away
+        for key, ticket in list(self._in_flight.items()):
+            if ticket.cancelled and not any(w.task is ticket.task for w in loop.active):
+                del self._in_flight[key]
+
+    def _fail_all(self, tickets: list[Ticket], exc: BaseException) -> None:
+        loop = self.decode_loop
+        failed = list(self._in_flight.values())
+        self._in_flight.clear()
+        loop.active.clear()
+        loop.owner[:] = [None] * len(loop.owner)
+        for t in failed + tickets:
+            if not t.future.done():
+                t.future.set_exception(exc)

@@ -1,0 +1,78 @@
+"""Settings from WHISPER_* environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from app.config import Settings
+
+
+def test_defaults(clean_env) -> None:
+    settings = Settings()
+    assert settings.engines_dir == Path("engines")
+    assert settings.models == ["tiny.en"]
+    assert settings.default_model_name == "tiny.en"
+    assert settings.api_key is None
+    assert settings.max_upload_bytes == 25 * 1024 * 1024
+    assert settings.runtime_options.max_batch_size == 32
+
+
+def test_environment(clean_env, monkeypatch) -> None:
+    env = {
+        "WHISPER_ENGINES_DIR": "/srv/engines",
+        "WHISPER_MODELS": "tiny.en, base",
+        "WHISPER_DEFAULT_MODEL": "base",
+        "WHISPER_DEVICE": "cuda:1",
+        "WHISPER_COMPUTE_DTYPE": "bfloat16",
+        "WHISPER_MAX_BATCH_SIZE": "64",
+        "WHISPER_MAX_QUEUE_WINDOWS": "99",
+        "WHISPER_BATCH_WAIT_MS": "2.5",
+        "WHISPER_INT8_CROSS_KV": "true",
+        "WHISPER_CUDA_GRAPHS": "0",
+        "WHISPER_API_KEY": "k",
+        "WHISPER_MAX_UPLOAD_MB": "1",
+        "WHISPER_CORS_ORIGINS": "https://a.example,https://b.example",
+        "WHISPER_LOG_LEVEL": "DEBUG",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = Settings()
+    assert settings.models == ["tiny.en", "base"]
+    assert settings.default_model_name == "base"
+    assert settings.engine_dir("base") == Path("/srv/engines/base")
+    assert settings.api_key is not None and settings.api_key.get_secret_value() == "k"
+    assert settings.cors_origins == ["https://a.example", "https://b.example"]
+    assert settings.log_level == "debug"
+    options = settings.runtime_options
+    assert (options.device, options.compute_dtype) == ("cuda:1", "bfloat16")
+    assert (options.max_batch_size, options.max_queue_windows, options.batch_wait_ms) == (
+        64,
+        99,
+        2.5,
+    )
+    assert options.int8_cross_kv is True and options.cuda_graphs is False
+
+
+def test_empty_api_key_disables_auth(clean_env, monkeypatch) -> None:
+    monkeypatch.setenv("WHISPER_API_KEY", "")
+    assert Settings().api_key is None
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"WHISPER_MODELS": "tiny.en", "WHISPER_DEFAULT_MODEL": "base"},
+        {"WHISPER_MODELS": "whisper-1"},
+        {"WHISPER_MODELS": "tiny.en,tiny.en"},
+        {"WHISPER_MODELS": ""},
+        {"WHISPER_MAX_UPLOAD_MB": "0"},
+    ],
+)
+def test_invalid_settings(clean_env, monkeypatch, env) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValidationError):
+        Settings()
