@@ -139,5 +139,6 @@ def load_runtime(engine_dir: str | Path, options: RuntimeOptions, name: str | No
     """Load an engine directory (raises app.errors.EngineError with a build hint)."""
     engine_dir = Path(engine_dir)
     engine = load_engine(engine_dir, device=options.device, compute_dtype=options.compute_dtype,
-                         max_rows=options.max_batch_size, int8_cross_kv=options.int8_cross_kv)
+                         max_rows=options.max_batch_size, int8_cross_kv=options.int8_cross_kv,
+                         cuda_graphs=options.cuda_graphs)
     return ModelRuntime(name or engine_dir.name, engine, options)

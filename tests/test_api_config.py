@@ -76,3 +76,13 @@ def test_invalid_settings(clean_env, monkeypatch, env) -> None:
         monkeypatch.setenv(key, value)
     with pytest.raises(ValidationError):
         Settings()
+
+
+def test_readme_documents_every_setting(repo_root) -> None:
+    readme = (repo_root / "README.md").read_text()
+    missing = [
+        f"WHISPER_{name.upper()}"
+        for name in Settings.model_fields
+        if f"`WHISPER_{name.upper()}`" not in readme
+    ]
+    assert not missing, f"settings missing from README.md's table: {missing}"

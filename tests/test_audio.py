@@ -20,7 +20,9 @@ DATA = Path(__file__).parent / "data"
 SR = 16_000
 
 
-def sine(seconds: float, sample_rate: int = SR, freq: float = 440.0, amp: float = 0.3) -> np.ndarray:
+def sine(
+    seconds: float, sample_rate: int = SR, freq: float = 440.0, amp: float = 0.3
+) -> np.ndarray:
     t = np.arange(int(round(seconds * sample_rate))) / sample_rate
     return (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
 
@@ -189,6 +191,16 @@ def test_truncated_wav_returns_the_decodable_prefix() -> None:
     data = encode_sf(sine(2.0), "WAV", "PCM_16")
     audio = decode_audio(data[: 44 + 2 * SR])  # header + 1 s of samples
     assert len(audio) == SR
+
+
+def test_streamed_wav_with_unknown_length() -> None:
+    # Writers that stream (ffmpeg to a pipe) put 0xFFFFFFFF in the RIFF and data sizes.
+    data = bytearray(encode_sf(sine(3.0), "WAV", "PCM_16"))
+    at = data.find(b"data")
+    data[4:8] = data[at + 4 : at + 8] = b"\xff\xff\xff\xff"
+    assert len(decode_audio(bytes(data), max_duration_s=5)) == 3 * SR
+    with pytest.raises(AudioTooLongError):
+        decode_audio(bytes(data), max_duration_s=2)
 
 
 def test_truncated_wav_header_is_an_error() -> None:

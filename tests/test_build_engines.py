@@ -264,6 +264,11 @@ def test_missing_part(ckpt: Checkpoints, tmp_path: Path) -> None:
     _assert_no_engine(tmp_path)
 
 
+def test_parts_need_a_name(ckpt: Checkpoints) -> None:
+    with pytest.raises(CheckpointError, match="pass --name"):
+        build_engine(BuildOptions(sources=tuple(map(str, ckpt.parts))))
+
+
 def test_garbage_file(ckpt: Checkpoints, tmp_path: Path) -> None:
     source = _ct2_copy(ckpt, tmp_path, bytes(range(256)) * 40)
     with pytest.raises(CheckpointError, match="is not a CTranslate2 model.bin"):

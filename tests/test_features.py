@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
 
 from app.audio.features import log_mel_spectrogram, pad_or_trim
@@ -20,9 +19,26 @@ MAX_ABS_DIFF = 1e-4
 
 
 def load(name: str) -> np.ndarray:
+    sf = pytest.importorskip("soundfile")  # imported here so the CUDA test runs without it
     audio, rate = sf.read(DATA / name, dtype="float32")
     assert rate == 16_000
     return audio
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max())
+
+
+def speechlike(seconds: float) -> np.ndarray:
+    """Noise bursts and harmonic tones with gaps: a wide dynamic range, like speech."""
+    rng = np.random.default_rng(7)
+    t = np.arange(int(seconds * 16_000)) / 16_000
+    envelope = (np.sin(2 * np.pi * 1.3 * t) > 0.2).astype(np.float32)
+    voiced = sum(np.sin(2 * np.pi * f * t) / k for k, f in enumerate((140, 280, 420, 2100), 1))
+    noise = rng.standard_normal(t.size) * 0.05
+    return ((0.2 * voiced + noise) * envelope + 1e-4 * rng.standard_normal(t.size)).astype(
+        np.float32
+    )
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +85,11 @@ def test_matches_faster_whisper(fw_extractor: type, clip: str, n_mels: int) -> N
 def test_short_and_unpadded_inputs_match(fw_extractor: type, length: int, padding: int) -> None:
     # numpy's reflect padding keeps reflecting when the pad exceeds the signal; ours must too.
     audio = np.random.default_rng(length).standard_normal(length).astype(np.float32) * 0.1
-    reference = fw_extractor()(audio, padding=padding)
     ours = log_mel_spectrogram(audio, padding=padding).numpy()
+    if length + padding < 160:
+        assert ours.shape == (80, 0)  # faster-whisper fails on this (max of an empty array)
+        return
+    reference = fw_extractor()(audio, padding=padding)
     assert ours.shape == reference.shape
     assert np.abs(ours - reference).max() < MAX_ABS_DIFF
 
@@ -80,26 +99,29 @@ def test_float64_and_float32_paths_agree() -> None:
     single = log_mel_spectrogram(audio)
     double = log_mel_spectrogram(audio.astype(np.float64))
     assert double.dtype == torch.float32  # output is float32 either way
-    assert float((single - double).abs().max()) < MAX_ABS_DIFF
+    assert max_diff(single, double) < MAX_ABS_DIFF
 
 
 def test_tensor_numpy_and_batch_inputs_agree() -> None:
-    a, b = load(CLIPS[1]), load(CLIPS[1])[::-1].copy()
+    a = load(CLIPS[1])
+    b = a[::-1].copy()
     from_numpy = log_mel_spectrogram(a)
-    torch.testing.assert_close(log_mel_spectrogram(torch.from_numpy(a)), from_numpy)
+    assert max_diff(log_mel_spectrogram(torch.from_numpy(a)), from_numpy) == 0.0
     batch = log_mel_spectrogram(np.stack([a, b]))
     assert batch.shape == (2, 80, from_numpy.shape[-1])
-    torch.testing.assert_close(batch[0], from_numpy)
-    torch.testing.assert_close(batch[1], log_mel_spectrogram(b))
+    assert max_diff(batch[0], from_numpy) < 1e-5
+    assert max_diff(batch[1], log_mel_spectrogram(b)) < 1e-5
 
 
 def test_normalisation_uses_the_whole_input() -> None:
-    # The -8 floor is relative to the loudest bin of the whole file, not per 30 s window.
-    quiet = 1e-3 * np.random.default_rng(0).standard_normal(16_000).astype(np.float32)
-    loud = np.concatenate([quiet, 100 * quiet])
+    # The floor is 8 log10 units below the loudest bin of the whole input (not per 30 s
+    # window): next to a part 10^4 times louder in amplitude, a quiet part sits on the floor.
+    quiet = 1e-4 * np.random.default_rng(0).standard_normal(16_000).astype(np.float32)
     alone = log_mel_spectrogram(quiet)
-    joined = log_mel_spectrogram(loud)[:, :50]
-    assert float(joined.max()) < float(alone.max()) - 0.5
+    joined = log_mel_spectrogram(np.concatenate([quiet, 1e4 * quiet]))
+    floor = float(joined.max()) - 2.0  # (max - 8 + 4) / 4 = normalised max - 2
+    assert torch.allclose(joined[:, 5:95], torch.full((80, 90), floor))
+    assert float(alone.std()) > 0.05  # on its own it is not clamped
 
 
 def test_silence_and_empty() -> None:
@@ -123,10 +145,16 @@ def test_pad_or_trim() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("n_mels", [80, 128])
 def test_cuda_matches_cpu(n_mels: int) -> None:
-    audio = load(CLIPS[0])
+    audio = speechlike(65.0)
     cpu = log_mel_spectrogram(audio, n_mels)
     gpu = log_mel_spectrogram(audio, n_mels, device="cuda")
     assert gpu.device.type == "cuda" and gpu.dtype == torch.float32
-    assert float((gpu.cpu() - cpu).abs().max()) < MAX_ABS_DIFF
+    assert gpu.shape == cpu.shape
+    assert max_diff(gpu.cpu(), cpu) < MAX_ABS_DIFF
     on_device = log_mel_spectrogram(torch.from_numpy(audio).cuda(), n_mels)
     assert on_device.device.type == "cuda"
+    assert max_diff(on_device.cpu(), cpu) < MAX_ABS_DIFF
+    double = log_mel_spectrogram(audio.astype(np.float64), n_mels, device="cuda")
+    assert max_diff(double.cpu(), cpu) < MAX_ABS_DIFF
+    padded = pad_or_trim(gpu[:, :1000])
+    assert padded.device.type == "cuda" and padded.shape == (n_mels, 3000)

@@ -6,6 +6,7 @@ import asyncio
 import logging
 
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
 from app.api.auth import require_api_key
@@ -109,5 +110,7 @@ async def _transcribe(request: Request, task: Task) -> Response:
     )
     # AUDIO_SECONDS and REAL_TIME_FACTOR are recorded by the runtime itself, so that every
     # entry point (REST, realtime, CLI) counts them once.
-    body, media_type = render(result, form.response_format, list(form.timestamp_granularities))
-    return Response(content=body, media_type=media_type)
+    body, media_type = render(result, form.response_format, form.timestamp_granularities)
+    if isinstance(body, str):
+        return Response(content=body, media_type=media_type)
+    return JSONResponse(content=body, media_type=media_type)

@@ -72,7 +72,8 @@ def log_mel_spectrogram(
         raise ValueError(f"padding must be >= 0, got {padding}")
     if padding:
         x = torch.nn.functional.pad(x, (0, padding))
-    if x.shape[-1] == 0:
+    if x.shape[-1] < HOP_LENGTH:
+        # Fewer samples than one hop: the only STFT frame is the dropped last one.
         return torch.zeros(*x.shape[:-1], n_mels, 0, dtype=torch.float32, device=x.device)
 
     # center=True semantics of faster-whisper's STFT: reflect-pad n_fft // 2 on both sides.

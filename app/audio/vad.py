@@ -40,6 +40,13 @@ def frame_energy_db(audio: np.ndarray, frame_samples: int) -> np.ndarray:
     return 10.0 * np.log10(np.maximum(power, 10 ** (_SILENCE_DB / 10)))
 
 
+def _smooth_db(energy_db: np.ndarray, width: int) -> np.ndarray:
+    """Centred moving average of dB values taken in the power domain (a loud frame next to
+    digital silence stays loud instead of averaging with -120 dB)."""
+    power = _moving(10.0 ** (energy_db / 10.0), width, "mean")
+    return 10.0 * np.log10(np.maximum(power, 10 ** (_SILENCE_DB / 10)))
+
+
 def _moving(values: np.ndarray, width: int, reduce: str) -> np.ndarray:
     """Centred moving mean/min over `width` frames, with edges using the frames they have."""
     if width <= 1 or values.size == 0:
@@ -71,8 +78,9 @@ class VadConfig:
     snr_db: float = 10.0
     #: Once in speech, stay in it until the energy drops this much below the start level.
     hysteresis_db: float = 6.0
-    #: Window over which the local noise floor (a running minimum) is taken.
-    noise_window_s: float = 3.0
+    #: Window over which the local noise floor (a running minimum) is taken. Long enough to
+    #: hold a real pause, so a soft passage is not mistaken for the noise floor.
+    noise_window_s: float = 5.0
     min_speech_s: float = 0.1  # shorter bursts (clicks) are dropped
     min_silence_s: float = 0.3  # shorter pauses are bridged
     pad_s: float = 0.1  # kept around each region so word onsets/offsets survive
@@ -93,7 +101,7 @@ def _analyse(audio: np.ndarray, sample_rate: int, config: VadConfig) -> _Analysi
         return _Analysis(energy, speech, frame_samples)
 
     loudest = float(energy.max())
-    smooth = _moving(energy, 3, "mean")
+    smooth = _smooth_db(energy, 3)
     noise = _moving(smooth, max(1, round(config.noise_window_s / FRAME_S)), "min")
     # Near-constant loud sound (a tone, or speech with no pause in the whole window) pushes
     # the noise floor up to the signal itself; capping the SNR requirement at
@@ -154,10 +162,11 @@ def chunk_at_pauses(
     """Split audio into [start, end) sample ranges of at most `max_chunk_s` each.
 
     Silence before the first and after the last speech, and any pause of `split_silence_s`
-    or more, is left out. A stretch of speech longer than `max_chunk_s` is cut inside
-    [min_chunk_s, max_chunk_s] from its start: at the longest pause there if any, else at
-    the quietest 100 ms. min_chunk_s defaults to half of max_chunk_s. All-silent audio
-    gives [].
+    or more, is left out; nothing else is. A stretch longer than `max_chunk_s` is cut
+    between [min_chunk_s, max_chunk_s] from its start: at the quietest 100 ms of the
+    longest pause there if any, else at the quietest 100 ms in that range; the next chunk
+    starts where the previous one ends. min_chunk_s defaults to half of max_chunk_s.
+    All-silent audio gives [].
     """
     if max_chunk_s <= FRAME_S:
         raise ValueError(f"max_chunk_s must exceed {FRAME_S} s, got {max_chunk_s}")
@@ -166,15 +175,17 @@ def chunk_at_pauses(
     max_frames = int(max_chunk_s * sample_rate) // hop
     min_frames = max_frames // 2 if min_chunk_s is None else round(min_chunk_s * sample_rate / hop)
     min_frames = min(max(1, min_frames), max_frames)
-    quietness = _moving(analysis.energy_db, 5, "mean")
+    quietness = _smooth_db(analysis.energy_db, 5)
 
     frames: list[tuple[int, int]] = []
     for group_start, group_end, gaps in _groups(analysis.speech, round(split_silence_s / FRAME_S)):
         start = group_start
         while group_end - start > max_frames:
-            end, next_start = _cut(start, min_frames, max_frames, gaps, quietness)
+            # Chunks inside a group are contiguous: a short "pause" might still hold a soft
+            # word, so nothing but silences of split_silence_s or more is ever dropped.
+            end = _cut(start, min_frames, max_frames, gaps, quietness)
             frames.append((start, end))
-            start = next_start
+            start = end
         frames.append((start, group_end))
     n = len(audio)
     return [(s * hop, min(e * hop, n)) for s, e in frames if s * hop < n]
@@ -198,19 +209,21 @@ def _cut(
     max_frames: int,
     gaps: list[tuple[int, int]],
     quietness: np.ndarray,
-) -> tuple[int, int]:
-    """(end of this chunk, start of the next) for a chunk beginning at `start`."""
+) -> int:
+    """Frame at which to end the chunk beginning at `start` (the next one starts there)."""
     lo, hi = start + min_frames, start + max_frames
-    # A pause qualifies if the chunk can end where the speech before it ends.
-    usable = [(a, b) for a, b in gaps if start < a <= hi and b > lo]
+    # Prefer the longest pause reaching into [lo, hi]; without one, the quietest point,
+    # which within speech is usually a gap between words too short to count as a pause.
+    usable = [(max(a, lo), min(b, hi)) for a, b in gaps if a < hi and b > lo]
     if usable:
-        a, b = max(usable, key=lambda gap: (gap[1] - gap[0], gap[0]))
-        return a, b
-    # No pause in range: cut at the quietest point, which within speech is usually the
-    # gap between two words that was too short to register as a pause.
+        lo, hi = max(usable, key=lambda gap: (gap[1] - gap[0], gap[0]))
     window = quietness[lo : hi + 1]
-    cut = lo + int(np.argmin(window)) if window.size else hi
-    return cut, cut
+    if window.size == 0:
+        return hi
+    # Middle of the longest stretch within 1 dB of the quietest level: in a silent pause
+    # that is its centre, leaving both neighbouring words their full tails.
+    start_q, end_q = max(_runs(window <= window.min() + 1.0), key=lambda r: r[1] - r[0])
+    return lo + (start_q + end_q) // 2
 
 
 class VadEvent(NamedTuple):

@@ -5,9 +5,9 @@ we run the decoder once over the whole text, take those heads' attention maps, c
 (normalise, median filter, average) and find the monotonic token -> frame path with dynamic time
 warping. A word starts at the first frame of its first token and ends where the next word starts.
 
-Everything here is numpy on the CPU after the one decoder pass: the matrices are at most about
-225 tokens x 1500 frames, so a vectorised DTW takes tens of milliseconds and needs no numba,
-Triton or scipy.
+After the one decoder pass the attention cleanup runs where the weights are (GPU or CPU) and the
+DTW runs in numpy on the host: the matrix is at most about 225 tokens x 750 audio frames, so an
+anti-diagonal-vectorised DTW takes tens of milliseconds and needs no numba, Triton or scipy.
 """
 
 from __future__ import annotations
@@ -89,34 +89,34 @@ def dtw(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty.copy()
 
-    # Accumulated cost with a border row/column of +inf; float32 like Whisper, so near-ties
-    # resolve the same way.
-    width = m + 1
-    acc = np.full((n + 1) * width, np.inf, dtype=np.float32)
-    acc[0] = 0.0
-    trace = np.full((n + 1) * width, -1, dtype=np.int8)
-    flat_cost = x.ravel()
-
-    # Cell (i, j) needs (i-1, j-1), (i-1, j) and (i, j-1): all on earlier anti-diagonals, so each
-    # anti-diagonal i + j = d is computed in one vectorised step (N + M steps instead of N * M).
-    for d in range(2, n + m + 1):
-        i = np.arange(max(1, d - m), min(n, d - 1) + 1)
-        j = d - i
-        cell = i * width + j
-        c0 = acc[cell - width - 1]  # diagonal
-        c1 = acc[cell - width]  # up
-        c2 = acc[cell - 1]  # left
+    # Cell (i, j) of the accumulated cost (1-based, with a +inf border row/column and a 0 at
+    # (0, 0)) needs (i-1, j-1), (i-1, j) and (i, j-1): all on earlier anti-diagonals. So we
+    # store the matrices diagonal-major, skew[d, i] = cell (i, d - i), and compute a whole
+    # anti-diagonal per step with plain slices: N + M numpy steps instead of N * M Python ones.
+    # Cells outside the matrix hold +inf and stay +inf, which keeps every step full-width.
+    n_diag = n + m + 1
+    rows, cols = np.meshgrid(np.arange(1, n + 1), np.arange(1, m + 1), indexing="ij")
+    skew_cost = np.full((n_diag, n + 1), np.inf)
+    skew_cost[rows + cols, rows] = x
+    # float32 accumulation like Whisper, so near-ties resolve the same way
+    acc = np.full((n_diag, n + 1), np.inf, dtype=np.float32)
+    acc[0, 0] = 0.0
+    trace = np.full((n_diag, n + 1), _LEFT, dtype=np.int8)
+    for d in range(2, n_diag):
+        c0 = acc[d - 2, :n]  # diagonal predecessor (i-1, j-1) of cells i = 1..n
+        c1 = acc[d - 1, :n]  # up: (i-1, j)
+        c2 = acc[d - 1, 1:]  # left: (i, j-1)
+        # Whisper's tie rule: a step wins only when strictly cheaper than both others, and
+        # everything else (ties included) goes left.
         diagonal = (c0 < c1) & (c0 < c2)
-        up = ~diagonal & (c1 < c0) & (c1 < c2)
-        best = np.where(diagonal, c0, np.where(up, c1, c2))
-        acc[cell] = flat_cost[(i - 1) * m + (j - 1)] + best
-        trace[cell] = np.where(diagonal, _DIAGONAL, np.where(up, _UP, _LEFT))
+        up = (c1 < c0) & (c1 < c2)
+        acc[d, 1:] = skew_cost[d, 1:] + np.where(diagonal, c0, np.where(up, c1, c2))
+        trace[d, 1:] = np.where(diagonal, _DIAGONAL, np.where(up, _UP, _LEFT))
 
-    trace = trace.reshape(n + 1, width)
-    # On the border only one move is possible: the first row can only go left, the first
-    # column only up.
-    trace[0, :] = _LEFT
-    trace[:, 0] = _UP
+    # On the border only one move is possible: the first row can only go left (already the
+    # fill value), the first column only up.
+    trace[:, 0] = _LEFT
+    trace[np.arange(1, n + 1), np.arange(1, n + 1)] = _UP  # cells (i, 0), i >= 1
 
     # The backtrace is inherently sequential but only N + M long.
     steps = trace.tolist()
@@ -124,7 +124,7 @@ def dtw(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     i, j = n, m
     while i > 0 or j > 0:
         path.append((i - 1, j - 1))
-        step = steps[i][j]
+        step = steps[i + j][i]
         if step == _DIAGONAL:
             i -= 1
             j -= 1
@@ -196,7 +196,8 @@ def find_alignment(
     with torch.no_grad():
         sampled = logits[n_sot : n_sot + n_text, : tokenizer.eot].float()
         probs = sampled.softmax(dim=-1)
-        picked = probs[torch.arange(n_text), torch.tensor(text_tokens, device=probs.device)]
+        rows = torch.arange(n_text, device=probs.device)
+        picked = probs[rows, torch.tensor(text_tokens, device=probs.device)]
         text_token_probs = picked.cpu().numpy().astype(np.float64)
 
         # One audio token per two mel frames. Keep at least one so a near-empty window still
@@ -210,10 +211,16 @@ def find_alignment(
         # A frame every token attends to equally carries no information: its centred column is
         # all zeros, so dividing by 1 keeps it zero instead of producing NaNs that break DTW.
         std = torch.where(std > 0, std, torch.ones_like(std))
-        w = median_filter((w - mean) / std, median_filter_width)
-        # Rows of the queries predicting each text token and then eot: inputs no_timestamps ..
-        # last text token (the eot input row predicts nothing we need).
-        matrix = w.mean(dim=0)[n_sot : n_sot + n_text + 1].cpu().numpy()
+        w = (w - mean) / std
+        # On a GPU the filter runs there and only the small averaged matrix is copied back; on
+        # the CPU numpy's partition is about twice as fast as torch's sort.
+        if w.device.type == "cpu":
+            matrix = median_filter(w.numpy(), median_filter_width).mean(axis=0)
+        else:
+            matrix = median_filter(w, median_filter_width).mean(dim=0).cpu().numpy()
+    # Rows of the queries predicting each text token and then eot: inputs no_timestamps ..
+    # last text token (the eot input row predicts nothing we need).
+    matrix = matrix[n_sot : n_sot + n_text + 1]
 
     text_indices, time_indices = dtw(-matrix)
 

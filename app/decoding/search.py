@@ -77,6 +77,23 @@ class SamplingSearch:
                     self.done[r] = True
         return StepOutput(next_tokens, None, all(self.done))
 
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0 and self.n_rows == 1
+
+    def push_greedy(self, token: int, logprob: float) -> bool:
+        """Record one greedy step computed in a batch with other windows; True when finished."""
+        if self.done[0]:
+            return True
+        self.sum_logprobs[0] += logprob
+        if token == self.eot:
+            self.done[0] = True
+        else:
+            self.sequences[0].append(token)
+            if len(self.sequences[0]) >= self.max_new_tokens:
+                self.done[0] = True
+        return self.done[0]
+
     def best(self) -> Candidate:
         scores = [
             sequence_score(s, len(seq), self.length_penalty)

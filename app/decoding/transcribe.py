@@ -17,7 +17,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from app.audio.constants import HOP_LENGTH, N_FRAMES, SAMPLE_RATE

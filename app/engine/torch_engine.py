@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from app.engine.config import EngineConfig, load_engine_config
+from app.engine.cuda_graphs import GraphedDecoder
 from app.engine.torch_model import DecoderCache, WhisperModel, WhisperRunner
 from app.errors import EngineError
 
@@ -62,16 +63,40 @@ class TorchEngine:
     """The torch backend: a WhisperModel plus preallocated per-row decoder caches."""
 
     def __init__(self, engine_dir: Path, config: EngineConfig, device: torch.device, dtype: torch.dtype,
-                 max_rows: int, int8_cross_kv: bool = False) -> None:
+                 max_rows: int, int8_cross_kv: bool = False, model: WhisperModel | None = None) -> None:
         self.engine_dir = engine_dir
         self.config = config
         self.device = device
         self.dtype = dtype
         self.max_rows = max_rows
-        self.model = load_model(engine_dir, config, device, dtype)
+        # `model` lets benchmarks run random weights of real shapes without an engine directory
+        self.model = model if model is not None else load_model(engine_dir, config, device, dtype)
         cache = DecoderCache(config.dims, max_rows, device, dtype,
                              cross_dtype=torch.int8 if int8_cross_kv else None)
         self.runner = WhisperRunner(self.model, cache)
+        self.graphs: GraphedDecoder | None = None
+        self.greedy_suppress: tuple[int, ...] = tuple(config.suppress_tokens)
+
+    def enable_cuda_graphs(self, chunk_steps: int = 8, batch_buckets: tuple[int, ...] | None = None,
+                           kv_buckets: tuple[int, ...] | None = None) -> None:
+        """Capture decoder graphs for every (batch, kv-length) bucket. Call before serving."""
+        if self.device.type != "cuda":
+            return
+        self.graphs = GraphedDecoder(self.runner, self.max_rows, chunk_steps,
+                                     self.config.special_tokens.eot, list(self.greedy_suppress),
+                                     batch_buckets=batch_buckets, kv_buckets=kv_buckets)
+        self.graphs.capture_all()
+
+    def greedy_chunk(self, tokens: Tensor, positions: Tensor, done: Tensor,
+                     suppress: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor] | None:
+        """K greedy steps on the device for rows [0, B) (None: not available, step instead)."""
+        if self.graphs is None:
+            return None
+        if suppress != self.greedy_suppress:
+            self.graphs.set_suppress(suppress)
+            self.greedy_suppress = suppress
+        return self.graphs.greedy_chunk(tokens.to(self.device), positions.to(self.device),
+                                        done.to(self.device))
 
     def encode_into_rows(self, mel: Tensor, rows: list[int]) -> Tensor:
         with torch.inference_mode():
@@ -81,6 +106,10 @@ class TorchEngine:
 
     def decode(self, tokens: Tensor, positions: Tensor, start: int, kv_len: int,
                uniform_position: bool = False) -> Tensor:
+        if self.graphs is not None and start == 0 and tokens.shape[1] == 1:
+            out = self.graphs.step(tokens.to(self.device), positions.to(self.device), kv_len)
+            if out is not None:
+                return out[:, None]
         return self.runner.decode(tokens.to(self.device), positions.to(self.device), start, kv_len,
                                   uniform_position)
 
@@ -94,7 +123,7 @@ class TorchEngine:
 
 
 def load_engine(engine_dir: str | Path, *, device: str = "auto", compute_dtype: str | None = None,
-                max_rows: int = 32, int8_cross_kv: bool = False) -> TorchEngine:
+                max_rows: int = 32, int8_cross_kv: bool = False, cuda_graphs: bool = True) -> TorchEngine:
     engine_dir = Path(engine_dir)
     config = load_engine_config(engine_dir)
     if config.backend == "trtllm":
@@ -105,4 +134,7 @@ def load_engine(engine_dir: str | Path, *, device: str = "auto", compute_dtype: 
     dtype = resolve_dtype(dev, compute_dtype)
     if dev.type == "cpu" and dtype != torch.float32:
         log.warning("compute dtype %s on CPU is slow; float32 is recommended", dtype)
-    return TorchEngine(engine_dir, config, dev, dtype, max_rows, int8_cross_kv)
+    engine = TorchEngine(engine_dir, config, dev, dtype, max_rows, int8_cross_kv)
+    if cuda_graphs:
+        engine.enable_cuda_graphs()
+    return engine

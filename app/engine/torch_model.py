@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from app.engine.config import ModelDims
+from app.engine.kernels import int8_cross_attention
 
 
 class Int8Linear(nn.Module):
@@ -259,8 +260,12 @@ class WhisperRunner:
             x = x + attn.out(attn.merge_heads(a))
             cross = layer.cross
             cq = attn.split_heads(cross.q(layer.cross_ln(x)))
-            xk, xv = self._cross_kv(i, start, end)
-            a = F.scaled_dot_product_attention(cq, xk, xv)
+            if cache.quantized_cross and t == 1:
+                a = int8_cross_attention(cq, cache.cross_k[i, start:end], cache.cross_k_scale[i, start:end],
+                                         cache.cross_v[i, start:end], cache.cross_v_scale[i, start:end])
+            else:
+                xk, xv = self._cross_kv(i, start, end)
+                a = F.scaled_dot_product_attention(cq, xk, xv)
             x = x + cross.out(attn.merge_heads(a))
             x = x + layer.mlp2(F.gelu(layer.mlp1(layer.mlp_ln(x))))
         x = dec.ln(x)
@@ -298,7 +303,7 @@ class WhisperRunner:
             weights = scores.softmax(dim=-1)
             for head in wanted.get(i, []):
                 collected[(i, head)] = weights[0, head]
-            x = x + cross.out(attn.merge_heads((weights.to(cv.dtype) @ cv)))
+            x = x + cross.out(attn.merge_heads(weights.to(cv.dtype) @ cv))
             x = x + layer.mlp2(F.gelu(layer.mlp1(layer.mlp_ln(x))))
         logits = (dec.ln(x) @ dec.token_embedding.weight.T).float()[0]
         return torch.stack([collected[h] for h in heads]), logits

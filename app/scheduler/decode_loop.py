@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from app.decoding.rules import RowRules, apply_rules
-from app.decoding.search import Search, make_search, rows_needed
+from app.decoding.search import SamplingSearch, Search, make_search, rows_needed
 from app.decoding.tokenizer import WhisperTokenizer
 from app.decoding.window import WindowResult, WindowTask
 from app.engine.base import Engine
@@ -178,6 +178,11 @@ class DecodeLoop:
         self._drop_cancelled()
         if not self.active:
             return []
+        if self._greedy_chunk_eligible():
+            return self._greedy_chunk_step()
+        return self._single_step()
+
+    def _single_step(self) -> list[tuple[WindowTask, WindowResult]]:
         span = self.span()
         eot = self.tokenizer.eot
         tokens = [eot] * span
@@ -198,6 +203,53 @@ class DecodeLoop:
         self.active = [w for w in self.active if w not in finished]
         return self._finish(finished)
 
+    # ---- greedy fast path: K steps on the device without a host round trip -----------------
+    def _greedy_chunk_eligible(self) -> bool:
+        if getattr(self.engine, "graphs", None) is None:
+            return False
+        suppress = {w.rules.suppress for w in self.active if w.rules is not None}
+        return len(suppress) == 1 and all(
+            isinstance(w.search, SamplingSearch) and w.search.is_greedy and w.rules is not None
+            and not w.rules.timestamps for w in self.active
+        )
+
+    def _greedy_chunk_step(self) -> list[tuple[WindowTask, WindowResult]]:
+        span = self.span()
+        eot = self.tokenizer.eot
+        tokens = [eot] * span
+        positions = [0] * span
+        done = [True] * span
+        for w in self.active:
+            tokens[w.start] = w.next_tokens[0]
+            positions[w.start] = w.position
+            done[w.start] = False
+        suppress = self.active[0].rules.suppress  # type: ignore[union-attr]
+        out = self.engine.greedy_chunk(torch.tensor(tokens), torch.tensor(positions),  # type: ignore[attr-defined]
+                                       torch.tensor(done), suppress)
+        if out is None:  # no captured bucket fits (near the context end): single steps instead
+            return self._single_step()
+        out_tokens, _, sum_lp = (t.tolist() for t in out)
+        finished: list[ActiveWindow] = []
+        for w in self.active:
+            search = w.search
+            assert isinstance(search, SamplingSearch)
+            row = out_tokens[w.start]
+            search.sum_logprobs[0] += sum_lp[w.start]
+            for token in row:
+                if token == eot:
+                    search.done[0] = True
+                    break
+                search.sequences[0].append(token)
+                if len(search.sequences[0]) >= w.max_new_tokens:
+                    search.done[0] = True
+                    break
+            w.position += len(row)
+            w.next_tokens = [row[-1]]
+            if search.done[0] or w.position >= self.n_ctx - 1:
+                finished.append(w)
+        self.active = [w for w in self.active if w not in finished]
+        return self._finish(finished)
+
     def _advance(self, windows: list[ActiveWindow], logits_by_window: dict[int, Tensor],
                  finished: list[ActiveWindow]) -> None:
         if not windows:
@@ -211,10 +263,29 @@ class DecodeLoop:
                                 w.rules.max_initial_timestamp_index)
                 row_rules.append(rule)
         apply_rules(logits, row_rules, self.tokenizer)
+        # Greedy windows are advanced together: one argmax / log-softmax for all of them.
+        offsets: list[int] = []
         offset = 0
         for w in windows:
-            out = w.search.step(logits[offset : offset + w.n_rows])
+            offsets.append(offset)
             offset += w.n_rows
+        greedy = [i for i, w in enumerate(windows) if isinstance(w.search, SamplingSearch) and w.search.is_greedy]
+        if greedy:
+            idx = torch.tensor([offsets[i] for i in greedy], device=logits.device)
+            sub = logits[idx]
+            best = sub.argmax(dim=-1)
+            chosen = torch.log_softmax(sub, dim=-1).gather(1, best[:, None]).squeeze(1)
+            for i, token, lp in zip(greedy, best.tolist(), chosen.tolist(), strict=True):
+                w = windows[i]
+                if w.search.push_greedy(token, lp) or w.position >= self.n_ctx:  # type: ignore[union-attr]
+                    finished.append(w)
+                w.next_tokens = [token]
+        greedy_set = set(greedy)
+        for i, w in enumerate(windows):
+            if i in greedy_set:
+                continue
+            offset = offsets[i]
+            out = w.search.step(logits[offset : offset + w.n_rows])
             if out.sources is not None and out.sources != list(range(w.n_rows)):
                 src = [w.start + s for s in out.sources]
                 self.engine.copy_rows(src, list(w.rows)[: len(src)], w.position, cross=False)

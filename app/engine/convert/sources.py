@@ -29,7 +29,7 @@ Loader = Callable[[ExitStack], SourceCheckpoint]
 @dataclass(frozen=True)
 class ResolvedSource:
     spec: list[str]  # recorded in the engine's build_options
-    default_name: str
+    default_name: str | None  # None: the caller must name the engine
     load: Loader
 
 
@@ -95,7 +95,8 @@ def _multipart(parts: list[Path], expected_sha256: str | None) -> ResolvedSource
         info = {"kind": "ctranslate2", "path": "+".join(map(str, parts)), **joined[1]}
         return load_ctranslate2(joined[0], side_dir=side_dir, info=info, label=_joined_label(parts))
 
-    return ResolvedSource([str(p) for p in parts], _name_from(parts[0].parent), load)
+    # Parts live in package data folders, whose names say nothing about the model.
+    return ResolvedSource([str(p) for p in parts], None, load)
 
 
 def _single_path(path: Path, expected_sha256: str | None) -> ResolvedSource:

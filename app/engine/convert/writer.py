@@ -39,8 +39,8 @@ def write_engine(
         config = make_config(sha256_file(staging / WEIGHTS_FILE))
         shutil.copyfile(tokenizer, staging / TOKENIZER_FILE)
         save_engine_config(staging, config)
-        # Read it back exactly as the service will, before it takes the final name.
-        load_engine_config(staging, verify_checksum=True)
+        # Read the config back as the service will (the hash was just taken from the file).
+        load_engine_config(staging)
         os.chmod(staging, 0o755)  # mkdtemp makes it private; an engine is shared data
         _replace(staging, output)
     except BaseException:

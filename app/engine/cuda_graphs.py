@@ -1,0 +1,161 @@
+"""CUDA graphs for the decoder: one replay per step (or per K greedy steps) instead of hundreds
+of kernel launches. Small models are launch-bound, so this is where their speed comes from.
+
+Graphs are keyed by (batch bucket, kv-length bucket) and all captured at start-up, before any
+window is active: capture runs the step on dummy inputs, which writes cache rows that no window
+owns yet. Serving then only replays, so windows join and leave without re-capturing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from app.engine.torch_model import WhisperRunner
+
+log = logging.getLogger(__name__)
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+KV_BUCKETS = (64, 128, 256, 448)
+
+
+def bucket_for(value: int, buckets: tuple[int, ...]) -> int | None:
+    return next((b for b in buckets if b >= value), None)
+
+
+@dataclass
+class GreedyChunkState:
+    """Device buffers of the greedy fast path (rows = cache rows, same indexing as the caches)."""
+
+    tokens: Tensor  # [R] next token to feed
+    positions: Tensor  # [R] position it is fed at
+    done: Tensor  # [R] bool, row has emitted end-of-text
+    sum_logprob: Tensor  # [R] float32
+    out: Tensor  # [R, K] tokens produced by the last chunk
+    suppress: Tensor  # [V] additive mask (0 / -inf)
+
+
+class GraphedDecoder:
+    def __init__(self, runner: WhisperRunner, max_rows: int, chunk_steps: int, eot: int,
+                 suppress_ids: list[int], batch_buckets: tuple[int, ...] | None = None,
+                 kv_buckets: tuple[int, ...] | None = None) -> None:
+        self.runner = runner
+        dims = runner.dims
+        device = runner.cache.self_k.device
+        self.n_ctx = dims.n_text_ctx
+        self.max_rows = max_rows
+        self.chunk_steps = chunk_steps
+        self.eot = eot
+        batch = batch_buckets or BATCH_BUCKETS
+        kv = kv_buckets or KV_BUCKETS
+        self.batch_buckets = tuple(b for b in batch if b < max_rows) + (max_rows,)
+        self.kv_buckets = tuple(k for k in kv if k < self.n_ctx) + (self.n_ctx,)
+        self.step_tokens = torch.full((max_rows, 1), eot, dtype=torch.long, device=device)
+        self.step_positions = torch.zeros(max_rows, dtype=torch.long, device=device)
+        suppress = torch.zeros(dims.n_vocab, device=device)
+        suppress[torch.tensor(suppress_ids, dtype=torch.long, device=device)] = float("-inf")
+        self.state = GreedyChunkState(
+            tokens=torch.full((max_rows,), eot, dtype=torch.long, device=device),
+            positions=torch.zeros(max_rows, dtype=torch.long, device=device),
+            done=torch.zeros(max_rows, dtype=torch.bool, device=device),
+            sum_logprob=torch.zeros(max_rows, dtype=torch.float32, device=device),
+            out=torch.zeros(max_rows, chunk_steps, dtype=torch.long, device=device),
+            suppress=suppress,
+        )
+        self.pool = torch.cuda.graph_pool_handle()
+        self.step_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self.chunk_graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+
+    # ---- the captured bodies ---------------------------------------------------------------
+    def _step_body(self, b: int, kv: int) -> Tensor:
+        return self.runner.decode(self.step_tokens[:b], self.step_positions[:b], 0, kv)[:, -1]
+
+    def _chunk_body(self, b: int, kv: int) -> None:
+        s = self.state
+        for i in range(self.chunk_steps):
+            pos = s.positions[:b].clamp(max=kv - 1)
+            logits = self.runner.decode(s.tokens[:b, None], pos, 0, kv)[:, -1] + s.suppress
+            logprobs = torch.log_softmax(logits, dim=-1)
+            token = logits.argmax(dim=-1)
+            done = s.done[:b]
+            token = torch.where(done, torch.full_like(token, self.eot), token)
+            chosen = logprobs.gather(1, token[:, None]).squeeze(1)
+            s.sum_logprob[:b] += torch.where(done, torch.zeros_like(chosen), chosen)
+            s.done[:b] = done | (token == self.eot)
+            s.out[:b, i] = token
+            s.tokens[:b] = token
+            s.positions[:b] += 1
+
+    def _capture(self, body: Callable[[], Tensor | None]) -> tuple[torch.cuda.CUDAGraph, Tensor | None]:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.inference_mode():
+            for _ in range(2):
+                body()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool), torch.inference_mode():
+            out = body()
+        return graph, out
+
+    def capture_all(self) -> None:
+        started = time.perf_counter()
+        for b in self.batch_buckets:
+            for kv in self.kv_buckets:
+                self.step_graphs[(b, kv)] = self._capture(lambda b=b, kv=kv: self._step_body(b, kv))  # type: ignore[assignment]
+                self._reset_chunk_state(b)
+                self.chunk_graphs[(b, kv)] = self._capture(lambda b=b, kv=kv: self._chunk_body(b, kv))[0]
+        torch.cuda.synchronize()
+        log.info("captured %d CUDA graphs in %.1f s", 2 * len(self.step_graphs), time.perf_counter() - started)
+
+    def _reset_chunk_state(self, b: int) -> None:
+        s = self.state
+        s.tokens[:b] = self.eot
+        s.positions[:b] = 0
+        s.done[:b] = False
+        s.sum_logprob[:b] = 0
+
+    def set_suppress(self, ids: tuple[int, ...]) -> None:
+        """Change the greedy path's suppressed ids in place (graphs read the buffer; no recapture)."""
+        mask = self.state.suppress
+        mask.zero_()
+        if ids:
+            mask[torch.tensor(ids, dtype=torch.long, device=mask.device)] = float("-inf")
+
+    # ---- replay ------------------------------------------------------------------------------
+    def step(self, tokens: Tensor, positions: Tensor, kv_len: int) -> Tensor | None:
+        """Replay one decoder step for rows [0, B). None when no bucket fits (caller runs eagerly)."""
+        n = tokens.shape[0]
+        b = bucket_for(n, self.batch_buckets)
+        kv = bucket_for(kv_len, self.kv_buckets)
+        if b is None or kv is None or (b, kv) not in self.step_graphs:
+            return None
+        self.step_tokens[:n].copy_(tokens, non_blocking=True)
+        self.step_positions[:n].copy_(positions, non_blocking=True)
+        if b > n:  # padding rows: unowned cache rows, fed harmlessly at position 0
+            self.step_tokens[n:b] = self.eot
+            self.step_positions[n:b] = 0
+        graph, out = self.step_graphs[(b, kv)]
+        graph.replay()
+        return out[:n]
+
+    def greedy_chunk(self, tokens: Tensor, positions: Tensor, done: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+        """Run chunk_steps greedy steps for rows [0, B) on the device; returns (tokens [B, K],
+        done [B], sum of log-probs [B]) or None when no captured bucket fits."""
+        n = tokens.shape[0]
+        b = bucket_for(n, self.batch_buckets)
+        kv = bucket_for(int(positions.max()) + self.chunk_steps, self.kv_buckets)
+        if b is None or kv is None or (b, kv) not in self.chunk_graphs:
+            return None
+        s = self.state
+        self._reset_chunk_state(b)
+        s.tokens[:n].copy_(tokens, non_blocking=True)
+        s.positions[:n].copy_(positions, non_blocking=True)
+        s.done[:n].copy_(done, non_blocking=True)
+        self.chunk_graphs[(b, kv)].replay()
+        return s.out[:n], s.done[:n], s.sum_logprob[:n]

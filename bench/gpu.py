@@ -1,0 +1,297 @@
+"""GPU throughput: our engine vs Hugging Face transformers vs openai-whisper, side by side.
+
+Method (docs/performance.md): B windows of 30 s (log-mel 3000 frames), each decoded for exactly
+N new tokens, greedy, end-of-text suppressed so all implementations do the same work; random
+weights of the real shapes; RTFx = B x 30 s / wall of the whole batch (encoder + decode), median
+of >= 3 timed runs after a warm-up; peak GPU memory per implementation.
+
+    python bench/gpu.py                       # full table (a few minutes on one H100/H200)
+    python bench/gpu.py --smoke               # correctness checks of graphs / int8 kernel only
+    python bench/gpu.py --shapes tiny.en --batches 1,64 --peers hf
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import sys
+import time
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from app.decoding.options import WindowOptions  # noqa: E402
+from app.decoding.tokenizer import WhisperTokenizer  # noqa: E402
+from app.decoding.window import WindowTask  # noqa: E402
+from app.engine.config import EngineConfig, ModelDims  # noqa: E402
+from app.engine.convert.tokenizer_info import expected_special_tokens  # noqa: E402
+from app.engine.torch_engine import TorchEngine  # noqa: E402
+from app.engine.torch_model import WhisperModel  # noqa: E402
+from app.scheduler.decode_loop import DecodeLoop  # noqa: E402
+
+# name: (n_mels, d_model, heads, encoder layers, decoder layers, vocab)
+SHAPES = {
+    "tiny.en": (80, 384, 6, 4, 4, 51864),
+    "base": (80, 512, 8, 6, 6, 51865),
+    "small": (80, 768, 12, 12, 12, 51865),
+    "large-v3": (128, 1280, 20, 32, 32, 51866),
+    "large-v3-turbo": (128, 1280, 20, 32, 4, 51866),
+}
+
+
+def dims_for(shape: str) -> ModelDims:
+    n_mels, d, h, enc, dec, vocab = SHAPES[shape]
+    return ModelDims(n_mels=n_mels, n_audio_state=d, n_audio_head=h, n_audio_layer=enc, n_text_state=d,
+                     n_text_head=h, n_text_layer=dec, n_vocab=vocab, ffn_dim=4 * d)
+
+
+def config_for(shape: str, dims: ModelDims) -> EngineConfig:
+    special = expected_special_tokens(dims.n_vocab)
+    return EngineConfig(name=shape, dims=dims, multilingual=dims.n_vocab >= 51865, dtype="float16",
+                        special_tokens=special, suppress_tokens=[special.eot], suppress_tokens_begin=[],
+                        alignment_heads=[], weights_sha256="random")
+
+
+@dataclass
+class Ours:
+    engine: TorchEngine
+    loop: DecodeLoop
+    options: WindowOptions
+
+
+def build_ours(shape: str, max_rows: int, dtype: torch.dtype, int8_kv: bool, graphs: bool,
+               batch_buckets: tuple[int, ...], chunk_steps: int) -> Ours:
+    dims = dims_for(shape)
+    config = config_for(shape, dims)
+    with torch.device("cuda"):
+        model = WhisperModel(dims)
+        # non-degenerate random weights: position tables are zeros until an engine is loaded
+        model.encoder.positional_embedding.normal_(0, 0.02)
+        model.decoder.positional_embedding.data.normal_(0, 0.02)
+        model = model.to(dtype).eval()
+    engine = TorchEngine(Path("."), config, torch.device("cuda"), dtype, max_rows, int8_kv, model=model)
+    if graphs:
+        engine.enable_cuda_graphs(chunk_steps=chunk_steps, batch_buckets=batch_buckets, kv_buckets=(128,))
+    tokenizer = WhisperTokenizer(None, config.special_tokens, config.multilingual)  # type: ignore[arg-type]
+    options = WindowOptions(language="en" if config.multilingual else None, beam_size=1,
+                            without_timestamps=True, suppress_blank=False,
+                            suppress_tokens=(config.special_tokens.eot,), max_new_tokens=0)
+    return Ours(engine, DecodeLoop(engine, tokenizer), options)
+
+
+def run_ours(ours: Ours, mel: torch.Tensor, n_tokens: int) -> list[list[int]]:
+    from dataclasses import replace
+
+    options = replace(ours.options, max_new_tokens=n_tokens)
+    loop = ours.loop
+    done = loop.admit([WindowTask(mel[i], options) for i in range(mel.shape[0])])
+    while loop.active:
+        done += loop.step()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return [r.tokens for _, r in done]
+
+
+def collect(out: list[list[int]], ours: Ours, mel: torch.Tensor, n_tokens: int) -> None:
+    out[:] = run_ours(ours, mel, n_tokens)
+
+
+def build_hf(shape: str) -> Callable[[torch.Tensor, int], object]:
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+    from transformers.generation.utils import GenerationMixin
+
+    dims = dims_for(shape)
+    special = expected_special_tokens(dims.n_vocab)
+    cfg = WhisperConfig(vocab_size=dims.n_vocab, num_mel_bins=dims.n_mels, d_model=dims.n_audio_state,
+                        encoder_layers=dims.n_audio_layer, decoder_layers=dims.n_text_layer,
+                        encoder_attention_heads=dims.n_audio_head, decoder_attention_heads=dims.n_text_head,
+                        encoder_ffn_dim=dims.ffn_dim, decoder_ffn_dim=dims.ffn_dim,
+                        max_source_positions=1500, max_target_positions=448,
+                        decoder_start_token_id=special.sot, eos_token_id=special.eot,
+                        pad_token_id=special.eot, bos_token_id=special.eot)
+    cfg._attn_implementation = "sdpa"
+    with torch.device("cuda"):
+        model = WhisperForConditionalGeneration(cfg).half().eval()
+    prompt = [special.sot] + ([special.languages["en"], special.transcribe] if dims.n_vocab >= 51865 else [])
+    prompt.append(special.no_timestamps)
+
+    def run(mel: torch.Tensor, n_tokens: int) -> object:
+        ids = torch.tensor([prompt], device="cuda").repeat(mel.shape[0], 1)
+        with torch.inference_mode():
+            out = GenerationMixin.generate(model, input_features=mel, decoder_input_ids=ids, do_sample=False,
+                                           num_beams=1, min_new_tokens=n_tokens, max_new_tokens=n_tokens,
+                                           suppress_tokens=[special.eot])
+        torch.cuda.synchronize()
+        return out
+
+    return run
+
+
+def build_openai(shape: str) -> Callable[[torch.Tensor, int], object]:
+    # openai-whisper imports numba only for word timings, which this benchmark never calls.
+    if "numba" not in sys.modules:
+        try:
+            import numba  # noqa: F401
+        except ImportError:
+            stub = types.ModuleType("numba")
+            stub.jit = lambda *a, **k: (lambda f: f)  # type: ignore[attr-defined]
+            sys.modules["numba"] = stub
+    import whisper
+    from whisper.model import ModelDimensions, Whisper
+
+    dims = dims_for(shape)
+    odims = ModelDimensions(n_mels=dims.n_mels, n_audio_ctx=1500, n_audio_state=dims.n_audio_state,
+                            n_audio_head=dims.n_audio_head, n_audio_layer=dims.n_audio_layer,
+                            n_vocab=dims.n_vocab, n_text_ctx=448, n_text_state=dims.n_text_state,
+                            n_text_head=dims.n_text_head, n_text_layer=dims.n_text_layer)
+    with torch.device("cuda"):
+        model = Whisper(odims).eval()  # fp32 weights, fp16 activations: how that library runs
+    eot = expected_special_tokens(dims.n_vocab).eot
+
+    def run(mel: torch.Tensor, n_tokens: int) -> object:
+        options = whisper.DecodingOptions(task="transcribe", language="en", temperature=0.0, sample_len=n_tokens,
+                                          suppress_tokens=[eot], suppress_blank=False, without_timestamps=True,
+                                          fp16=True)
+        with torch.inference_mode():
+            out = whisper.decode(model, mel, options)
+        torch.cuda.synchronize()
+        return out
+
+    return run
+
+
+def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """(median seconds, peak GiB) after one warm-up."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
+
+
+def smoke() -> None:
+    """Graph replay == eager; chunked greedy == stepwise greedy; int8 kernel == dequantized SDPA."""
+    from app.engine.kernels import int8_cross_attention
+
+    torch.manual_seed(0)
+    q = torch.randn(8, 6, 1, 64, device="cuda", dtype=torch.float16)
+    kf = torch.randn(8, 6, 1500, 64, device="cuda", dtype=torch.float16)
+    vf = torch.randn_like(kf)
+    from app.engine.torch_model import quantize_rows_int8
+
+    k8, ks = quantize_rows_int8(kf)
+    v8, vs = quantize_rows_int8(vf)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), (k8.float() * ks.float()), (v8.float() * vs.float()))
+    got = int8_cross_attention(q, k8, ks, v8, vs).float()
+    rel = ((got - ref).norm() / ref.norm()).item()
+    print(f"int8 cross-attention kernel rel err {rel:.2e}")
+    assert rel < 5e-3, rel
+    for int8_kv in (False, True):
+        mel = torch.randn(5, 80, 3000, device="cuda", dtype=torch.float16)
+        eager = build_ours("tiny.en", 8, torch.float16, int8_kv, False, (1, 2, 4, 8), 8)
+        graphed = build_ours("tiny.en", 8, torch.float16, int8_kv, True, (1, 2, 4, 8), 8)
+        graphed.engine.model.load_state_dict(eager.engine.model.state_dict())
+        a = run_ours(eager, mel, 40)
+        b = run_ours(graphed, mel, 40)
+        same = sum(x == y for x, y in zip(sorted(a), sorted(b), strict=True))
+        print(f"int8_kv={int8_kv}: graphed greedy == eager greedy on {same}/{len(a)} windows; lengths {[len(x) for x in b]}")
+        assert all(len(x) == 40 for x in b)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="tiny.en,small,large-v3")
+    p.add_argument("--batches", default="1,16,64")
+    p.add_argument("--extra-batches", default="tiny.en:256", help="shape:B pairs measured for us and HF only")
+    p.add_argument("--tokens", type=int, default=100)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--peers", default="hf,openai")
+    p.add_argument("--int8-kv-shapes", default="large-v3")
+    p.add_argument("--chunk-steps", type=int, default=8)
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--smoke", action="store_true")
+    args = p.parse_args()
+    if args.smoke:
+        smoke()
+        return
+    torch.backends.cuda.matmul.allow_tf32 = True
+    gpu = torch.cuda.get_device_name()
+    rows: list[dict[str, object]] = []
+    peers = [x for x in args.peers.split(",") if x]
+    extra = {}
+    for item in filter(None, args.extra_batches.split(",")):
+        name, b = item.split(":")
+        extra.setdefault(name, []).append(int(b))
+    for shape in args.shapes.split(","):
+        batches = [int(b) for b in args.batches.split(",")] + extra.get(shape, [])
+        max_rows = max(batches)
+        n_mels = SHAPES[shape][0]
+        mels = {b: torch.randn(b, n_mels, 3000, device="cuda", dtype=torch.float16) for b in batches}
+        variants = [("ours fp16", False)] + ([("ours fp16 + int8 cross-K/V", True)]
+                                              if shape in args.int8_kv_shapes.split(",") else [])
+        for label, int8_kv in variants:
+            started = time.perf_counter()
+            ours = build_ours(shape, max_rows, torch.float16, int8_kv, True, tuple(batches), args.chunk_steps)
+            build_s = time.perf_counter() - started
+            for b in batches:
+                out: list[list[int]] = []
+                sec, peak = timed(functools.partial(collect, out, ours, mels[b], args.tokens), args.repeats)
+                assert all(len(t) == args.tokens for t in out), "every window must decode exactly N tokens"
+                rows.append(dict(shape=shape, impl=label, B=b, rtfx=b * 30 / sec, seconds=sec, peak_gib=peak,
+                                 setup_s=build_s))
+                print(json.dumps(rows[-1]), flush=True)
+            del ours
+            torch.cuda.empty_cache()
+        for peer in peers:
+            try:
+                run = build_hf(shape) if peer == "hf" else build_openai(shape)
+            except Exception as exc:  # noqa: BLE001 - report and continue with the others
+                print(f"{peer} unavailable for {shape}: {exc!r}", flush=True)
+                continue
+            for b in batches:
+                if peer == "openai" and b not in [int(x) for x in args.batches.split(",")]:
+                    continue
+                try:
+                    sec, peak = timed(functools.partial(run, mels[b], args.tokens), args.repeats)
+                except torch.OutOfMemoryError:
+                    rows.append(dict(shape=shape, impl=peer, B=b, rtfx=None, seconds=None, peak_gib=None))
+                    torch.cuda.empty_cache()
+                    continue
+                rows.append(dict(shape=shape, impl={"hf": "HF transformers", "openai": "openai-whisper"}[peer],
+                                 B=b, rtfx=b * 30 / sec, seconds=sec, peak_gib=peak))
+                print(json.dumps(rows[-1]), flush=True)
+            del run
+            torch.cuda.empty_cache()
+    print_table(rows, gpu, args)
+    if args.json:
+        args.json.write_text(json.dumps(dict(gpu=gpu, args=vars(args) | {"json": str(args.json)}, rows=rows), indent=1))
+
+
+def print_table(rows: list[dict[str, object]], gpu: str, args: argparse.Namespace) -> None:
+    print(f"\n{gpu}, torch {torch.__version__}, N={args.tokens} tokens, fp16, median of {args.repeats}")
+    print("| shape | B | implementation | RTFx | x HF | wall s | peak GiB |")
+    print("|---|---|---|---|---|---|---|")
+    hf = {(r["shape"], r["B"]): r["rtfx"] for r in rows if r["impl"] == "HF transformers"}
+    for r in rows:
+        base = hf.get((r["shape"], r["B"]))
+        ratio = f"{r['rtfx'] / base:.2f}" if base and r["rtfx"] else "-"
+        rtfx = f"{r['rtfx']:,.0f}" if r["rtfx"] else "OOM"
+        wall = f"{r['seconds']:.3f}" if r["seconds"] else "-"
+        peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] else "-"
+        print(f"| {r['shape']} | {r['B']} | {r['impl']} | {rtfx} | {ratio} | {wall} | {peak} |")
+
+
+if __name__ == "__main__":
+    main()
