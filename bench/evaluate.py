@@ -97,6 +97,7 @@ class Timer:
 def run_worker(args: argparse.Namespace) -> None:
     items = common.load_manifest(args.manifest, args.limit)
     audio = common.load_audio(items)
+    baseline_rss = common.current_rss_mib()  # interpreter, decoder libs, decoded audio
     settings = args.worker_settings
     row = args.worker
     info: dict[str, Any] = {}
@@ -131,6 +132,7 @@ def run_worker(args: argparse.Namespace) -> None:
         info["version"] = f"torch {torch.__version__}"
     out.update(info)
     out["peak_rss_mib"] = common.peak_rss_mib()
+    out["baseline_rss_mib"] = baseline_rss
     args.worker_out.write_text(json.dumps(out))
 
 
@@ -195,6 +197,10 @@ def run_driver(args: argparse.Namespace) -> None:
         "Engines: " + "; ".join(sorted(notes)),
         f"Others' CPU share during the timed passes: median {statistics.median(busy):.0f} %, "
         f"max {max(busy):.0f} % (100 % = all cores busy)",
+        "Peak RSS is each timed pass's own worker process (load, warm-up, pass); it includes a "
+        f"baseline of {statistics.median(r['baseline_rss_mib'] for r in rows):.0f} MiB "
+        "(interpreter, audio decoder libraries, the decoded audio) measured before any engine "
+        "was imported.",
     ]
     print()
     print(table)

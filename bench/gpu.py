@@ -104,8 +104,9 @@ def collect(out: list[list[int]], ours: Ours, mel: torch.Tensor, n_tokens: int) 
 
 
 def build_hf(shape: str) -> Callable[[torch.Tensor, int], object]:
-    from transformers import WhisperConfig, WhisperForConditionalGeneration
     from transformers.generation.utils import GenerationMixin
+    from transformers.models.whisper.configuration_whisper import WhisperConfig
+    from transformers.models.whisper.modeling_whisper import WhisperForConditionalGeneration
 
     dims = dims_for(shape)
     special = expected_special_tokens(dims.n_vocab)
@@ -183,26 +184,36 @@ def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
 
 def smoke() -> None:
     """Graph replay == eager; chunked greedy == stepwise greedy; int8 kernel == dequantized SDPA."""
-    from app.engine.kernels import int8_cross_attention
-
-    torch.manual_seed(0)
-    q = torch.randn(8, 6, 1, 64, device="cuda", dtype=torch.float16)
-    kf = torch.randn(8, 6, 1500, 64, device="cuda", dtype=torch.float16)
-    vf = torch.randn_like(kf)
+    from app.engine.kernels import decode_attention
     from app.engine.torch_model import quantize_rows_int8
 
-    k8, ks = quantize_rows_int8(kf)
-    v8, vs = quantize_rows_int8(vf)
-    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), (k8.float() * ks.float()), (v8.float() * vs.float()))
-    got = int8_cross_attention(q, k8, ks, v8, vs).float()
-    rel = ((got - ref).norm() / ref.norm()).item()
-    print(f"int8 cross-attention kernel rel err {rel:.2e}")
-    assert rel < 5e-3, rel
+    for b, h, n in ((1, 20, 1500), (8, 6, 1500), (64, 20, 1500), (3, 6, 128)):
+        q = torch.randn(b, h, 1, 64, device="cuda", dtype=torch.float16)
+        kf = torch.randn(b, h, n, 64, device="cuda", dtype=torch.float16)
+        vf = torch.randn_like(kf)
+        k8, ks = quantize_rows_int8(kf)
+        v8, vs = quantize_rows_int8(vf)
+        lengths = torch.randint(1, n + 1, (b,), device="cuda")
+        keys = torch.arange(n, device="cuda")
+        mask = (keys[None, :] < lengths[:, None])[:, None, None, :]
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        checks = {
+            "fp16": (decode_attention(q, kf, vf), sdpa(q.float(), kf.float(), vf.float())),
+            "fp16+len": (decode_attention(q, kf, vf, lengths=lengths), sdpa(q.float(), kf.float(), vf.float(), attn_mask=mask)),
+            "int8": (decode_attention(q, k8, v8, k_scale=ks, v_scale=vs),
+                     sdpa(q.float(), k8.float() * ks.float(), v8.float() * vs.float())),
+        }
+        for name, (got, ref) in checks.items():
+            rel = ((got.float() - ref).norm() / ref.norm()).item()
+            print(f"decode_attention {name} B={b} H={h} T={n}: rel err {rel:.2e}")
+            assert rel < 5e-3, rel
     for int8_kv in (False, True):
         mel = torch.randn(5, 80, 3000, device="cuda", dtype=torch.float16)
         eager = build_ours("tiny.en", 8, torch.float16, int8_kv, False, (1, 2, 4, 8), 8)
         graphed = build_ours("tiny.en", 8, torch.float16, int8_kv, True, (1, 2, 4, 8), 8)
         graphed.engine.model.load_state_dict(eager.engine.model.state_dict())
+        if graphed.engine.runner.logits_weight is not None:  # the fp32 logits copy is graph input
+            graphed.engine.runner.logits_weight.copy_(eager.engine.runner.logits_weight)
         a = run_ours(eager, mel, 40)
         b = run_ours(graphed, mel, 40)
         same = sum(x == y for x, y in zip(sorted(a), sorted(b), strict=True))

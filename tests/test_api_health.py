@@ -77,10 +77,12 @@ def test_gpu_memory_reads_nothing_without_a_gpu(monkeypatch) -> None:
     gpu_memory.refresh_gpu_memory()
 
 
-def test_importing_app_main_loads_nothing_heavy() -> None:
+def test_importing_app_main_loads_nothing_heavy(repo_root) -> None:
     import subprocess
     import sys
 
     code = "import sys, app.main; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == "False"

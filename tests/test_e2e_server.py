@@ -227,6 +227,7 @@ def test_verbose_json_with_word_and_segment_timestamps(sdk: openai.OpenAI) -> No
     assert 2.0 < ask.start < 9.0
 
 
+@pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")  # the SDK flags translations
 def test_translation_endpoint(sdk: openai.OpenAI) -> None:
     clip = CLIPS[JFK]
     with clip.path.open("rb") as audio:
@@ -328,10 +329,11 @@ def test_client_disconnect_cancels_the_work(server: Server) -> None:
     import numpy as np
     import soundfile as sf
 
-    # A minute of speech: long enough that the client is gone well before the result.
+    # 44 s of speech (1.4 MB, under the 2 MB upload limit): long enough that the client is
+    # gone well before the result.
     speech, rate = sf.read(CLIPS[JFK].path, dtype="float32")
     buffer = io.BytesIO()
-    sf.write(buffer, np.tile(speech, 6), rate, format="WAV", subtype="PCM_16")
+    sf.write(buffer, np.tile(speech, 4), rate, format="WAV", subtype="PCM_16")
     body = httpx.Request(
         "POST", server.url, files={"file": ("long.wav", buffer.getvalue(), "audio/wav")}
     )
@@ -348,7 +350,7 @@ def test_client_disconnect_cancels_the_work(server: Server) -> None:
     cancelled = 'whisper_requests_total{endpoint="/v1/audio/transcriptions",status="499"}'
     deadline = time.monotonic() + 30
     while cancelled not in httpx.get(f"{server.url}/metrics").text:
-        assert time.monotonic() < deadline, "the disconnected request was not cancelled"
+        assert time.monotonic() < deadline, server.log.read_text()[-3000:]
         time.sleep(0.2)
     assert "work cancelled" in server.log.read_text()
 

@@ -13,7 +13,10 @@ import os
 from dataclasses import dataclass
 from typing import BinaryIO
 
-import av
+try:
+    import av
+except ImportError:  # minimal installs (a GPU image without PyAV): soundfile's formats only
+    av = None  # type: ignore[assignment]
 import numpy as np
 import soundfile as sf
 
@@ -121,7 +124,7 @@ def _describe(exc: BaseException) -> str:
     """The library's own short reason, without object reprs or errno noise."""
     if isinstance(exc, sf.LibsndfileError):
         return exc.error_string
-    if isinstance(exc, av.error.FFmpegError) and exc.strerror:
+    if av is not None and isinstance(exc, av.error.FFmpegError) and exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__
 
@@ -185,6 +188,8 @@ def _av_header_duration(container: av.container.InputContainer, stream: av.Audio
 
 
 def _decode_av(src: _Source, max_duration_s: float | None) -> _Decoded:
+    if av is None:
+        raise _NotDecodable("PyAV is not installed, so only soundfile's formats can be read")
     try:
         container = av.open(src.handle(), mode="r", metadata_errors="ignore")
     except Exception as exc:

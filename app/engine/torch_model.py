@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from app.engine.config import ModelDims
-from app.engine.kernels import int8_cross_attention
+from app.engine.kernels import decode_attention
 
 
 class Int8Linear(nn.Module):
@@ -39,6 +39,18 @@ class Int8Linear(nn.Module):
         out = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.weight_scale)
         out = out.reshape(*x.shape[:-1], self.out_features)
         return out + self.bias if self.bias is not None else out
+
+
+class Int8Embedding(nn.Module):
+    """Token embedding stored int8 with one scale per token (also the tied output projection)."""
+
+    def __init__(self, num_embeddings: int, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.zeros(num_embeddings, dim, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(num_embeddings))
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.weight[tokens].to(self.weight_scale.dtype) * self.weight_scale[tokens, None]
 
 
 def make_linear(in_features: int, out_features: int, bias: bool, int8: bool) -> nn.Module:
@@ -124,7 +136,7 @@ class TextDecoder(nn.Module):
     def __init__(self, dims: ModelDims, int8: bool) -> None:
         super().__init__()
         d = dims.n_text_state
-        self.token_embedding = nn.Embedding(dims.n_vocab, d)
+        self.token_embedding: nn.Module = Int8Embedding(dims.n_vocab, d) if int8 else nn.Embedding(dims.n_vocab, d)
         self.positional_embedding = nn.Parameter(torch.zeros(dims.n_text_ctx, d))
         self.layers = nn.ModuleList(
             DecoderBlock(d, dims.n_text_head, dims.ffn_dim, int8) for _ in range(dims.n_text_layer)
@@ -195,6 +207,25 @@ class WhisperRunner:
         self.model = model
         self.cache = cache
         self.dims = model.dims
+        embedding = model.decoder.token_embedding
+        self.logits_weight: Tensor | None = None
+        if isinstance(embedding, nn.Embedding) and embedding.weight.is_cuda:
+            # fp32 logits: fp16 rounding of logits flips argmax / beam ranking between devices
+            self.logits_weight = embedding.weight.float()
+
+    def logits(self, x: Tensor) -> Tensor:
+        """Output projection tied to the token embedding, in float32."""
+        embedding = self.model.decoder.token_embedding
+        if self.logits_weight is not None:
+            return F.linear(x.float(), self.logits_weight)
+        if isinstance(embedding, Int8Embedding):
+            if x.is_cuda or x.dtype != torch.float32:
+                w = embedding.weight.to(x.dtype) * embedding.weight_scale.to(x.dtype)[:, None]
+                return F.linear(x, w).float()
+            flat = x.reshape(-1, x.shape[-1])
+            out = torch._weight_int8pack_mm(flat, embedding.weight, embedding.weight_scale)
+            return out.reshape(*x.shape[:-1], -1)
+        return (x @ embedding.weight.T).float()
 
     @torch.inference_mode()
     def encode(self, mel: Tensor) -> Tensor:
@@ -243,8 +274,12 @@ class WhisperRunner:
         pos = positions[:, None] + steps[None, :]  # [B, T]
         x = dec.token_embedding(tokens) + dec.positional_embedding[pos]
         rows = torch.arange(start, end, device=tokens.device)
+        # One query token on the GPU: the Triton decode kernel reads only each row's filled
+        # cache (no mask tensor) and splits long key ranges across SMs.
+        fused = t == 1 and tokens.is_cuda
+        lengths = pos[:, 0] + 1 if fused else None
         mask = None
-        if not (uniform_position and t == 1):
+        if not fused and not (uniform_position and t == 1):
             keys = torch.arange(kv_len, device=tokens.device)
             mask = (keys[None, None, :] <= pos[:, :, None])[:, None]  # [B, 1, T, kv_len]
         for i, layer in enumerate(dec.layers):
@@ -255,21 +290,26 @@ class WhisperRunner:
             ck, cv = cache.self_k[i], cache.self_v[i]
             ck[rows[:, None], :, pos] = k.transpose(1, 2)
             cv[rows[:, None], :, pos] = v.transpose(1, 2)
-            a = F.scaled_dot_product_attention(q, ck[start:end, :, :kv_len], cv[start:end, :, :kv_len],
-                                               attn_mask=mask)
+            if fused:
+                a = decode_attention(q, ck[start:end, :, :kv_len], cv[start:end, :, :kv_len], lengths=lengths)
+            else:
+                a = F.scaled_dot_product_attention(q, ck[start:end, :, :kv_len], cv[start:end, :, :kv_len],
+                                                   attn_mask=mask)
             x = x + attn.out(attn.merge_heads(a))
             cross = layer.cross
             cq = attn.split_heads(cross.q(layer.cross_ln(x)))
-            if cache.quantized_cross and t == 1:
-                a = int8_cross_attention(cq, cache.cross_k[i, start:end], cache.cross_k_scale[i, start:end],
-                                         cache.cross_v[i, start:end], cache.cross_v_scale[i, start:end])
+            if fused and cache.quantized_cross:
+                a = decode_attention(cq, cache.cross_k[i, start:end], cache.cross_v[i, start:end],
+                                     k_scale=cache.cross_k_scale[i, start:end],
+                                     v_scale=cache.cross_v_scale[i, start:end])
+            elif fused:
+                a = decode_attention(cq, cache.cross_k[i, start:end], cache.cross_v[i, start:end])
             else:
                 xk, xv = self._cross_kv(i, start, end)
                 a = F.scaled_dot_product_attention(cq, xk, xv)
             x = x + cross.out(attn.merge_heads(a))
             x = x + layer.mlp2(F.gelu(layer.mlp1(layer.mlp_ln(x))))
-        x = dec.ln(x)
-        return (x @ dec.token_embedding.weight.T).float()
+        return self.logits(dec.ln(x))
 
     @torch.inference_mode()
     def cross_attention_weights(self, tokens: Tensor, audio_features: Tensor,
@@ -305,5 +345,5 @@ class WhisperRunner:
                 collected[(i, head)] = weights[0, head]
             x = x + cross.out(attn.merge_heads(weights.to(cv.dtype) @ cv))
             x = x + layer.mlp2(F.gelu(layer.mlp1(layer.mlp_ln(x))))
-        logits = (dec.ln(x) @ dec.token_embedding.weight.T).float()[0]
+        logits = self.logits(dec.ln(x))[0]
         return torch.stack([collected[h] for h in heads]), logits

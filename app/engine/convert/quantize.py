@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import torch
 
-#: The linears whose weights are quantized. Convs, embeddings (also the output projection)
-#: and layer norms stay in the engine dtype: they are small or accuracy-sensitive.
+#: The linears whose weights are quantized. Convs, position tables and layer norms stay in
+#: the engine dtype: they are small or accuracy-sensitive.
 QUANTIZED_LINEARS = ("attn.qkv", "attn.out", "cross.q", "cross.kv", "cross.out", "mlp1", "mlp2")
 SCALE_SUFFIX = "_scale"  # "<prefix>.weight" -> "<prefix>.weight_scale"
 INT8_MAX = 127
 
 
+#: The token embedding is a third of a small model's weights; stored int8 per token row it
+#: halves the weight memory (it is also the output projection, quantized per output row).
+QUANTIZED_EMBEDDINGS = ("decoder.token_embedding.weight",)
+
+
 def is_quantized_weight(name: str) -> bool:
+    if name in QUANTIZED_EMBEDDINGS:
+        return True
     if not name.startswith(("encoder.layers.", "decoder.layers.")) or not name.endswith(".weight"):
         return False
     return name.removesuffix(".weight").split(".", 3)[-1] in QUANTIZED_LINEARS
