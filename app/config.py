@@ -56,6 +56,15 @@ class Settings(BaseSettings):
     max_audio_seconds: float = Field(7200.0, gt=0)
     cors_origins: CommaList = Field(default_factory=list)
 
+    # Realtime WebSocket sessions (/v1/realtime)
+    realtime_max_frame_bytes: int = Field(2 * 1024 * 1024, ge=1024)
+    realtime_max_session_s: float = Field(3600.0, gt=0)
+    realtime_max_buffer_s: float = Field(60.0, gt=0)
+    realtime_idle_timeout_s: float = Field(60.0, gt=0)
+    realtime_partial_interval_s: float = Field(0.5, ge=0)  # 0 turns partial transcripts off
+    realtime_max_pending_events: int = Field(256, ge=1)
+    realtime_send_timeout_s: float = Field(10.0, gt=0)
+
     # Server
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from app.api import health, metrics, models, transcriptions
+from app.api import demo, health, metrics, models, realtime, transcriptions
 from app.api.errors import install_exception_handlers
 from app.api.middleware import RequestMetricsMiddleware
 from app.api.registry import ModelRegistry, Phase
@@ -128,8 +128,9 @@ def create_app(
             allow_methods=["GET", "POST"],
             allow_headers=["*"],
         )
-    for module in (transcriptions, models, health, metrics):
+    for module in (transcriptions, realtime, models, health, metrics, demo):
         app.include_router(module.router)
+    demo.mount_static(app)
     return app
 
 

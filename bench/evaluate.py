@@ -16,7 +16,9 @@ settings, checks idleness, then times one pass over all files.
 - ours-batched: all files transcribed concurrently (at most 32 in flight), as the service runs;
   the runtime batches windows across files.
 - ours-seq: one file at a time (no cross-file batching), to show the batching gain.
-- fw-fp32 / fw-int8: faster-whisper WhisperModel, cpu_threads=2, one file at a time.
+- fw-fp32 / fw-int8: faster-whisper WhisperModel, cpu_threads=2, one file at a time, with
+  OMP_WAIT_POLICY=PASSIVE (--fw-omp-wait): on a shared 2-core machine CTranslate2's spin-waiting
+  OpenMP threads make fp32 several times slower; passive waiting is its best setting there.
 """
 
 from __future__ import annotations
@@ -58,6 +60,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="only the first N files")
     p.add_argument("--rows", default=",".join(DEFAULT_ROWS),
                    help=f"comma-separated subset of {', '.join(DEFAULT_ROWS)}, run in that order")
+    p.add_argument("--fw-omp-wait", choices=("passive", "default"), default="passive",
+                   help="OpenMP wait policy of the faster-whisper workers (default: passive; "
+                   "CTranslate2's spinning OpenMP threads slow down several-fold when other "
+                   "processes share the cores)")
     p.add_argument("--no-save", action="store_true", help="do not write bench/results/")
     p.add_argument("--worker", choices=tuple(ROWS), help=argparse.SUPPRESS)
     p.add_argument("--worker-settings", choices=common.SETTINGS, help=argparse.SUPPRESS)
@@ -147,6 +153,8 @@ def run_row(args: argparse.Namespace, row: str, settings: str) -> dict[str, Any]
         if args.limit is not None:
             cmd += ["--limit", str(args.limit)]
         env = dict(os.environ, PYTHONWARNINGS="ignore")
+        if row.startswith("fw-") and args.fw_omp_wait == "passive":
+            env["OMP_WAIT_POLICY"] = "PASSIVE"
         subprocess.run(cmd, cwd=common.REPO_ROOT, env=env, check=True)
         return json.loads(out.read_text())
 
@@ -194,7 +202,8 @@ def run_driver(args: argparse.Namespace) -> None:
         f"CPU: {common.cpu_model()}",
         f"Model: {args.model}; {len(items)} files, {audio_s / 60:.1f} min of audio; "
         f"manifest {args.manifest}",
-        "Engines: " + "; ".join(sorted(notes)),
+        "Engines: " + "; ".join(sorted(notes))
+        + f"; faster-whisper workers ran with OpenMP wait policy {args.fw_omp_wait}",
         f"Others' CPU share during the timed passes: median {statistics.median(busy):.0f} %, "
         f"max {max(busy):.0f} % (100 % = all cores busy)",
         "Peak RSS is each timed pass's own worker process (load, warm-up, pass); it includes a "

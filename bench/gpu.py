@@ -212,7 +212,8 @@ def smoke() -> None:
         eager = build_ours("tiny.en", 8, torch.float16, int8_kv, False, (1, 2, 4, 8), 8)
         graphed = build_ours("tiny.en", 8, torch.float16, int8_kv, True, (1, 2, 4, 8), 8)
         graphed.engine.model.load_state_dict(eager.engine.model.state_dict())
-        if graphed.engine.runner.logits_weight is not None:  # the fp32 logits copy is graph input
+        if graphed.engine.runner.logits_weight is not None and eager.engine.runner.logits_weight is not None:
+            # the fp32 logits copy is a graph input: refresh it in place
             graphed.engine.runner.logits_weight.copy_(eager.engine.runner.logits_weight)
         a = run_ours(eager, mel, 40)
         b = run_ours(graphed, mel, 40)

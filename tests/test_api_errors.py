@@ -28,7 +28,6 @@ def audio_files(data: bytes, filename: str = "clip.wav") -> dict:
         ({"timestamp_granularities[]": "sentence"}, "timestamp_granularities[]"),
         ({"language": "klingon"}, "language"),
         ({"language": "fr"}, "language"),  # tiny.en is English-only
-        ({"stream": "true"}, "stream"),
         ({"stream": "maybe"}, "stream"),
     ],
 )

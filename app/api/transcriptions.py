@@ -21,6 +21,7 @@ from app.config import Settings
 from app.decoding.options import Task
 from app.errors import InvalidRequestError, ShuttingDownError
 from app.formats import render
+from app.streaming.sse import check_streamable, stream_transcription
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +88,7 @@ async def _transcribe(request: Request, task: Task) -> Response:
     upload = await read_multipart_form(request, max_file_bytes=settings.max_upload_bytes)
     form = TranscriptionForm.from_multipart(upload)
     if form.stream:
-        raise InvalidRequestError(
-            "Streaming responses are not supported yet; omit 'stream'.", param="stream"
-        )
+        check_streamable(form, task)
     model = registry.resolve(form.model)
     options = build_transcribe_options(form, task=task, model=model, settings=settings)
     file = upload.files.get("file")
@@ -104,6 +103,10 @@ async def _transcribe(request: Request, task: Task) -> Response:
     audio = await asyncio.to_thread(
         decode_audio, file.data, sample_rate=SAMPLE_RATE, max_duration_s=settings.max_audio_seconds
     )
+    if form.stream:
+        return await stream_transcription(
+            request, model.runtime, audio, options, duration_limit_s=settings.max_audio_seconds
+        )
     result = await cancel_on_disconnect(
         request,
         model.runtime.transcribe(audio, options, duration_limit_s=settings.max_audio_seconds),

@@ -31,6 +31,8 @@ INPUT_STRIDE = 2  # mel frames per encoder position
 FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH
 
 SubmitFn = Callable[[WindowTask], Awaitable[WindowResult]]
+#: Called with each segment as soon as it is final (SSE streaming sends it on at once).
+SegmentCallback = Callable[[Segment], Awaitable[None]]
 #: (audio_features, tokens) -> (alignment-head weights [H, T, 1500], logits [T, V])
 CrossAttentionFn = Callable[[Tensor, list[int]], Awaitable[tuple[Tensor, Tensor]]]
 
@@ -144,7 +146,8 @@ class Transcriber:
         self.ctx = ctx
         self.tokenizer = ctx.tokenizer
 
-    async def transcribe(self, audio: np.ndarray, options: TranscribeOptions) -> TranscriptionResult:
+    async def transcribe(self, audio: np.ndarray, options: TranscribeOptions,
+                         on_segment: SegmentCallback | None = None) -> TranscriptionResult:
         duration = len(audio) / SAMPLE_RATE
         mel = await asyncio.to_thread(log_mel_spectrogram, audio, self.ctx.n_mels, padding=HOP_LENGTH)
         window = options.window
@@ -152,14 +155,18 @@ class Transcriber:
             window = replace(window, language="en")
         if options.long_form == "vad" and duration > N_FRAMES / FRAMES_PER_SECOND:
             segments, language, lang_prob = await self._transcribe_vad(audio, mel, options, window)
+            for segment in segments if on_segment is not None else ():
+                await on_segment(segment)  # chunks finish together: nothing to send earlier
         else:
-            segments, language, lang_prob = await self._transcribe_sequential(mel, options, window)
+            segments, language, lang_prob = await self._transcribe_sequential(mel, options, window,
+                                                                              on_segment)
         text = "".join(s.text for s in segments).strip()
         return TranscriptionResult(text=text, segments=segments, language=language or "en",
                                    duration=duration, language_probability=lang_prob,
                                    task=window.task)
 
-    async def _transcribe_sequential(self, mel: Tensor, options: TranscribeOptions, window: WindowOptions
+    async def _transcribe_sequential(self, mel: Tensor, options: TranscribeOptions, window: WindowOptions,
+                                     on_segment: SegmentCallback | None = None
                                      ) -> tuple[list[Segment], str | None, float | None]:
         tok = self.tokenizer
         tb = tok.timestamp_begin
@@ -203,6 +210,8 @@ class Transcriber:
                     continue
                 all_tokens.extend(part.tokens)
                 segments.append(self._segment(len(segments), previous_seek, part, text, outcome))
+                if on_segment is not None:
+                    await on_segment(segments[-1])
             if not options.condition_on_previous_text or outcome.temperature > options.prompt_reset_on_temperature:
                 prompt_reset_since = len(all_tokens)
             if seek <= previous_seek:  # guarantee progress even on degenerate timestamp output

@@ -200,6 +200,15 @@ def quantize_rows_int8(x: Tensor) -> tuple[Tensor, Tensor]:
     return torch.round(x / scale).clamp_(-127, 127).to(torch.int8), scale.to(x.dtype)
 
 
+def _mm_fp32_out_supported(weight: Tensor) -> bool:
+    try:
+        probe = torch.ones(2, weight.shape[1], device=weight.device, dtype=weight.dtype)
+        out = torch.mm(probe, weight[:4].t(), out_dtype=torch.float32)
+        return out.dtype == torch.float32
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
 class WhisperRunner:
     """Stateless model + a DecoderCache: encode windows into rows, step rows forward."""
 
@@ -208,14 +217,24 @@ class WhisperRunner:
         self.cache = cache
         self.dims = model.dims
         embedding = model.decoder.token_embedding
+        # fp32 logits on the GPU: rounding logits to fp16 flips argmax / beam ranking against the
+        # fp32 reference. Prefer a half-precision GEMM that writes fp32 (no extra weight copy);
+        # fall back to an fp32 copy of the embedding where that GEMM is not available.
         self.logits_weight: Tensor | None = None
-        if isinstance(embedding, nn.Embedding) and embedding.weight.is_cuda:
-            # fp32 logits: fp16 rounding of logits flips argmax / beam ranking between devices
-            self.logits_weight = embedding.weight.float()
+        self.mm_fp32_out = False
+        if isinstance(embedding, nn.Embedding) and embedding.weight.is_cuda and \
+                embedding.weight.dtype != torch.float32:
+            self.mm_fp32_out = _mm_fp32_out_supported(embedding.weight)
+            if not self.mm_fp32_out:
+                self.logits_weight = embedding.weight.float()
 
     def logits(self, x: Tensor) -> Tensor:
         """Output projection tied to the token embedding, in float32."""
         embedding = self.model.decoder.token_embedding
+        if self.mm_fp32_out:
+            flat = x.reshape(-1, x.shape[-1])
+            out = torch.mm(flat, embedding.weight.t(), out_dtype=torch.float32)
+            return out.reshape(*x.shape[:-1], -1)
         if self.logits_weight is not None:
             return F.linear(x.float(), self.logits_weight)
         if isinstance(embedding, Int8Embedding):
@@ -286,10 +305,15 @@ class WhisperRunner:
             attn = layer.attn
             q, k, v = attn.qkv(layer.attn_ln(x)).chunk(3, dim=-1)
             q, k, v = attn.split_heads(q), attn.split_heads(k), attn.split_heads(v)
-            # scatter this step's K/V into each row at its own positions
+            # write this step's K/V into each row at its own positions
             ck, cv = cache.self_k[i], cache.self_v[i]
-            ck[rows[:, None], :, pos] = k.transpose(1, 2)
-            cv[rows[:, None], :, pos] = v.transpose(1, 2)
+            if t == 1:  # one scatter kernel per tensor (advanced-index assignment costs more)
+                index = pos[:, None, :, None].expand(b, attn.n_head, 1, k.shape[-1])
+                ck[start:end].scatter_(2, index, k)
+                cv[start:end].scatter_(2, index, v)
+            else:
+                ck[rows[:, None], :, pos] = k.transpose(1, 2)
+                cv[rows[:, None], :, pos] = v.transpose(1, 2)
             if fused:
                 a = decode_attention(q, ck[start:end, :, :kv_len], cv[start:end, :, :kv_len], lengths=lengths)
             else:

@@ -1,0 +1,1 @@
+"""Realtime (WebSocket) transcription: OpenAI Realtime protocol, turns, partial transcripts."""

@@ -1,0 +1,37 @@
+"""Plot RTFx against batch size from a `bench/gpu.py --json` result: one panel per model shape.
+
+    python bench/plot_gpu.py bench/results/2026-11-21-gpu-bench-h200-run2.json docs/gpu_rtfx.png
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def main() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    source, target = Path(sys.argv[1]), Path(sys.argv[2])
+    data = json.loads(source.read_text())
+    rows = [r for r in data["rows"] if r["rtfx"]]
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
+    for ax, shape in zip(axes[0], shapes, strict=True):
+        for impl in dict.fromkeys(r["impl"] for r in rows if r["shape"] == shape):
+            points = sorted((r["B"], r["rtfx"]) for r in rows if r["shape"] == shape and r["impl"] == impl)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=impl)
+        ax.set(title=shape, xscale="log", yscale="log", xlabel="batch size (windows)", ylabel="RTFx")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{data['gpu']}: RTFx vs batch size (fp16, N=100 tokens, random weights)")
+    fig.tight_layout()
+    fig.savefig(target, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
