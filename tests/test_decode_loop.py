@@ -147,13 +147,21 @@ def uncached_decode(engine: TorchEngine, options: WindowOptions, prompt: list[in
 # --- the decode loop ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("options", [GREEDY, BEAM], ids=["greedy", "beam3"])
-def test_cached_decoding_matches_an_uncached_decoder(engine: TorchEngine, options: WindowOptions) -> None:
-    spec = Spec(11, replace(options, max_new_tokens=6), previous=tokens(5))
+@pytest.mark.parametrize(
+    "spec",
+    [Spec(12, replace(GREEDY, max_new_tokens=6), tokens(5)),
+     Spec(12, replace(BEAM, max_new_tokens=6), tokens(5)),
+     Spec(14, replace(BEAM, max_new_tokens=6))],
+    ids=["greedy", "beam3", "beam3-no-previous"],
+)
+def test_cached_decoding_matches_an_uncached_decoder(engine: TorchEngine, spec: Spec) -> None:
+    # (the beam windows reorder hypotheses between rows: a wrong self-attention cache reorder
+    # changes their tokens)
     loop = DecodeLoop(engine, TOKENIZER)
     task = spec.task(keep_features=True)
     result = drain(loop, loop.admit([task]))[id(task)]
-    assert result.prompt_tokens == [SPECIAL.sot_prev, *spec.previous, SPECIAL.sot]
+    expected_prompt = [SPECIAL.sot_prev, *spec.previous] if spec.previous else []
+    assert result.prompt_tokens == [*expected_prompt, SPECIAL.sot]
     assert result.audio_features is not None
     assert result.tokens[0] >= SPECIAL.timestamp_begin  # the timestamp rules were applied
     assert result.tokens == uncached_decode(engine, spec.options, result.prompt_tokens,
@@ -400,6 +408,12 @@ class FakeLoop:
     def rows_in_use(self) -> int:
         return sum(rows_needed(w.task.options) for w in self.active)
 
+    def placement_plan(self) -> list[bool]:
+        used = self.rows_in_use()
+        return [r < used for r in range(self.rows)]
+
+    reserve = staticmethod(DecodeLoop.reserve)
+
     def admit(self, tasks: list[WindowTask]) -> list[tuple[WindowTask, WindowResult]]:
         self.admitted.extend(tasks)
         self.active.extend(SimpleNamespace(task=t) for t in tasks)
@@ -507,7 +521,6 @@ FRAGMENTATION = (
 )
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=FRAGMENTATION)
 def test_scheduler_admits_only_into_contiguous_free_rows(model: WhisperModel,
                                                          stopper: list[Scheduler]) -> None:
     loop = DecodeLoop(random_engine(model, max_rows=5, config=CONFIG), TOKENIZER)

@@ -61,13 +61,15 @@ def tiny_en() -> Iterator[ModelRuntime]:
     """The real tiny.en engine on CPU, its scheduler thread running (loaded once, ~1 s)."""
     if not (ENGINE_DIR / "config.json").is_file():
         pytest.skip(f"{ENGINE_DIR} is missing: build it with `python build_engines.py`")
-    with torch_threads(1):  # small matrices on shared CI cores: one thread is fastest
+    # Small matrices on shared CI cores: one intra-op thread is fastest. The scheduler's engine
+    # thread, started here, keeps that setting; the rest of the session does not see it.
+    with torch_threads(1):
         runtime = load_runtime(ENGINE_DIR, RuntimeOptions(device="cpu", warmup=False, batch_wait_ms=0))
         asyncio.run(runtime.start())
-        try:
-            yield runtime
-        finally:
-            asyncio.run(runtime.stop())
+    try:
+        yield runtime
+    finally:
+        asyncio.run(runtime.stop())
 
 
 #: Word timestamps on the longest clip (most words) and on one whose decoded last timestamp lies

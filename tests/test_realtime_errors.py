@@ -212,6 +212,22 @@ async def test_idle_timeout_sends_an_error_then_closes() -> None:
         assert closed.value.rcvd.reason == "idle timeout"
 
 
+async def test_waiting_for_a_final_is_not_idling() -> None:
+    runtime = ScriptedRuntime(final_delays=[0.8])
+    async with (
+        serve(runtime, realtime_idle_timeout_s=0.3, realtime_partial_interval_s=0) as address,
+        connect(address) as client,
+    ):
+        await client.expect("session.created")
+        await client.send(type="session.update", session=MANUAL)
+        await client.expect("session.updated")
+        await client.append(tone(0.5))
+        await client.send(type="input_audio_buffer.commit")
+        await client.expect("conversation.item.input_audio_transcription.completed", timeout=3)
+        assert not client.of_type("error")
+        assert_error(await client.recv(timeout=3), "idle_timeout")  # idle after it
+
+
 async def test_session_length_is_limited_even_while_busy() -> None:
     async with (
         serve(

@@ -146,9 +146,10 @@ def test_sampling_applies_the_temperature() -> None:
     logits[:, 2] = -2.0  # p(2) = 0.119 at T=1, 0.45 at T=10, ~0 at T=0.1
     observed = {}
     for temperature in (0.1, 1.0, 10.0):
-        torch.manual_seed(0)
         search = SamplingSearch(options(temperature=temperature, best_of=n), EOT, max_new_tokens=5)
-        tokens = torch.tensor(search.step(logits).next_tokens)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            tokens = torch.tensor(search.step(logits).next_tokens)
         observed[temperature] = (tokens == 2).float().mean().item()
         assert set(tokens.tolist()) <= {1, 2}
     expected = {t: 1 / (1 + math.exp(2.0 / t)) for t in observed}
@@ -164,7 +165,6 @@ def test_sampling_picks_the_best_length_normalised_row() -> None:
     eot_p = 0.9
 
     search = SamplingSearch(options(temperature=0.05, best_of=3), EOT, max_new_tokens=10)
-    torch.manual_seed(0)
     for _ in range(5):
         logits = torch.full((3, V), math.log(EPS))
         for r, plan in plans.items():

@@ -15,11 +15,13 @@ import time
 from dataclasses import dataclass
 
 from fastapi import APIRouter, WebSocket
+from starlette.datastructures import State
 
 from app import metrics
 from app.api.errors import error_response
 from app.api.registry import ModelRegistry, Phase
 from app.config import Settings
+from app.streaming.budget import PartialBudget
 from app.streaming.events import ProtocolError
 from app.streaming.outbox import Outbox, SlowClientError
 from app.streaming.session import TranscriptionSession
@@ -86,6 +88,16 @@ async def _deny(
         await websocket.close(code=POLICY_VIOLATION, reason=message[:120])
 
 
+def _partial_budget(state: State, settings: Settings) -> PartialBudget:
+    """The app's one partial budget, made on first use (shared by all its sessions)."""
+    budget: PartialBudget | None = getattr(state, "realtime_partial_budget", None)
+    if budget is None:
+        budget = state.realtime_partial_budget = PartialBudget(
+            settings.realtime_max_partial_decodes
+        )
+    return budget
+
+
 @router.websocket("/v1/realtime")
 async def realtime(websocket: WebSocket) -> None:
     settings: Settings = websocket.app.state.settings
@@ -129,6 +141,7 @@ async def realtime(websocket: WebSocket) -> None:
         registry=registry,
         settings=settings,
         emit=outbox.put,
+        budget=_partial_budget(websocket.app.state, settings),
         legacy="realtime=v1" in websocket.headers.get("openai-beta", ""),
         model=websocket.query_params.get("model"),
     )
@@ -195,6 +208,8 @@ async def _serve(
                     )
                 )
                 return Close(POLICY_VIOLATION, "session expired")
+            if session.awaiting_finals:
+                continue  # a client waiting for its transcripts is not idle
             session.error(
                 ProtocolError(
                     f"No message for {settings.realtime_idle_timeout_s:g} seconds; closing the idle session.",

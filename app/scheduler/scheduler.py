@@ -132,15 +132,27 @@ class Scheduler:
         """Pop windows that fit, one per request per round, oldest request first."""
         taken: list[Ticket] = []
         loop = self.decode_loop
-        reserved = 0
-        free = len(loop.owner) - loop.rows_in_use()
+        # Plan placements exactly as admit() will place them: a window needs a contiguous run
+        # of free rows, so counting free rows is not enough once rows are fragmented.
+        plan = loop.placement_plan()
         while self._queues and len(taken) < self.max_encode_batch:
             progressed = False
             for request_id in list(self._queues):
                 queue = self._queues[request_id]
                 ticket = queue[0]
                 need = rows_needed(ticket.task.options)
-                if need > free - reserved:
+                if need > len(plan):
+                    # can never fit: fail this window alone, keep serving the others
+                    queue.popleft()
+                    self._queued -= 1
+                    if not queue:
+                        del self._queues[request_id]
+                    ticket.future.set_exception(ValueError(
+                        f"a window needs {need} decoder rows but the engine has {len(plan)}; "
+                        "lower beam_size/best_of or raise WHISPER_MAX_BATCH_SIZE"))
+                    progressed = True
+                    continue
+                if not loop.reserve(plan, need):
                     continue
                 queue.popleft()
                 self._queued -= 1
@@ -149,7 +161,6 @@ class Scheduler:
                 if not queue:
                     del self._queues[request_id]
                 taken.append(ticket)
-                reserved += need
                 progressed = True
                 if len(taken) >= self.max_encode_batch:
                     break

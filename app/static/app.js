@@ -7,6 +7,9 @@
 const RATE = 24000; // OpenAI's PCM16 rate; the server resamples to 16 kHz
 const CHUNK_SAMPLES = RATE / 10; // one append per 100 ms
 const TAIL_SILENCE_S = 1.2; // after a file: lets server VAD close the last turn
+// Dictation pauses mid-sentence for longer than OpenAI's 500 ms default; longer turns also
+// give Whisper more context.
+const VAD = { type: "server_vad", threshold: 0.5, prefix_padding_ms: 300, silence_duration_ms: 800 };
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -114,9 +117,7 @@ function connect() {
             input: {
               format: { type: "audio/pcm", rate: RATE },
               transcription: { model: "whisper-1" },
-              turn_detection: {
-                type: "server_vad", threshold: 0.5, prefix_padding_ms: 300, silence_duration_ms: 500,
-              },
+              turn_detection: VAD,
             },
           },
         },
@@ -197,8 +198,10 @@ function resampler(fromRate) {
 }
 
 async function startMicrophone() {
+  // Whisper copes with noise better than with WebRTC's noise suppression artefacts; gain
+  // control stays on so quiet microphones still cross the VAD threshold.
   const media = await navigator.mediaDevices.getUserMedia({
-    audio: { channelCount: 1, echoCancellation: true, noiseSuppression: true },
+    audio: { channelCount: 1, echoCancellation: false, noiseSuppression: false, autoGainControl: true },
   });
   let ctx;
   try {
@@ -237,7 +240,8 @@ async function startMicrophone() {
 
 async function startFile(file) {
   const encoded = await file.arrayBuffer();
-  const decoded = await new AudioContext().decodeAudioData(encoded);
+  const decoder = new AudioContext();
+  const decoded = await decoder.decodeAudioData(encoded).finally(() => decoder.close());
   // Let the browser resample (band-limited) and downmix to 24 kHz mono.
   const offline = new OfflineAudioContext(1, Math.ceil(decoded.duration * RATE), RATE);
   const node = offline.createBufferSource();

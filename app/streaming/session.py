@@ -41,6 +41,7 @@ from app.audio.vad import StreamingVad
 from app.config import Settings
 from app.decoding.options import TranscribeOptions
 from app.errors import InvalidRequestError, WhisperServeError
+from app.streaming.budget import PartialBudget
 from app.streaming.buffer import AudioBuffer
 from app.streaming.events import (
     AudioAppend,
@@ -135,11 +136,13 @@ class TranscriptionSession:
         registry: ModelRegistry,
         settings: Settings,
         emit: Emit,
+        budget: PartialBudget | None = None,
         legacy: bool = False,
         model: str | None = None,
     ) -> None:
         self.id = new_id("sess")
         self._registry = registry
+        self._budget = budget or PartialBudget(settings.realtime_max_partial_decodes)
         self._settings = settings
         self._emit = emit
         self._legacy = legacy  # OpenAI-Beta: realtime=v1 clients get the older event names
@@ -178,6 +181,11 @@ class TranscriptionSession:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    @property
+    def awaiting_finals(self) -> bool:
+        """Committed turns still being transcribed: the client is waiting, not idle."""
+        return bool(self._finals)
 
     def buffered_seconds(self) -> float:
         return len(self._buffer) / SAMPLE_RATE
@@ -386,11 +394,19 @@ class TranscriptionSession:
         end = self._buffer.end
         if end - max(turn.decoded_until, turn.start) < round(interval * SAMPLE_RATE):
             return  # no new audio worth a decode: idle sessions queue nothing
+        if self._decoding.model.runtime.queue_depth() > 0:
+            # Windows are waiting for the engine: it is saturated. Partials are the work to
+            # shed, so that finals and uploads keep their latency; the next append retries.
+            return
+        if not self._budget.try_acquire():
+            return  # the process-wide partial budget is spent: skip this tick
         turn.decoded_until = end
         audio = self._buffer.slice(turn.start, end)
         self._partial_task = asyncio.create_task(
             self._partial(turn, audio, self._last_arrival, self._decoding)
         )
+        # A done callback, not a `finally`: a task cancelled before it ever ran skips those.
+        self._partial_task.add_done_callback(lambda _: self._budget.release())
 
     async def _partial(
         self, turn: Turn, audio: np.ndarray, trigger: float, decoding: Decoding

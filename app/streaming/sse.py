@@ -100,42 +100,56 @@ async def stream_transcription(
         runtime.transcribe(audio, options, duration_limit_s=duration_limit_s, **extra)
     )
 
-    async def first_output() -> None:
+    async def first_output() -> Segment | None:
         waiter = asyncio.ensure_future(segments.get())
         try:
             await asyncio.wait({work, waiter}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             waiter.cancel()
         if waiter.done() and not waiter.cancelled():
-            segments.put_nowait(waiter.result())  # put back: the stream sends it
-        if work.done():
-            work.result()  # raise early errors while an HTTP status can still say so
+            return waiter.result()
+        work.result()  # raise early errors while an HTTP status can still say so
+        return None
 
     try:
-        await cancel_on_disconnect(request, first_output())
+        first = await cancel_on_disconnect(request, first_output())
     except BaseException:
         work.cancel()
         await asyncio.gather(work, return_exceptions=True)
         raise
     return StreamingResponse(
-        _events(work, segments, streamed=bool(extra)),
+        _events(work, first, segments, streamed=bool(extra)),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
 async def _events(
-    work: asyncio.Future[TranscriptionResult], segments: asyncio.Queue[Segment], *, streamed: bool
+    work: asyncio.Future[TranscriptionResult],
+    first: Segment | None,
+    segments: asyncio.Queue[Segment],
+    *,
+    streamed: bool,
 ) -> AsyncIterator[str]:
     deltas = _Deltas()
     try:
-        while not (work.done() and segments.empty()):
-            getter = asyncio.ensure_future(segments.get())
-            await asyncio.wait({work, getter}, return_when=asyncio.FIRST_COMPLETED)
-            if not getter.done():
-                getter.cancel()
-                continue
-            delta = deltas.add(getter.result().text)
+        if first is not None:
+            delta = deltas.add(first.text)
+            if delta:
+                yield _event({"type": "transcript.text.delta", "delta": delta})
+        while True:
+            if segments.empty():
+                if work.done():
+                    break
+                getter = asyncio.ensure_future(segments.get())
+                await asyncio.wait({work, getter}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    continue
+                segment = getter.result()
+            else:
+                segment = segments.get_nowait()
+            delta = deltas.add(segment.text)
             if delta:
                 yield _event({"type": "transcript.text.delta", "delta": delta})
         try:
