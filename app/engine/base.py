@@ -23,7 +23,7 @@ class Engine(Protocol):
         ...
 
     def decode(self, tokens: Tensor, positions: Tensor, start: int, kv_len: int,
-               uniform_position: bool = False) -> Tensor:
+               uniform_position: bool = False, cross_group: int = 1) -> Tensor:
         """Feed tokens [B, T] for rows [start, start+B) at `positions`; return float32 logits [B, T, V]."""
         ...
 

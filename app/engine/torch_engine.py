@@ -108,13 +108,13 @@ class TorchEngine:
         return features
 
     def decode(self, tokens: Tensor, positions: Tensor, start: int, kv_len: int,
-               uniform_position: bool = False) -> Tensor:
+               uniform_position: bool = False, cross_group: int = 1) -> Tensor:
         if self.graphs is not None and start == 0 and tokens.shape[1] == 1:
             out = self.graphs.step(tokens.to(self.device), positions.to(self.device), kv_len)
             if out is not None:
                 return out[:, None]
         return self.runner.decode(tokens.to(self.device), positions.to(self.device), start, kv_len,
-                                  uniform_position)
+                                  uniform_position, cross_group)
 
     def copy_rows(self, src: list[int], dst: list[int], self_len: int, cross: bool = True) -> None:
         with torch.inference_mode():

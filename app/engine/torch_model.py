@@ -278,12 +278,15 @@ class WhisperRunner:
 
     @torch.inference_mode()
     def decode(self, tokens: Tensor, positions: Tensor, start: int, kv_len: int,
-               uniform_position: bool = False) -> Tensor:
+               uniform_position: bool = False, cross_group: int = 1) -> Tensor:
         """Run rows [start, start + B) forward.
 
         tokens [B, T] are fed at positions positions[b] + t; self-attention K/V are written into the
         cache there and attention reads cache positions [0, kv_len). Returns logits [B, T, V].
         `uniform_position` (every row at the same position, T == 1) drops the mask on CPU.
+        `cross_group` = g > 1: rows come in aligned groups of g that share one window (beams or
+        samples), so cross-attention reads each window's K/V once, from the group's first row,
+        with the group's g queries together (g times fewer cache bytes than row by row).
         """
         dec = self.model.decoder
         cache = self.cache
@@ -328,6 +331,13 @@ class WhisperRunner:
                                      v_scale=cache.cross_v_scale[i, start:end])
             elif fused:
                 a = decode_attention(cq, cache.cross_k[i, start:end], cache.cross_v[i, start:end])
+            elif cross_group > 1 and not cache.quantized_cross:
+                g = cross_group
+                h, dh = cq.shape[1], cq.shape[3]
+                grouped = cq.view(b // g, g, h, t, dh).transpose(1, 2).reshape(b // g, h, g * t, dh)
+                a = F.scaled_dot_product_attention(grouped, cache.cross_k[i, start:end:g],
+                                                   cache.cross_v[i, start:end:g])
+                a = a.view(b // g, h, g, t, dh).transpose(1, 2).reshape(b, h, t, dh)
             else:
                 xk, xv = self._cross_kv(i, start, end)
                 a = F.scaled_dot_product_attention(cq, xk, xv)

@@ -210,7 +210,7 @@ class DecodeLoop:
         kv_len = max(positions) + 1
         uniform = len(set(positions)) == 1
         logits = self.engine.decode(torch.tensor(tokens)[:, None], torch.tensor(positions), 0, kv_len,
-                                    uniform_position=uniform)[:, -1]
+                                    uniform_position=uniform, cross_group=self._cross_group(span))[:, -1]
         for w in self.active:
             w.position += 1
         by_window = {id(w): logits[w.start : w.start + w.n_rows] for w in self.active}
@@ -218,6 +218,16 @@ class DecodeLoop:
         self._advance(self.active, by_window, finished)
         self.active = [w for w in self.active if w not in finished]
         return self._finish(finished)
+
+    def _cross_group(self, span: int) -> int:
+        """g when every active window has g rows at g-aligned starts and the span has no holes."""
+        sizes = {w.n_rows for w in self.active}
+        if len(sizes) != 1:
+            return 1
+        g = sizes.pop()
+        if g == 1 or span % g or span != self.rows_in_use() or any(w.start % g for w in self.active):
+            return 1
+        return g
 
     # ---- greedy fast path: K steps on the device without a host round trip -----------------
     def _greedy_chunk_eligible(self) -> bool:

@@ -85,7 +85,8 @@ function onEvent(event) {
       break;
     }
     case "error":
-      setStatus("Server error: " + event.error.message, true);
+      // An idle session is closed right after this event; onclose words it.
+      if (event.error.code !== "idle_timeout") setStatus("Server error: " + event.error.message, true);
       break;
   }
 }
@@ -103,7 +104,9 @@ function connect() {
   ws.onmessage = (message) => onEvent(JSON.parse(message.data));
   ws.onclose = (e) => {
     if (current && current.ws === ws) {
-      setStatus(`Disconnected (${e.code}${e.reason ? ": " + e.reason : ""}).`, e.code !== 1000);
+      const idle = e.reason === "idle timeout";
+      setStatus(idle ? "Closed: no audio for a while." : `Disconnected (${e.code}${e.reason ? ": " + e.reason : ""}).`,
+        !idle && e.code !== 1000);
       stop();
     }
   };
