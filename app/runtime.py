@@ -22,7 +22,7 @@ from app.audio.constants import SAMPLE_RATE
 from app.decoding.options import TranscribeOptions
 from app.decoding.results import TranscriptionResult
 from app.decoding.tokenizer import WhisperTokenizer
-from app.decoding.transcribe import ModelContext, Transcriber
+from app.decoding.transcribe import ModelContext, SegmentCallback, Transcriber
 from app.decoding.window import WindowResult, WindowTask
 from app.engine.config import EngineConfig
 from app.engine.torch_engine import TorchEngine, load_engine
@@ -53,7 +53,8 @@ class Runtime(Protocol):
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
     async def transcribe(
-        self, audio: np.ndarray, options: TranscribeOptions, *, duration_limit_s: float | None = None
+        self, audio: np.ndarray, options: TranscribeOptions, *, duration_limit_s: float | None = None,
+        on_segment: SegmentCallback | None = None,
     ) -> TranscriptionResult: ...
     def queue_depth(self) -> int: ...
     def active_rows(self) -> int: ...
@@ -110,19 +111,20 @@ class ModelRuntime:
         await asyncio.to_thread(self.scheduler.stop)
 
     async def transcribe(self, audio: np.ndarray, options: TranscribeOptions, *,
-                         duration_limit_s: float | None = None) -> TranscriptionResult:
+                         duration_limit_s: float | None = None,
+                         on_segment: SegmentCallback | None = None) -> TranscriptionResult:
         duration = len(audio) / SAMPLE_RATE
         if duration_limit_s is not None and duration > duration_limit_s:
             raise AudioTooLongError(
                 f"Audio is {duration:.1f} s long; the limit is {duration_limit_s:.0f} s.", param="file"
             )
-        return await self._transcribe(audio, options, record=True)
+        return await self._transcribe(audio, options, record=True, on_segment=on_segment)
 
-    async def _transcribe(self, audio: np.ndarray, options: TranscribeOptions, record: bool
-                          ) -> TranscriptionResult:
+    async def _transcribe(self, audio: np.ndarray, options: TranscribeOptions, record: bool,
+                          on_segment: SegmentCallback | None = None) -> TranscriptionResult:
         started = time.perf_counter()
         transcriber = Transcriber(self._context(next(_request_ids)))
-        result = await transcriber.transcribe(audio, options)
+        result = await transcriber.transcribe(audio, options, on_segment=on_segment)
         if record and result.duration > 0:
             metrics.AUDIO_SECONDS.labels(self.name).inc(result.duration)
             metrics.REAL_TIME_FACTOR.labels(self.name).observe((time.perf_counter() - started) / result.duration)

@@ -50,10 +50,6 @@ function render(turn) {
 
 function onEvent(event) {
   switch (event.type) {
-    case "session.created":
-    case "transcription_session.created":
-      setStatus("Connected; listening…");
-      break;
     case "input_audio_buffer.speech_started": {
       const turn = turnFor(event.item_id, event.audio_start_ms);
       turn.el.classList.add("speaking");
