@@ -21,10 +21,7 @@ import asyncio
 import csv
 import ipaddress
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -35,6 +32,10 @@ from urllib.parse import urlparse
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from app.devserver import ServerStartError, serve  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEV_SET = REPO_ROOT.parent / "shared" / "data" / "speech" / "dev"
@@ -87,45 +88,15 @@ def ensure_loopback(url: str) -> str:
     return url.rstrip("/")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def local_server(model: str, startup_timeout: float) -> Iterator[str]:
     """Run whisper-serve on a free loopback port for the duration of the benchmark."""
-    port = free_port()
     env = dict(os.environ, WHISPER_MODELS=model, WHISPER_LOG_LEVEL="warning")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=REPO_ROOT,
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if process.poll() is not None:
-                raise SystemExit(f"server exited with status {process.returncode}")
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"server not ready after {startup_timeout:.0f} s")
-            time.sleep(0.25)
-        yield url
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        with serve(env, startup_timeout_s=startup_timeout, build=True) as server:
+            yield server.url
+    except ServerStartError as exc:
+        raise SystemExit(str(exc)) from exc
 
 
 async def _transcribe(

@@ -16,9 +16,10 @@ settings, checks idleness, then times one pass over all files.
 - ours-batched: all files transcribed concurrently (at most 32 in flight), as the service runs;
   the runtime batches windows across files.
 - ours-seq: one file at a time (no cross-file batching), to show the batching gain.
-- fw-fp32 / fw-int8: faster-whisper WhisperModel, cpu_threads=2, one file at a time, with
-  OMP_WAIT_POLICY=PASSIVE (--fw-omp-wait): on a shared 2-core machine CTranslate2's spin-waiting
-  OpenMP threads make fp32 several times slower; passive waiting is its best setting there.
+- fw-fp32 / fw-int8: faster-whisper WhisperModel, cpu_threads=2, one file at a time. On an
+  idle machine CTranslate2's default (spin-waiting) OpenMP threads are fastest; when other
+  processes share the cores they make fp32 several times slower, so use --fw-omp-wait passive
+  (OMP_WAIT_POLICY=PASSIVE) there, and compare only rows timed at low others' CPU %.
 """
 
 from __future__ import annotations
@@ -60,10 +61,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="only the first N files")
     p.add_argument("--rows", default=",".join(DEFAULT_ROWS),
                    help=f"comma-separated subset of {', '.join(DEFAULT_ROWS)}, run in that order")
-    p.add_argument("--fw-omp-wait", choices=("passive", "default"), default="passive",
-                   help="OpenMP wait policy of the faster-whisper workers (default: passive; "
-                   "CTranslate2's spinning OpenMP threads slow down several-fold when other "
-                   "processes share the cores)")
+    p.add_argument("--fw-omp-wait", choices=("default", "passive"), default="default",
+                   help="OpenMP wait policy of the faster-whisper workers: default (CTranslate2's "
+                   "spinning threads; fastest on an idle machine) or passive (OMP_WAIT_POLICY="
+                   "PASSIVE; several times faster for fp32 when other processes share the cores)")
     p.add_argument("--no-save", action="store_true", help="do not write bench/results/")
     p.add_argument("--worker", choices=tuple(ROWS), help=argparse.SUPPRESS)
     p.add_argument("--worker-settings", choices=common.SETTINGS, help=argparse.SUPPRESS)

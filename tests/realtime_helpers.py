@@ -11,10 +11,6 @@ import asyncio
 import base64
 import io
 import json
-import signal
-import subprocess
-import sys
-import time
 import wave
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -26,14 +22,16 @@ import numpy as np
 import pytest
 import uvicorn
 import websockets
-from conftest import REPO_ROOT, make_engine_config, make_result
-from test_e2e_server import STARTUP_TIMEOUT_S, Server, _server_env, free_port
+from conftest import make_engine_config, make_result
+from test_e2e_server import STARTUP_TIMEOUT_S, Server, _server_env
 
 from app.audio.constants import SAMPLE_RATE
 from app.audio.decode import decode_audio
 from app.audio.pcm import float_to_pcm16
 from app.decoding.options import TranscribeOptions
 from app.decoding.results import TranscriptionResult
+from app.devserver import ServerStartError
+from app.devserver import serve as serve_subprocess
 
 SCRIPT = [
     "one",
@@ -226,49 +224,13 @@ def quiet(seconds: float, rate: int = 24000, level: float = 1e-4) -> np.ndarray:
 @contextmanager
 def real_server(engine_dir: Path, log: Path, **env: str) -> Iterator[Server]:
     """`whisper-serve` on a free loopback port, as tests/test_e2e_server.py starts it."""
-    port = free_port()
     with log.open("wb") as out:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "app.cli",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--no-build",
-            ],
-            cwd=REPO_ROOT,
-            env=_server_env(engine_dir.parent, **env),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"server exited with {process.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"server not ready in {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-4000:]}"
-                )
-            time.sleep(0.25)
-        yield Server(url, port, process, log)
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        try:
+            with serve_subprocess(_server_env(engine_dir.parent, **env), output=out, log=log,
+                       startup_timeout_s=STARTUP_TIMEOUT_S) as running:
+                yield Server(running.url, running.port, running.process, log)
+        except ServerStartError as exc:
+            pytest.fail(str(exc))
 
 
 def clip_pcm24(path: Path) -> bytes:

@@ -24,6 +24,8 @@ import openai
 import pytest
 from conftest import REPO_ROOT, TEST_DATA
 
+from app.devserver import ServerStartError, free_port, serve
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 ENGINE = "tiny.en"
@@ -61,12 +63,6 @@ def wer(reference: str, hypothesis: str) -> float:
     return jiwer.wer(normalize(reference), normalize(hypothesis))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def engine_dir() -> Path:
     engine = REPO_ROOT / "engines" / ENGINE
@@ -97,55 +93,19 @@ def _server_env(engines_dir: Path, **extra: str) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def server(engine_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     with log.open("wb") as out:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "app.cli",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--no-build",
-            ],
-            cwd=REPO_ROOT,
-            env=_server_env(engine_dir.parent),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    try:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"server exited with {process.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"server not ready in {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-4000:]}"
-                )
-            time.sleep(0.25)
-        yield Server(url, port, process, log)
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-                pytest.fail(f"server ignored SIGTERM:\n{log.read_text()[-4000:]}")
+        try:
+            with serve(_server_env(engine_dir.parent), output=out, log=log,
+                       startup_timeout_s=STARTUP_TIMEOUT_S) as running:
+                yield Server(running.url, running.port, running.process, log)
+        except ServerStartError as exc:
+            pytest.fail(str(exc))
+    assert running.stopped_gracefully, f"server ignored SIGTERM:\n{log.read_text()[-4000:]}"
     # A graceful stop drains, runs the lifespan shutdown (runtime.stop()) and exits; uvicorn
     # re-raises the SIGTERM it caught once done, so -SIGTERM is a clean exit too.
     output = log.read_text()
-    assert process.returncode in (0, -signal.SIGTERM), output[-4000:]
+    assert running.process.returncode in (0, -signal.SIGTERM), output[-4000:]
     assert "Application shutdown complete" in output, output[-4000:]
 
 
