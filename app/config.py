@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(5.0, ge=0)
     max_encode_batch: int = Field(8, ge=1)
     int8_cross_kv: bool = False
+    #: torch intra-op threads on the CPU (0: torch's default, one per core)
+    cpu_threads: int = Field(0, ge=0)
     cuda_graphs: bool = True
     warmup: bool = True
 
@@ -119,6 +121,7 @@ class Settings(BaseSettings):
             batch_wait_ms=self.batch_wait_ms,
             max_encode_batch=self.max_encode_batch,
             int8_cross_kv=self.int8_cross_kv,
+            cpu_threads=self.cpu_threads,
             cuda_graphs=self.cuda_graphs,
             warmup=self.warmup,
         )

@@ -43,6 +43,7 @@ class RuntimeOptions:
     max_encode_batch: int = 8  # windows encoded together when joining a running batch
     int8_cross_kv: bool = False
     cuda_graphs: bool = True
+    cpu_threads: int = 0  # torch intra-op threads on the CPU backend (0: torch's default)
     warmup: bool = True
 
 
@@ -140,6 +141,9 @@ class ModelRuntime:
 def load_runtime(engine_dir: str | Path, options: RuntimeOptions, name: str | None = None) -> ModelRuntime:
     """Load an engine directory (raises app.errors.EngineError with a build hint)."""
     engine_dir = Path(engine_dir)
+    if options.cpu_threads > 0:
+        # Process-wide: the engine thread and the feature extraction threads share this pool.
+        torch.set_num_threads(options.cpu_threads)
     engine = load_engine(engine_dir, device=options.device, compute_dtype=options.compute_dtype,
                          max_rows=options.max_batch_size, int8_cross_kv=options.int8_cross_kv,
                          cuda_graphs=options.cuda_graphs)
