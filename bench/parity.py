@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", choices=common.MODELS, default="tiny.en")
     p.add_argument("--limit", type=int, default=None, help="only the first N files")
     p.add_argument("--sequential", action="store_true", help="our files one at a time (no batching)")
-    p.add_argument("--mel", action="store_true", help="compare log-mel features on mismatching files")
+    p.add_argument("--mel", action="store_true", help="compare log-mel features with faster-whisper's on every file")
     p.add_argument("--context", type=int, default=8, help="tokens shown either side of a difference")
     return p.parse_args(argv)
 
