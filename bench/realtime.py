@@ -25,12 +25,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import io
 import json
 import math
 import sys
 import time
-import wave
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,7 +38,7 @@ import websockets
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.audio.decode import decode_audio
-from app.audio.pcm import float_to_pcm16
+from app.audio.pcm import float_to_pcm16, pcm16_to_wav
 from app.audio.vad import speech_regions
 from bench.concurrency import (
     DEV_SET,
@@ -89,13 +87,7 @@ def prepare(clip: Clip) -> StreamAudio:
 
 
 def wav_bytes(pcm: bytes, rate: int = RATE) -> bytes:
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes(pcm)
-    return buffer.getvalue()
+    return pcm16_to_wav(pcm, rate)
 
 
 async def rest_transcript(client: httpx.AsyncClient, audio: StreamAudio) -> str:

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import json
-import wave
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -27,7 +25,7 @@ from test_e2e_server import STARTUP_TIMEOUT_S, Server, _server_env
 
 from app.audio.constants import SAMPLE_RATE
 from app.audio.decode import decode_audio
-from app.audio.pcm import float_to_pcm16
+from app.audio.pcm import float_to_pcm16, pcm16_to_wav
 from app.decoding.options import TranscribeOptions
 from app.decoding.results import TranscriptionResult
 from app.devserver import ServerStartError
@@ -239,13 +237,7 @@ def clip_pcm24(path: Path) -> bytes:
 
 
 def wav_bytes(pcm: bytes, rate: int = 24000) -> bytes:
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes(pcm)
-    return buffer.getvalue()
+    return pcm16_to_wav(pcm, rate)
 
 
 def rest_transcript(url: str, pcm: bytes, rate: int = 24000) -> str:

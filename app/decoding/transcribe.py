@@ -244,7 +244,7 @@ class Transcriber:
             offset = start / SAMPLE_RATE
             tokens = outcome.result.tokens
             raw, _, single_ending = split_by_timestamps(tokens, tb, offset, size, seek)
-            if raw and not single_ending and raw[-1].tokens and tokens and len(raw) >= 1:
+            if raw and not single_ending:
                 # text after the last timestamp pair belongs to the chunk's tail: keep it
                 used = sum(len(r.tokens) for r in raw)
                 tail = tokens[used:]

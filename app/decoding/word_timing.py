@@ -23,19 +23,16 @@ async def assign_words(ctx: ModelContext, raw: list[RawSegment], result: WindowR
     features = result.audio_features
     language = result.language or window.language or "en"
     sot_sequence = ctx.tokenizer.sot_sequence(language if ctx.multilingual else None, window.task)
-    # The alignment pass runs on the engine thread; collect its (awaitable) calls up front.
-    cache: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}
+    # The alignment pass is async (it runs on the engine thread) but the alignment module calls
+    # a plain function: run the one pass it will ask for (the whole window's text) up front.
     text_tokens = [[t for t in seg.tokens if t < ctx.tokenizer.eot] for seg in raw]
-    full = [*sot_sequence, ctx.tokenizer.no_timestamps, *[t for seg in text_tokens for t in seg],
-            ctx.tokenizer.eot]
-    if len(full) > 2:
-        cache[tuple(full)] = await ctx.cross_attention(features, full)
+    expected = [*sot_sequence, ctx.tokenizer.no_timestamps, *[t for seg in text_tokens for t in seg],
+                ctx.tokenizer.eot]
+    weights, logits = await ctx.cross_attention(features, expected)
 
     def cross_attention(tokens: list[int]) -> tuple[Tensor, Tensor]:
-        key = tuple(tokens)
-        if key not in cache:  # the alignment module asked for a sequence we did not precompute
-            raise KeyError("unexpected alignment token sequence")
-        weights, logits = cache[key]
+        if tokens != expected:
+            raise ValueError("alignment asked for a token sequence other than the window's text")
         return weights.float().cpu(), logits.float().cpu()
 
     segments_words, last = add_word_timestamps(

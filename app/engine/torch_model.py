@@ -20,6 +20,12 @@ from app.engine.config import ModelDims
 from app.engine.kernels import decode_attention
 
 
+def int8_matmul(x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
+    """x @ (weight * scale[:, None]).T on the CPU with torch's int8-weight kernel (fp32 x)."""
+    out = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), weight, scale)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
 class Int8Linear(nn.Module):
     """Weight-only int8 linear layer: int8 weights with a per-output-row scale."""
 
@@ -36,8 +42,7 @@ class Int8Linear(nn.Module):
             # Dequantize in the activation dtype; on GPU the int8 read halves the weight bytes.
             w = self.weight.to(x.dtype) * self.weight_scale.to(x.dtype)[:, None]
             return F.linear(x, w, self.bias)
-        out = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.weight_scale)
-        out = out.reshape(*x.shape[:-1], self.out_features)
+        out = int8_matmul(x, self.weight, self.weight_scale)
         return out + self.bias if self.bias is not None else out
 
 
@@ -241,9 +246,7 @@ class WhisperRunner:
             if x.is_cuda or x.dtype != torch.float32:
                 w = embedding.weight.to(x.dtype) * embedding.weight_scale.to(x.dtype)[:, None]
                 return F.linear(x, w).float()
-            flat = x.reshape(-1, x.shape[-1])
-            out = torch._weight_int8pack_mm(flat, embedding.weight, embedding.weight_scale)
-            return out.reshape(*x.shape[:-1], -1)
+            return int8_matmul(x, embedding.weight, embedding.weight_scale)
         return (x @ embedding.weight.T).float()
 
     @torch.inference_mode()

@@ -8,7 +8,6 @@ one engine call; finished windows free their rows, the last windows move down in
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +18,16 @@ from app.decoding.search import SamplingSearch, Search, make_search, rows_needed
 from app.decoding.tokenizer import WhisperTokenizer
 from app.decoding.window import WindowResult, WindowTask
 from app.engine.base import Engine
+
+
+def first_fit(taken: list[bool], k: int, before: int | None = None) -> int | None:
+    """Start of the first run of k free rows below `before` (the placement rule admit() uses)."""
+    run = 0
+    for r in range(len(taken) if before is None else before):
+        run = 0 if taken[r] else run + 1
+        if run == k:
+            return r - k + 1
+    return None
 
 
 @dataclass(eq=False)
@@ -61,13 +70,7 @@ class DecodeLoop:
         return max((w.start + w.n_rows for w in self.active), default=0)
 
     def _free_run(self, k: int, before: int | None = None) -> int | None:
-        limit = len(self.owner) if before is None else before
-        run = 0
-        for r in range(limit):
-            run = run + 1 if self.owner[r] is None else 0
-            if run == k:
-                return r - k + 1
-        return None
+        return first_fit([w is not None for w in self.owner], k, before)
 
     def placement_plan(self) -> list[bool]:
         """A scratch copy of row occupancy for planning admissions (True = taken)."""
@@ -76,14 +79,11 @@ class DecodeLoop:
     @staticmethod
     def reserve(plan: list[bool], k: int) -> bool:
         """Take the first free run of k rows in `plan` (as admit() will); False if none."""
-        run = 0
-        for r, taken in enumerate(plan):
-            run = 0 if taken else run + 1
-            if run == k:
-                for i in range(r - k + 1, r + 1):
-                    plan[i] = True
-                return True
-        return False
+        start = first_fit(plan, k)
+        if start is None:
+            return False
+        plan[start : start + k] = [True] * k
+        return True
 
     def can_admit(self, task: WindowTask) -> bool:
         k = rows_needed(task.options)
@@ -369,7 +369,3 @@ class DecodeLoop:
         if windows:
             self._release(windows)
         return results
-
-
-def finite_or(value: float, default: float) -> float:
-    return value if math.isfinite(value) else default
