@@ -61,7 +61,9 @@ class SamplingSearch:
             tokens = logits.argmax(dim=-1)
         else:
             probs = torch.softmax(logits.float() / self.temperature, dim=-1)
-            tokens = torch.multinomial(probs, 1).squeeze(1)
+            # argmax(p / E) with E ~ Exp(1) draws from p (the exponential race): one pass over the
+            # vocabulary instead of multinomial's cumulative sum and search.
+            tokens = (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)
         chosen = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
         next_tokens = tokens.tolist()
         for r in range(self.n_rows):

@@ -17,14 +17,20 @@ class Engine(Protocol):
     device: torch.device
     dtype: torch.dtype
     max_rows: int
+    # True: a window's cross-attention K/V live only in its first row (pass cross_runs to decode)
+    cross_in_first_row: bool
 
     def encode_into_rows(self, mel: Tensor, rows: list[int]) -> Tensor:
         """Encode mel [B, n_mels, 3000]; write cross-attention K/V into `rows`; return audio features."""
         ...
 
     def decode(self, tokens: Tensor, positions: Tensor, start: int, kv_len: int,
-               uniform_position: bool = False, cross_group: int = 1) -> Tensor:
-        """Feed tokens [B, T] for rows [start, start+B) at `positions`; return float32 logits [B, T, V]."""
+               uniform_position: bool = False,
+               cross_runs: list[tuple[int, int, int]] | None = None) -> Tensor:
+        """Feed tokens [B, T] for rows [start, start+B) at `positions`; return float32 logits [B, T, V].
+
+        cross_runs: (offset, rows, g) runs of windows of g rows sharing cross-attention K/V.
+        """
         ...
 
     def copy_rows(self, src: list[int], dst: list[int], self_len: int, cross: bool = True) -> None:

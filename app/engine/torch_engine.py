@@ -11,7 +11,7 @@ from torch import Tensor
 
 from app.engine.config import EngineConfig, build_hint, load_engine_config
 from app.engine.cuda_graphs import GraphedDecoder
-from app.engine.torch_model import DecoderCache, WhisperModel, WhisperRunner
+from app.engine.torch_model import CrossRuns, DecoderCache, WhisperModel, WhisperRunner
 from app.errors import EngineError
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,8 @@ class TorchEngine:
     """The torch backend: a WhisperModel plus preallocated per-row decoder caches."""
 
     def __init__(self, engine_dir: Path, config: EngineConfig, device: torch.device, dtype: torch.dtype,
-                 max_rows: int, int8_cross_kv: bool = False, model: WhisperModel | None = None) -> None:
+                 max_rows: int, int8_cross_kv: bool = False, model: WhisperModel | None = None,
+                 cpu_packed_gemm: bool = True) -> None:
         self.engine_dir = engine_dir
         self.config = config
         self.device = device
@@ -77,6 +78,12 @@ class TorchEngine:
         cache = DecoderCache(config.dims, max_rows, device, dtype,
                              cross_dtype=torch.int8 if int8_cross_kv else None)
         self.runner = WhisperRunner(self.model, cache)
+        # On the CPU a window's cross-attention K/V are stored once, in its first row, and its
+        # beams read them there (decode's cross_runs); the GPU's fused decode kernel reads K/V per
+        # row, so there every row of a window holds a copy.
+        self.cross_in_first_row = device.type == "cpu"
+        if device.type == "cpu" and cpu_packed_gemm:
+            self.runner.pack_cpu_gemms()
         self.graphs: GraphedDecoder | None = None
         self.greedy_suppress: tuple[int, ...] = tuple(config.suppress_tokens)
 
@@ -108,13 +115,13 @@ class TorchEngine:
         return features
 
     def decode(self, tokens: Tensor, positions: Tensor, start: int, kv_len: int,
-               uniform_position: bool = False, cross_group: int = 1) -> Tensor:
+               uniform_position: bool = False, cross_runs: CrossRuns | None = None) -> Tensor:
         if self.graphs is not None and start == 0 and tokens.shape[1] == 1:
             out = self.graphs.step(tokens.to(self.device), positions.to(self.device), kv_len)
             if out is not None:
                 return out[:, None]
         return self.runner.decode(tokens.to(self.device), positions.to(self.device), start, kv_len,
-                                  uniform_position, cross_group)
+                                  uniform_position, cross_runs)
 
     def copy_rows(self, src: list[int], dst: list[int], self_len: int, cross: bool = True) -> None:
         with torch.inference_mode():

@@ -17,7 +17,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from app.engine.config import ModelDims
+from app.engine.cpu_gemm import onednn_available, pack_linears, pack_weight, packed_linear
 from app.engine.kernels import decode_attention
+
+# (row offset in the batch, rows, g): rows [offset, offset + rows) form windows of g rows each
+# (beams or samples of one window) whose cross-attention K/V live in each window's first row.
+CrossRuns = list[tuple[int, int, int]]
 
 
 def int8_matmul(x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
@@ -226,6 +231,7 @@ class WhisperRunner:
         # fp32 reference. Prefer a half-precision GEMM that writes fp32 (no extra weight copy);
         # fall back to an fp32 copy of the embedding where that GEMM is not available.
         self.logits_weight: Tensor | None = None
+        self.packed_logits: Tensor | None = None
         self.mm_fp32_out = False
         if isinstance(embedding, nn.Embedding) and embedding.weight.is_cuda and \
                 embedding.weight.dtype != torch.float32:
@@ -233,9 +239,21 @@ class WhisperRunner:
             if not self.mm_fp32_out:
                 self.logits_weight = embedding.weight.float()
 
+    def pack_cpu_gemms(self) -> bool:
+        """Move the float32 CPU decoder's GEMMs (and the tied output projection) to oneDNN."""
+        embedding = self.model.decoder.token_embedding
+        if not (isinstance(embedding, nn.Embedding) and embedding.weight.device.type == "cpu"
+                and embedding.weight.dtype == torch.float32 and onednn_available()):
+            return False
+        pack_linears(self.model.decoder)
+        self.packed_logits = pack_weight(embedding.weight)
+        return True
+
     def logits(self, x: Tensor) -> Tensor:
         """Output projection tied to the token embedding, in float32."""
         embedding = self.model.decoder.token_embedding
+        if self.packed_logits is not None:
+            return packed_linear(x, self.packed_logits, None)
         if self.mm_fp32_out:
             flat = x.reshape(-1, x.shape[-1])
             out = torch.mm(flat, embedding.weight.t(), out_dtype=torch.float32)
@@ -270,26 +288,54 @@ class WhisperRunner:
                 cache.cross_k[i, rows] = kv[0]
                 cache.cross_v[i, rows] = kv[1]
 
-    def _cross_kv(self, layer: int, start: int, end: int) -> tuple[Tensor, Tensor]:
+    def _cross_kv(self, layer: int, start: int, end: int, step: int = 1) -> tuple[Tensor, Tensor]:
         c = self.cache
+        rows = slice(start, end, step)
         if c.quantized_cross:
             # Dequantize on read; the int8 read is what halves the dominant memory traffic on GPU.
-            k = c.cross_k[layer, start:end].to(c.cross_k_scale.dtype) * c.cross_k_scale[layer, start:end]
-            v = c.cross_v[layer, start:end].to(c.cross_v_scale.dtype) * c.cross_v_scale[layer, start:end]
+            k = c.cross_k[layer, rows].to(c.cross_k_scale.dtype) * c.cross_k_scale[layer, rows]
+            v = c.cross_v[layer, rows].to(c.cross_v_scale.dtype) * c.cross_v_scale[layer, rows]
             return k, v
-        return c.cross_k[layer, start:end], c.cross_v[layer, start:end]
+        return c.cross_k[layer, rows], c.cross_v[layer, rows]
+
+    def _cross_attention(self, layer: int, cq: Tensor, start: int, runs: CrossRuns | None) -> Tensor:
+        """Cross-attention of queries cq [B, H, T, dh] for rows [start, start + B).
+
+        Without runs every row reads its own K/V. With runs, each window's g query rows attend
+        together to the K/V in the window's first row (g times fewer cache bytes, and the other
+        rows need no copy of them); rows outside every run (holes in the batch) get zeros.
+        """
+        b, h, t, dh = cq.shape
+        if runs is None:
+            return F.scaled_dot_product_attention(cq, *self._cross_kv(layer, start, start + b))
+        out = cq.new_zeros(b, h, t, dh) if sum(n for _, n, _ in runs) != b else None
+        parts: list[Tensor] = []
+        for offset, n, g in runs:
+            k, v = self._cross_kv(layer, start + offset, start + offset + n, g)
+            q = cq[offset : offset + n]
+            if g > 1:
+                q = q.view(n // g, g, h, t, dh).transpose(1, 2).reshape(n // g, h, g * t, dh)
+            a = F.scaled_dot_product_attention(q, k, v)
+            if g > 1:
+                a = a.view(n // g, h, g, t, dh).transpose(1, 2).reshape(n, h, t, dh)
+            if out is None:
+                parts.append(a)
+            else:
+                out[offset : offset + n] = a
+        if out is not None:
+            return out
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     @torch.inference_mode()
     def decode(self, tokens: Tensor, positions: Tensor, start: int, kv_len: int,
-               uniform_position: bool = False, cross_group: int = 1) -> Tensor:
+               uniform_position: bool = False, cross_runs: CrossRuns | None = None) -> Tensor:
         """Run rows [start, start + B) forward.
 
         tokens [B, T] are fed at positions positions[b] + t; self-attention K/V are written into the
         cache there and attention reads cache positions [0, kv_len). Returns logits [B, T, V].
         `uniform_position` (every row at the same position, T == 1) drops the mask on CPU.
-        `cross_group` = g > 1: rows come in aligned groups of g that share one window (beams or
-        samples), so cross-attention reads each window's K/V once, from the group's first row,
-        with the group's g queries together (g times fewer cache bytes than row by row).
+        `cross_runs` (see CrossRuns) says which rows share one window's cross-attention K/V
+        (beams or samples), read once from the window's first row; None: every row its own.
         """
         dec = self.model.decoder
         cache = self.cache
@@ -334,16 +380,8 @@ class WhisperRunner:
                                      v_scale=cache.cross_v_scale[i, start:end])
             elif fused:
                 a = decode_attention(cq, cache.cross_k[i, start:end], cache.cross_v[i, start:end])
-            elif cross_group > 1 and not cache.quantized_cross:
-                g = cross_group
-                h, dh = cq.shape[1], cq.shape[3]
-                grouped = cq.view(b // g, g, h, t, dh).transpose(1, 2).reshape(b // g, h, g * t, dh)
-                a = F.scaled_dot_product_attention(grouped, cache.cross_k[i, start:end:g],
-                                                   cache.cross_v[i, start:end:g])
-                a = a.view(b // g, h, g, t, dh).transpose(1, 2).reshape(b, h, t, dh)
             else:
-                xk, xv = self._cross_kv(i, start, end)
-                a = F.scaled_dot_product_attention(cq, xk, xv)
+                a = self._cross_attention(i, cq, start, cross_runs)
             x = x + cross.out(attn.merge_heads(a))
             x = x + layer.mlp2(F.gelu(layer.mlp1(layer.mlp_ln(x))))
         return self.logits(dec.ln(x))

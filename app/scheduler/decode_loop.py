@@ -108,7 +108,7 @@ class DecodeLoop:
         mel = torch.stack([w.task.mel for w in placed])
         features = self.engine.encode_into_rows(mel, [w.start for w in placed])
         for i, w in enumerate(placed):
-            if w.n_rows > 1:  # beams / samples of one window share its audio
+            if w.n_rows > 1 and not self.engine.cross_in_first_row:  # beams / samples share its audio
                 self.engine.copy_rows([w.start] * (w.n_rows - 1), list(w.rows)[1:], 0, cross=True)
             if w.task.keep_audio_features:
                 w.audio_features = features[i : i + 1].clone()
@@ -160,7 +160,11 @@ class DecodeLoop:
         return max(by_code, key=by_code.__getitem__), by_code
 
     def _prefill(self, windows: list[ActiveWindow]) -> dict[int, Tensor]:
-        """Feed each new window's prompt; return its last-position logits [n_rows, V] by id()."""
+        """Feed each new window's prompt; return its last-position logits [n_rows, V] by id().
+
+        A window's rows all start from the same prompt, so only its first row is fed and the
+        resulting self-attention K/V are copied to the others.
+        """
         out: dict[int, Tensor] = {}
         # Adjacent windows with equal prompt length go through the engine together.
         ordered = sorted(windows, key=lambda w: w.start)
@@ -168,23 +172,22 @@ class DecodeLoop:
         while i < len(ordered):
             j = i + 1
             while (j < len(ordered) and len(ordered[j].prompt) == len(ordered[i].prompt)
+                   and ordered[j - 1].n_rows == 1
                    and ordered[j].start == ordered[j - 1].start + ordered[j - 1].n_rows):
                 j += 1
             group = ordered[i:j]
             plen = len(group[0].prompt)
-            tokens = torch.tensor([w.prompt for w in group for _ in w.rows])
+            tokens = torch.tensor([w.prompt for w in group])
             positions = torch.zeros(tokens.shape[0], dtype=torch.long)
             logits = self.engine.decode(tokens, positions, group[0].start, plen)
-            offset = 0
-            sot_index = None
-            for w in group:
-                part = logits[offset : offset + w.n_rows]
+            for k, w in enumerate(group):
                 sot_index = w.prompt.index(self.tokenizer.sot)
-                w.no_speech_prob = torch.softmax(part[0, sot_index].float(), dim=-1)[
+                w.no_speech_prob = torch.softmax(logits[k, sot_index].float(), dim=-1)[
                     self.tokenizer.no_speech].item()
-                out[id(w)] = part[:, -1]
+                out[id(w)] = logits[k, -1:].expand(w.n_rows, -1)
                 w.position = plen
-                offset += w.n_rows
+                if w.n_rows > 1:
+                    self.engine.copy_rows([w.start] * (w.n_rows - 1), list(w.rows)[1:], plen, cross=False)
             i = j
         return out
 
@@ -210,7 +213,7 @@ class DecodeLoop:
         kv_len = max(positions) + 1
         uniform = len(set(positions)) == 1
         logits = self.engine.decode(torch.tensor(tokens)[:, None], torch.tensor(positions), 0, kv_len,
-                                    uniform_position=uniform, cross_group=self._cross_group(span))[:, -1]
+                                    uniform_position=uniform, cross_runs=self._cross_runs())[:, -1]
         for w in self.active:
             w.position += 1
         by_window = {id(w): logits[w.start : w.start + w.n_rows] for w in self.active}
@@ -219,15 +222,17 @@ class DecodeLoop:
         self.active = [w for w in self.active if w not in finished]
         return self._finish(finished)
 
-    def _cross_group(self, span: int) -> int:
-        """g when every active window has g rows at g-aligned starts and the span has no holes."""
-        sizes = {w.n_rows for w in self.active}
-        if len(sizes) != 1:
-            return 1
-        g = sizes.pop()
-        if g == 1 or span % g or span != self.rows_in_use() or any(w.start % g for w in self.active):
-            return 1
-        return g
+    def _cross_runs(self) -> list[tuple[int, int, int]]:
+        """Runs of adjacent windows with the same row count, as decode's cross_runs."""
+        runs: list[tuple[int, int, int]] = []
+        for w in sorted(self.active, key=lambda w: w.start):
+            if runs:
+                offset, n, g = runs[-1]
+                if g == w.n_rows and offset + n == w.start:
+                    runs[-1] = (offset, n + g, g)
+                    continue
+            runs.append((w.start, w.n_rows, w.n_rows))
+        return runs
 
     # ---- greedy fast path: K steps on the device without a host round trip -----------------
     def _greedy_chunk_eligible(self) -> bool:
@@ -341,8 +346,12 @@ class DecodeLoop:
             target = self._free_run(tail.n_rows, before=tail.start)
             if target is None:
                 return
-            self.engine.copy_rows(list(tail.rows), list(range(target, target + tail.n_rows)),
-                                  tail.position, cross=True)
+            dst = list(range(target, target + tail.n_rows))
+            if self.engine.cross_in_first_row:
+                self.engine.copy_rows(list(tail.rows), dst, tail.position, cross=False)
+                self.engine.copy_rows([tail.start], [target], 0, cross=True)
+            else:
+                self.engine.copy_rows(list(tail.rows), dst, tail.position, cross=True)
             for r in tail.rows:
                 self.owner[r] = None
             tail.start = target
