@@ -63,7 +63,8 @@ class Settings(BaseSettings):
     realtime_max_session_s: float = Field(3600.0, gt=0)
     realtime_max_buffer_s: float = Field(60.0, gt=0)
     realtime_idle_timeout_s: float = Field(60.0, gt=0)
-    realtime_partial_interval_s: float = Field(0.5, ge=0)  # 0 turns partial transcripts off
+    realtime_partial_interval_s: float = Field(0.25, ge=0)  # 0 turns partial transcripts off
+    realtime_partial_trim_audio: bool = True  # partials encode only the turn's audio (CPU engines)
     realtime_max_partial_decodes: int = Field(16, ge=1)  # in flight, all sessions together
     realtime_max_pending_events: int = Field(256, ge=1)
     realtime_send_timeout_s: float = Field(10.0, gt=0)

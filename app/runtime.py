@@ -94,7 +94,7 @@ class ModelRuntime:
             return await asyncio.wrap_future(future)
 
         return ModelContext(self.tokenizer, self.config.dims.n_mels, self.config.multilingual,
-                            submit, cross_attention)
+                            submit, cross_attention, trims_audio_context=self.engine.cross_in_first_row)
 
     async def start(self) -> None:
         self.scheduler.start()

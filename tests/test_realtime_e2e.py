@@ -193,9 +193,15 @@ async def test_sdk_stream_final_equals_rest_and_partials_come_early(server: Serv
     assert final == rest
     assert wer(clip.text, final) < 0.10
     assert first is not None, "no partial transcript before the commit"
-    # Stable partials: what was sent is the start of the final, word for word (case and
-    # punctuation aside: partials are greedy, the final is beam search).
-    assert words(sent) == words(final)[: len(words(sent))]
+    # Stable partials: what was sent lines up with the start of the final word for word (case
+    # and punctuation aside) up to revised words: partials are tiny.en greedy decodes of a
+    # growing turn ("what you are country" before "your country" is said), the final is beam
+    # search over the whole turn, and a word once sent is never taken back.
+    sent_words = words(sent)
+    final_words = words(final)[: len(sent_words)]
+    assert len(final_words) == len(sent_words)
+    revised = sum(a != b for a, b in zip(sent_words, final_words, strict=True))
+    assert revised <= max(2, len(sent_words) // 4), (sent_words, final_words)
     # Speech start -> first delta takes two agreeing greedy decodes of the growing turn, each
     # a full 30 s encoder window. 1.5 s holds where one decode takes <~0.5 s (GPU; an idle
     # CPU); on a loaded 2-core CPU it is bounded by two decodes plus the cadence instead.

@@ -22,18 +22,20 @@ def test_only_words_two_decodes_agree_on_are_sent() -> None:
             "And so my fellow Americans ask",
         ]
     )
-    assert deltas == ["", "And so", " my", " fellow"]
+    # The older decode's last word never counts: it is where that decode's audio ended.
+    assert deltas == ["", "And", " so my", " fellow"]
     assert stable.sent == "And so my fellow"
 
 
 def test_agreement_ignores_case_and_punctuation_but_never_retracts() -> None:
     stable, deltas = feed(["And so...", "and so, my", "And so, my fellow"])
-    assert deltas == ["", "and so,", " my"]
-    # A later decode that disagrees with what was sent adds nothing until it agrees again.
-    assert stable.update("Hand so my fellow") == ""
+    assert deltas == ["", "and", " so,"]
+    # A decode that no longer lines up with what was sent (a word inserted before it) adds
+    # nothing, and neither does the next one, until two consecutive decodes line up again.
+    assert stable.update("Oh and so my fellow") == ""
     assert stable.update("And so my fellow Americans") == ""
-    assert stable.update("And so my fellow Americans ask") == " fellow Americans"
-    assert stable.sent == "and so, my fellow Americans"
+    assert stable.update("And so my fellow Americans ask") == " my fellow"
+    assert stable.sent == "and so, my fellow"
 
 
 def test_the_first_decode_alone_sends_nothing() -> None:
@@ -43,8 +45,8 @@ def test_the_first_decode_alone_sends_nothing() -> None:
 
 def test_remainder_completes_the_final_when_consistent() -> None:
     stable, _ = feed(["ask not what", "ask not what your"])
-    assert stable.sent == "ask not what"
-    assert stable.remainder(" ask not what your country can do.") == " your country can do."
+    assert stable.sent == "ask not"
+    assert stable.remainder(" ask not what your country can do.") == " what your country can do."
     assert stable.remainder("Ask not, what your country") == ""  # final differs: no delta
 
 
@@ -58,3 +60,14 @@ def test_audio_buffer_keeps_absolute_positions() -> None:
     assert buffer.slice(0, 5).tolist() == [4]  # clamped to what is held
     buffer.clear()
     assert (buffer.start, buffer.end, len(buffer)) == (20, 20, 0)
+
+
+def test_a_revised_word_does_not_stop_later_partials() -> None:
+    stable, deltas = feed(["my fellow Americans asked not", "my fellow Americans asked not what"])
+    assert stable.sent == "my fellow Americans asked"
+    # Later decodes revise "asked" to "ask"; the words after it still line up and are sent.
+    assert stable.update("my fellow Americans ask not what your") == " not"
+    assert stable.update("my fellow Americans ask not what your country") == " what"
+    # A decode that inserts a word shifts everything after it: nothing until they line up again.
+    assert stable.update("and my fellow Americans ask not what your country") == ""
+    assert stable.sent == "my fellow Americans asked not what"

@@ -54,6 +54,11 @@ class TranscribeOptions:
     #: "sequential": openai-whisper's timestamp seeking; "vad": cut at pauses into <= 30 s
     #: chunks decoded together (faster for long files, no conditioning across chunks)
     long_form: Literal["sequential", "vad"] = "sequential"
+    #: Encode only the audio's own length (rounded up to whole seconds) instead of a window
+    #: padded to 30 s, as whisper.cpp's audio_ctx does: the encoder's cost shrinks with the
+    #: audio, at some cost in accuracy. For streaming partials; engines that cannot (the GPU's
+    #: fused kernels read whole windows) ignore it.
+    trim_audio_context: bool = False
     hallucination_silence_threshold: float | None = None
 
     @classmethod

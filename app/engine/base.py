@@ -21,15 +21,16 @@ class Engine(Protocol):
     cross_in_first_row: bool
 
     def encode_into_rows(self, mel: Tensor, rows: list[int]) -> Tensor:
-        """Encode mel [B, n_mels, 3000]; write cross-attention K/V into `rows`; return audio features."""
+        """Encode mel [B, n_mels, frames <= 3000]; write cross-attention K/V into `rows`; return features."""
         ...
 
     def decode(self, tokens: Tensor, positions: Tensor, start: int, kv_len: int,
                uniform_position: bool = False,
-               cross_runs: list[tuple[int, int, int]] | None = None) -> Tensor:
+               cross_runs: list[tuple[int, int, int, int]] | None = None) -> Tensor:
         """Feed tokens [B, T] for rows [start, start+B) at `positions`; return float32 logits [B, T, V].
 
-        cross_runs: (offset, rows, g) runs of windows of g rows sharing cross-attention K/V.
+        cross_runs: (offset, rows, g, audio positions) runs of windows of g rows sharing
+        cross-attention K/V (see app.engine.torch_model.CrossRuns).
         """
         ...
 

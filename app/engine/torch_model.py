@@ -20,9 +20,11 @@ from app.engine.config import ModelDims
 from app.engine.cpu_gemm import onednn_available, pack_linears, pack_weight, packed_linear
 from app.engine.kernels import decode_attention
 
-# (row offset in the batch, rows, g): rows [offset, offset + rows) form windows of g rows each
-# (beams or samples of one window) whose cross-attention K/V live in each window's first row.
-CrossRuns = list[tuple[int, int, int]]
+# (row offset in the batch, rows, g, audio positions): rows [offset, offset + rows) form windows
+# of g rows each (beams or samples of one window) whose cross-attention K/V live in each window's
+# first row and cover the first `audio positions` encoder outputs (1500 for a full 30 s window;
+# fewer for a window encoded with a trimmed audio context).
+CrossRuns = list[tuple[int, int, int, int]]
 
 
 def int8_matmul(x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
@@ -282,21 +284,24 @@ class WhisperRunner:
             if cache.quantized_cross:
                 k, ks = quantize_rows_int8(kv[0])
                 v, vs = quantize_rows_int8(kv[1])
-                cache.cross_k[i, rows], cache.cross_k_scale[i, rows] = k, ks
-                cache.cross_v[i, rows], cache.cross_v_scale[i, rows] = v, vs
+                cache.cross_k[i, rows, :, :t], cache.cross_k_scale[i, rows, :, :t] = k, ks
+                cache.cross_v[i, rows, :, :t], cache.cross_v_scale[i, rows, :, :t] = v, vs
             else:
-                cache.cross_k[i, rows] = kv[0]
-                cache.cross_v[i, rows] = kv[1]
+                cache.cross_k[i, rows, :, :t] = kv[0]
+                cache.cross_v[i, rows, :, :t] = kv[1]
 
-    def _cross_kv(self, layer: int, start: int, end: int, step: int = 1) -> tuple[Tensor, Tensor]:
+    def _cross_kv(self, layer: int, start: int, end: int, step: int = 1,
+                  n_audio: int | None = None) -> tuple[Tensor, Tensor]:
         c = self.cache
-        rows = slice(start, end, step)
+        rows, positions = slice(start, end, step), slice(0, n_audio)
         if c.quantized_cross:
             # Dequantize on read; the int8 read is what halves the dominant memory traffic on GPU.
-            k = c.cross_k[layer, rows].to(c.cross_k_scale.dtype) * c.cross_k_scale[layer, rows]
-            v = c.cross_v[layer, rows].to(c.cross_v_scale.dtype) * c.cross_v_scale[layer, rows]
+            k = c.cross_k[layer, rows, :, positions].to(c.cross_k_scale.dtype) * \
+                c.cross_k_scale[layer, rows, :, positions]
+            v = c.cross_v[layer, rows, :, positions].to(c.cross_v_scale.dtype) * \
+                c.cross_v_scale[layer, rows, :, positions]
             return k, v
-        return c.cross_k[layer, rows], c.cross_v[layer, rows]
+        return c.cross_k[layer, rows, :, positions], c.cross_v[layer, rows, :, positions]
 
     def _cross_attention(self, layer: int, cq: Tensor, start: int, runs: CrossRuns | None) -> Tensor:
         """Cross-attention of queries cq [B, H, T, dh] for rows [start, start + B).
@@ -308,10 +313,10 @@ class WhisperRunner:
         b, h, t, dh = cq.shape
         if runs is None:
             return F.scaled_dot_product_attention(cq, *self._cross_kv(layer, start, start + b))
-        out = cq.new_zeros(b, h, t, dh) if sum(n for _, n, _ in runs) != b else None
+        out = cq.new_zeros(b, h, t, dh) if sum(run[1] for run in runs) != b else None
         parts: list[Tensor] = []
-        for offset, n, g in runs:
-            k, v = self._cross_kv(layer, start + offset, start + offset + n, g)
+        for offset, n, g, n_audio in runs:
+            k, v = self._cross_kv(layer, start + offset, start + offset + n, g, n_audio)
             q = cq[offset : offset + n]
             if g > 1:
                 q = q.view(n // g, g, h, t, dh).transpose(1, 2).reshape(n // g, h, g * t, dh)

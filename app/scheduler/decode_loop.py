@@ -30,6 +30,20 @@ def first_fit(taken: list[bool], k: int, before: int | None = None) -> int | Non
     return None
 
 
+def cross_runs(windows: list[tuple[int, int, int]]) -> list[tuple[int, int, int, int]]:
+    """decode()'s cross_runs for windows (first row, rows, audio positions) in row order:
+    adjacent windows with the same row count and audio length merge into one run."""
+    runs: list[tuple[int, int, int, int]] = []
+    for start, n_rows, n_audio in windows:
+        if runs:
+            offset, n, g, audio = runs[-1]
+            if g == n_rows and audio == n_audio and offset + n == start:
+                runs[-1] = (offset, n + g, g, audio)
+                continue
+        runs.append((start, n_rows, n_rows, n_audio))
+    return runs
+
+
 @dataclass(eq=False)
 class ActiveWindow:
     task: WindowTask
@@ -45,6 +59,7 @@ class ActiveWindow:
     language_probs: dict[str, float] | None = None
     audio_features: Tensor | None = None
     rules: RowRules | None = None
+    n_audio: int = 0  # encoder positions of this window's audio (1500 unless trimmed)
 
     @property
     def rows(self) -> range:
@@ -105,13 +120,18 @@ class DecodeLoop:
             placed.append(window)
         if not placed:
             return []
-        mel = torch.stack([w.task.mel for w in placed])
-        features = self.engine.encode_into_rows(mel, [w.start for w in placed])
-        for i, w in enumerate(placed):
-            if w.n_rows > 1 and not self.engine.cross_in_first_row:  # beams / samples share its audio
-                self.engine.copy_rows([w.start] * (w.n_rows - 1), list(w.rows)[1:], 0, cross=True)
-            if w.task.keep_audio_features:
-                w.audio_features = features[i : i + 1].clone()
+        by_frames: dict[int, list[ActiveWindow]] = {}
+        for w in placed:  # windows with a trimmed audio context are shorter: encode by length
+            by_frames.setdefault(w.task.mel.shape[-1], []).append(w)
+        for same in by_frames.values():
+            features = self.engine.encode_into_rows(torch.stack([w.task.mel for w in same]),
+                                                    [w.start for w in same])
+            for i, w in enumerate(same):
+                w.n_audio = features.shape[1]
+                if w.n_rows > 1 and not self.engine.cross_in_first_row:  # beams / samples share it
+                    self.engine.copy_rows([w.start] * (w.n_rows - 1), list(w.rows)[1:], 0, cross=True)
+                if w.task.keep_audio_features:
+                    w.audio_features = features[i : i + 1].clone()
         for w in placed:
             self._prepare(w)
         finished: list[ActiveWindow] = []
@@ -153,7 +173,8 @@ class DecodeLoop:
 
     def _detect_language(self, w: ActiveWindow) -> tuple[str, dict[str, float]]:
         tok = self.tokenizer
-        logits = self.engine.decode(torch.tensor([[tok.sot]]), torch.tensor([0]), w.start, 1)[0, -1]
+        logits = self.engine.decode(torch.tensor([[tok.sot]]), torch.tensor([0]), w.start, 1,
+                                    cross_runs=[(0, 1, 1, w.n_audio)])[0, -1]
         ids = torch.tensor(tok.language_token_ids, device=logits.device)
         probs = torch.softmax(logits[ids], dim=-1).tolist()
         by_code = {tok.id_to_language[i]: p for i, p in zip(tok.language_token_ids, probs, strict=True)}
@@ -179,7 +200,8 @@ class DecodeLoop:
             plen = len(group[0].prompt)
             tokens = torch.tensor([w.prompt for w in group])
             positions = torch.zeros(tokens.shape[0], dtype=torch.long)
-            logits = self.engine.decode(tokens, positions, group[0].start, plen)
+            logits = self.engine.decode(tokens, positions, group[0].start, plen,
+                                        cross_runs=cross_runs([(k, 1, w.n_audio) for k, w in enumerate(group)]))
             for k, w in enumerate(group):
                 sot_index = w.prompt.index(self.tokenizer.sot)
                 w.no_speech_prob = torch.softmax(logits[k, sot_index].float(), dim=-1)[
@@ -222,17 +244,8 @@ class DecodeLoop:
         self.active = [w for w in self.active if w not in finished]
         return self._finish(finished)
 
-    def _cross_runs(self) -> list[tuple[int, int, int]]:
-        """Runs of adjacent windows with the same row count, as decode's cross_runs."""
-        runs: list[tuple[int, int, int]] = []
-        for w in sorted(self.active, key=lambda w: w.start):
-            if runs:
-                offset, n, g = runs[-1]
-                if g == w.n_rows and offset + n == w.start:
-                    runs[-1] = (offset, n + g, g)
-                    continue
-            runs.append((w.start, w.n_rows, w.n_rows))
-        return runs
+    def _cross_runs(self) -> list[tuple[int, int, int, int]]:
+        return cross_runs([(w.start, w.n_rows, w.n_audio) for w in sorted(self.active, key=lambda w: w.start)])
 
     # ---- greedy fast path: K steps on the device without a host round trip -----------------
     def _greedy_chunk_eligible(self) -> bool:

@@ -24,6 +24,7 @@ import asyncio
 import base64
 import binascii
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -122,9 +123,12 @@ def resolve_decoding(
             exc.message, code=exc.code or "invalid_value", param=f"{param_prefix}.{exc.param}"
         ) from None
     greedy = TranscribeOptions.greedy(initial_prompt=final.initial_prompt)
+    # Partials encode only the open turn's audio (not a 30 s window): on a CPU that is what
+    # lets them keep pace with speech; the final decode uses whole windows, as REST does.
     partial = replace(
         greedy,
         window=replace(greedy.window, task=final.window.task, language=final.window.language),
+        trim_audio_context=settings.realtime_partial_trim_audio,
     )
     return Decoding(model, final, partial)
 
@@ -412,7 +416,9 @@ class TranscriptionSession:
         self, turn: Turn, audio: np.ndarray, trigger: float, decoding: Decoding
     ) -> None:
         try:
-            result = await decoding.model.runtime.transcribe(audio, decoding.partial)
+            result = await decoding.model.runtime.transcribe(
+                audio, partial_options(decoding.partial, len(audio) / SAMPLE_RATE)
+            )
         except WhisperServeError as exc:
             # Partials are best effort (e.g. queue full): the final decode still comes.
             log.debug("partial decode skipped: %s", exc.message)
@@ -466,6 +472,19 @@ class TranscriptionSession:
 
     def _send(self, event: ServerEvent, latency_from: float | None = None) -> None:
         self._emit(event, latency_from)
+
+
+#: Token budget of a partial decode: generous for fast speech (~4 tokens/s is typical), and
+#: it stops a decode that started repeating itself from running to the 224-token limit.
+PARTIAL_TOKENS_PER_SECOND = 8
+PARTIAL_MIN_TOKENS = 8
+
+
+def partial_options(options: TranscribeOptions, seconds: float) -> TranscribeOptions:
+    budget = PARTIAL_MIN_TOKENS + math.ceil(PARTIAL_TOKENS_PER_SECOND * seconds)
+    if budget >= options.window.max_new_tokens:
+        return options
+    return replace(options, window=replace(options.window, max_new_tokens=budget))
 
 
 def _error_detail(exc: WhisperServeError) -> ErrorDetail:
