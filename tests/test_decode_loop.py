@@ -539,3 +539,26 @@ def test_scheduler_admits_only_into_contiguous_free_rows(model: WhisperModel,
     scheduler.start()
     result = ticket.future.result(timeout=60)  # RuntimeError: admit() called without room
     assert 0 < len(result.tokens) <= 3
+
+
+# --- trimmed audio context (streaming partials) ------------------------------------------------
+
+
+@pytest.mark.parametrize("options", [GREEDY_NO_TS, BEAM], ids=["greedy", "beam3"])
+def test_trimmed_window_attends_only_to_its_own_audio(engine: TorchEngine, alone: Alone,
+                                                      options: WindowOptions) -> None:
+    # A window encoded from fewer mel frames (TranscribeOptions.trim_audio_context) fills only
+    # the start of its cross-attention cache row; rows hold other windows' K/V from earlier
+    # tests beyond that. Batched with full windows, it must decode exactly as a decoder that
+    # sees its own (shorter) audio features, and the full windows as if alone.
+    full_specs = [Spec(1, BEAM), Spec(2, GREEDY, tokens(3))]
+    full = [s.task() for s in full_specs]
+    short = WindowTask(random_mel(21, frames=200), options, [], keep_audio_features=True)
+    loop = DecodeLoop(engine, TOKENIZER)
+    results = drain(loop, loop.admit([full[0], short, full[1]]))
+    trimmed = results[id(short)]
+    assert trimmed.audio_features is not None and trimmed.audio_features.shape[1] == 100
+    assert trimmed.tokens == uncached_decode(engine, options, trimmed.prompt_tokens,
+                                             trimmed.audio_features)
+    for spec, task in zip(full_specs, full, strict=True):
+        assert_same(results[id(task)], alone(spec))

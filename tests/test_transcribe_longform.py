@@ -29,6 +29,7 @@ from app.decoding.transcribe import (
     decode_with_fallback,
     should_skip_window,
     split_by_timestamps,
+    trimmed_frames,
 )
 from app.decoding.window import WindowResult, WindowTask
 
@@ -485,3 +486,22 @@ def test_window_options_reach_the_engine() -> None:
     window = WindowOptions(beam_size=2, patience=1.5, max_initial_timestamp=0.5)
     model.transcribe(audio, window=window, temperatures=(0.0,), word_timestamps=False)
     assert [c.options for c in model.calls] == [replace(window, language="en", temperature=0.0)]
+
+
+def test_trimmed_audio_context_encodes_the_audio_plus_padding() -> None:
+    # Streaming partials (trim_audio_context) send a window of the audio's own length plus 5 s
+    # of padding, in whole seconds, to engines that can decode it; others get a 30 s window.
+    assert trimmed_frames(1) == 600 and trimmed_frames(100) == 600 and trimmed_frames(101) == 700
+    assert trimmed_frames(2900) == N_FRAMES
+    audio = noise(2.3)
+    frames: list[int] = []
+
+    async def submit(task: WindowTask) -> WindowResult:
+        frames.append(task.mel.shape[-1])
+        return result([T(0), 10, T(2)])
+
+    options = replace(TranscribeOptions(), trim_audio_context=True)
+    for trims in (True, False):
+        ctx = ModelContext(TOKENIZER, 80, False, submit, trims_audio_context=trims)
+        asyncio.run(Transcriber(ctx).transcribe(audio, options))
+    assert frames == [800, N_FRAMES]
