@@ -313,8 +313,7 @@ class WhisperRunner:
         b, h, t, dh = cq.shape
         if runs is None:
             return F.scaled_dot_product_attention(cq, *self._cross_kv(layer, start, start + b))
-        out = cq.new_zeros(b, h, t, dh) if sum(run[1] for run in runs) != b else None
-        parts: list[Tensor] = []
+        out: Tensor | None = None
         for offset, n, g, n_audio in runs:
             k, v = self._cross_kv(layer, start + offset, start + offset + n, g, n_audio)
             q = cq[offset : offset + n]
@@ -323,13 +322,13 @@ class WhisperRunner:
             a = F.scaled_dot_product_attention(q, k, v)
             if g > 1:
                 a = a.view(n // g, h, g, t, dh).transpose(1, 2).reshape(n, h, t, dh)
+            if n == b:  # one run over every row: the common case needs no copy
+                return a
             if out is None:
-                parts.append(a)
-            else:
-                out[offset : offset + n] = a
-        if out is not None:
-            return out
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+                out = cq.new_zeros(b, h, t, dh)
+            out[offset : offset + n] = a
+        assert out is not None, "cross_runs must not be empty"
+        return out
 
     @torch.inference_mode()
     def decode(self, tokens: Tensor, positions: Tensor, start: int, kv_len: int,

@@ -128,8 +128,6 @@ class DecodeLoop:
                                                     [w.start for w in same])
             for i, w in enumerate(same):
                 w.n_audio = features.shape[1]
-                if w.n_rows > 1 and not self.engine.cross_in_first_row:  # beams / samples share it
-                    self.engine.copy_rows([w.start] * (w.n_rows - 1), list(w.rows)[1:], 0, cross=True)
                 if w.task.keep_audio_features:
                     w.audio_features = features[i : i + 1].clone()
         for w in placed:
@@ -184,7 +182,8 @@ class DecodeLoop:
         """Feed each new window's prompt; return its last-position logits [n_rows, V] by id().
 
         A window's rows all start from the same prompt, so only its first row is fed and the
-        resulting self-attention K/V are copied to the others.
+        resulting self-attention K/V (and, where the engine reads cross-attention K/V per row,
+        those too) are copied to the others.
         """
         out: dict[int, Tensor] = {}
         # Adjacent windows with equal prompt length go through the engine together.
@@ -208,8 +207,9 @@ class DecodeLoop:
                     self.tokenizer.no_speech].item()
                 out[id(w)] = logits[k, -1:].expand(w.n_rows, -1)
                 w.position = plen
-                if w.n_rows > 1:
-                    self.engine.copy_rows([w.start] * (w.n_rows - 1), list(w.rows)[1:], plen, cross=False)
+                if w.n_rows > 1:  # the beams / samples start from the first row's state
+                    self.engine.copy_rows([w.start] * (w.n_rows - 1), list(w.rows)[1:], plen,
+                                          cross=not self.engine.cross_in_first_row)
             i = j
         return out
 
