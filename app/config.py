@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     # Runtime (mapped onto app.runtime.RuntimeOptions)
     device: str = "auto"
     compute_dtype: Literal["float32", "float16", "bfloat16"] | None = None
-    max_batch_size: int = Field(32, ge=1)
+    max_batch_size: int | None = Field(None, ge=1)  # None: 160 on CPU, 32 on CUDA
     max_queue_windows: int = Field(1024, ge=1)
     batch_wait_ms: float = Field(5.0, ge=0)
     max_encode_batch: int = Field(8, ge=1)

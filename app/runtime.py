@@ -37,7 +37,9 @@ log = logging.getLogger(__name__)
 class RuntimeOptions:
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     compute_dtype: str | None = None  # None: float16 on CUDA, float32 on CPU
-    max_batch_size: int = 32  # decoder rows in one step (beam hypotheses count as rows)
+    # decoder rows in one step (beam hypotheses count as rows); None: the device's default
+    # (app.engine.torch_engine.DEFAULT_MAX_ROWS)
+    max_batch_size: int | None = None
     max_queue_windows: int = 1024  # admission bound; beyond it transcribe() raises QueueFullError
     batch_wait_ms: float = 5.0  # how long the idle scheduler waits to grow a first batch
     max_encode_batch: int = 8  # windows encoded together when joining a running batch

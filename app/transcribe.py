@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--word-timestamps", action="store_true")
     p.add_argument("--vad", action="store_true", help="cut long audio at pauses and decode chunks together")
     p.add_argument("--prompt", default=None, help="initial prompt")
-    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--max-batch-size", type=int, default=None, help="decoder rows per step (default: the device's)")
     return p.parse_args(argv)
 
 

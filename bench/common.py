@@ -290,7 +290,7 @@ def fw_transcribe(model: Any, audio: np.ndarray, settings: str) -> FileResult:
 def load_ours(model: str) -> ModelRuntime:
     from app.runtime import RuntimeOptions, load_runtime
 
-    return load_runtime(engine_dir(model), RuntimeOptions(device="cpu", max_batch_size=32, warmup=True))
+    return load_runtime(engine_dir(model), RuntimeOptions(device="cpu", warmup=True))
 
 
 async def ours_transcribe_all(runtime: ModelRuntime, audio: Sequence[np.ndarray], settings: str,

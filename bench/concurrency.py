@@ -1,5 +1,11 @@
 """Service concurrency benchmark: the dev clips one at a time, then from 32 concurrent clients.
 
+Two concurrent measurements follow the sequential one: (1) the same clips once, from N clients
+taking the next clip from a shared list (its wall time includes the ramp-up and the drain, when
+the last long files decode window after window with little else to batch with); (2) sustained
+load: N clients sending clip after clip, counting the audio of the requests that complete inside
+a measuring window after a warm-up, the throughput a busy service keeps up.
+
 Starts `whisper-serve` on a free loopback port (or uses --url, loopback only), sends every
 clip sequentially, then the same clips from N concurrent clients (httpx.AsyncClient), checks
 that both runs produced identical transcripts, and prints a table (requests, audio seconds,
@@ -145,6 +151,47 @@ async def run_clips(
     return Run(name, texts, latencies, wall, sum(c.duration for c in clips))
 
 
+async def run_sustained(
+    url: str,
+    clips: Sequence[Clip],
+    audio: Sequence[bytes],
+    *,
+    model: str,
+    concurrency: int,
+    request_timeout: float,
+    warmup_s: float,
+    measure_s: float,
+) -> tuple[Run, list[tuple[str, str]]]:
+    """Closed-loop load: each client sends clip after clip (client i starts at clip i * n / N) until
+    warm-up + measure seconds have passed. Counts the audio of the requests that *complete* inside
+    the measuring window [warm-up, warm-up + measure), so the ramp-up at the start and the drain
+    of the last long requests at the end are both left out: the service's steady throughput.
+    Returns the run (texts of every completed request) and (clip id, text) of each completion."""
+    done: list[tuple[str, str]] = []
+    latencies: list[float] = []
+    counted_audio = 0.0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=request_timeout, limits=limits) as client:
+        started = time.perf_counter()
+        window = (started + warmup_s, started + warmup_s + measure_s)
+
+        async def worker(first: int) -> None:
+            nonlocal counted_audio
+            index = first
+            while time.perf_counter() < window[1]:
+                clip = clips[index % len(clips)]
+                text, latency = await _transcribe(client, clip, audio[index % len(clips)], model)
+                finished = time.perf_counter()
+                done.append((clip.id, text))
+                if window[0] <= finished < window[1]:
+                    counted_audio += clip.duration
+                    latencies.append(latency)
+                index += 1
+
+        await asyncio.gather(*(worker(i * len(clips) // concurrency) for i in range(concurrency)))
+    return Run(f"sustained({concurrency})", dict(done), latencies, measure_s, counted_audio), done
+
+
 def scrape(url: str) -> str:
     return httpx.get(f"{url}/metrics", timeout=30).text
 
@@ -232,23 +279,32 @@ async def benchmark(url: str, clips: Sequence[Clip], args: argparse.Namespace) -
         **options,
     )
     after = batch_histogram(scrape(url), args.model)
+    sustained_completions: list[tuple[str, str]] = []
+    if args.sustained > 0:
+        sustained, sustained_completions = await run_sustained(
+            url, clips, audio, concurrency=args.concurrency, warmup_s=args.sustained_warmup,
+            measure_s=args.sustained, **options)
 
     print(f"\n{len(clips)} clips, {sequential.audio_s:.1f} s of audio, model {args.model}, {url}")
     print_table([sequential, concurrent])
     print_histogram(before, after)
+    if args.sustained > 0:
+        print(f"\nSustained load: {args.concurrency} clients sending clip after clip; audio of the requests "
+              f"completed in a {args.sustained:g} s window after {args.sustained_warmup:g} s of warm-up "
+              f"({len(sustained.latencies)} requests, {len(sustained_completions)} completed in all)")
+        print_table([sequential, sustained])
     wer = corpus_wer(clips, sequential.texts)
     if wer is not None:
         print(f"\ncorpus WER (sequential run, normalised): {100 * wer:.2f} %")
 
     differing = [c.id for c in clips if sequential.texts[c.id] != concurrent.texts[c.id]]
+    differing += [clip_id for clip_id, text in sustained_completions if text != sequential.texts[clip_id]]
     if differing:
         print(f"\nTRANSCRIPTS DIFFER between runs for {len(differing)} clip(s):")
         for clip_id in differing[:10]:
-            print(
-                f"  {clip_id}\n    seq: {sequential.texts[clip_id]!r}\n    con: {concurrent.texts[clip_id]!r}"
-            )
+            print(f"  {clip_id}\n    seq: {sequential.texts[clip_id]!r}\n    con: {concurrent.texts[clip_id]!r}")
         return 1
-    print("\ntranscripts identical between the sequential and the concurrent run")
+    print("\ntranscripts identical between the sequential and the concurrent runs")
     return 0
 
 
@@ -268,6 +324,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--concurrency", type=int, default=32, help=f"concurrent clients (max {MAX_CONCURRENCY})"
     )
     parser.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request")
+    parser.add_argument("--sustained", type=float, default=120.0,
+                        help="seconds of the sustained-load measuring window (0: skip that run)")
+    parser.add_argument("--sustained-warmup", type=float, default=30.0,
+                        help="seconds of sustained load before the measuring window opens")
     parser.add_argument(
         "--time-limit", type=float, default=1800.0, help="seconds for the whole benchmark"
     )

@@ -183,9 +183,28 @@ def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
 
 
 def smoke() -> None:
-    """Graph replay == eager; chunked greedy == stepwise greedy; int8 kernel == dequantized SDPA."""
-    from app.engine.kernels import decode_attention
+    """Graph replay == eager; chunked greedy == stepwise greedy; int8 kernel == dequantized SDPA;
+    fused int8 quantization == the torch reference."""
+    from app.engine.kernels import decode_attention, quantize_kv_into
     from app.engine.torch_model import quantize_rows_int8
+
+    for b, t, heads, dh in ((3, 1500, 6, 64), (2, 700, 20, 64)):
+        kv = torch.randn(b, t, 2 * heads * dh, device="cuda", dtype=torch.float16) * 3
+        rows = [4, 1, 6][:b]
+        shape = (8, heads, 1500, dh)
+        k = torch.zeros(shape, device="cuda", dtype=torch.int8)
+        v = torch.zeros_like(k)
+        ks = torch.ones(*shape[:3], 1, device="cuda", dtype=torch.float16)
+        vs = torch.ones_like(ks)
+        quantize_kv_into(kv, heads, rows, k, v, ks, vs)
+        split = kv.view(b, t, 2, heads, dh).permute(2, 0, 3, 1, 4)
+        for got, got_scale, ref_src in ((k, ks, split[0]), (v, vs, split[1])):
+            ref, ref_scale = quantize_rows_int8(ref_src)
+            index = torch.tensor(rows, device="cuda")
+            diff = (got[index, :, :t].int() - ref.int()).abs()
+            print(f"quantize_kv_into B={b} T={t} H={heads}: {int((diff > 0).sum())} of {diff.numel()} values "
+                  f"differ (max {int(diff.max())}); scales equal: {torch.equal(got_scale[index, :, :t], ref_scale)}")
+            assert int(diff.max()) <= 1 and (diff > 0).float().mean().item() < 1e-3  # ties at .5 only
 
     for b, h, n in ((1, 20, 1500), (8, 6, 1500), (64, 20, 1500), (3, 6, 128)):
         q = torch.randn(b, h, 1, 64, device="cuda", dtype=torch.float16)

@@ -17,7 +17,7 @@ def test_defaults(clean_env) -> None:
     assert settings.default_model_name == "tiny.en"
     assert settings.api_key is None
     assert settings.max_upload_bytes == 25 * 1024 * 1024
-    assert settings.runtime_options.max_batch_size == 32
+    assert settings.runtime_options.max_batch_size is None  # the device's default
 
 
 def test_environment(clean_env, monkeypatch) -> None:

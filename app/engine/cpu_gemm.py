@@ -1,9 +1,11 @@
-"""oneDNN-packed float32 GEMMs for the CPU decoder.
+"""oneDNN-packed float32 GEMMs for the CPU model.
 
 torch's default CPU linear (MKL sgemm) is slow for the few-row, wide GEMMs of a decode step on
 AMD CPUs: the tiny.en output projection (5 rows x 51,864 tokens) runs at ~10 GFLOP/s. oneDNN
 with the weight reordered once into its blocked layout is 2-3x faster there (and is the GEMM
-CTranslate2 uses on the same CPUs). Packing copies each weight once, at load time.
+CTranslate2 uses on the same CPUs). Packing copies each weight once, at load time. The
+encoder's large GEMMs run as fast as MKL's, but packing lets each MLP's GELU run inside its
+first GEMM, saving a pass over the widest activations (~6 % of an encoder pass).
 """
 
 from __future__ import annotations
@@ -24,11 +26,15 @@ def pack_weight(weight: Tensor) -> Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().float().contiguous(), PACK_HINT_ROWS)
 
 
-def packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
+def packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None, gelu: bool = False) -> Tensor:
+    """x @ W.T + bias with W packed by pack_weight; gelu=True applies exact (erf) GELU in the GEMM."""
     flat = x.reshape(-1, x.shape[-1])
     if not flat.is_contiguous():
         flat = flat.contiguous()
-    out = torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "none", [], "")
+    if gelu:
+        out = torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "gelu", [], "none")
+    else:
+        out = torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "none", [], "")
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
@@ -45,9 +51,10 @@ class PackedLinear(nn.Linear):
         self.weight = linear.weight
         self.bias = linear.bias
         self.packed = pack_weight(linear.weight)
+        self.gelu = False  # set by fuse_feed_forward_gelu when the GELU after it moves inside
 
     def forward(self, x: Tensor) -> Tensor:
-        return packed_linear(x, self.packed, self.bias)
+        return packed_linear(x, self.packed, self.bias, self.gelu)
 
 
 def pack_linears(root: nn.Module) -> int:
@@ -58,4 +65,18 @@ def pack_linears(root: nn.Module) -> int:
             if type(child) is nn.Linear and child.weight.dtype == torch.float32:
                 setattr(parent, name, PackedLinear(child))
                 count += 1
+    return count
+
+
+def fuse_feed_forward_gelu(root: nn.Module) -> int:
+    """In every MLP under `root` whose first linear is packed, run its GELU as that GEMM's
+    oneDNN post-op (one pass over the activations instead of two); returns how many."""
+    count = 0
+    for module in root.modules():
+        mlp1 = getattr(module, "mlp1", None)
+        if isinstance(mlp1, PackedLinear) and isinstance(getattr(module, "mlp_act", None), nn.GELU) \
+                and module.mlp_act.approximate == "none":
+            mlp1.gelu = True
+            module.mlp_act = nn.Identity()
+            count += 1
     return count

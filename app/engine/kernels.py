@@ -13,6 +13,7 @@ and the self-attention cache. This kernel
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -86,6 +87,56 @@ if HAVE_TRITON:
         tl.store(acc_ptr + row * HEAD_DIM + r[:, None] * 0 + d[None, :], acc, mask=first[:, None])
 
     @triton.jit
+    def _decode_attention_partial_fma(
+        q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, len_ptr, m_ptr, l_ptr, acc_ptr,
+        stride_qb, stride_qh,
+        stride_kb, stride_kh, stride_kt,
+        stride_vb, stride_vh, stride_vt,
+        stride_sb, stride_sh,
+        n_keys, keys_per_split, n_splits, sm_scale,
+        HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_LEN: tl.constexpr,
+    ):
+        # The same partial attention with CUDA-core multiply-adds instead of a padded tensor-core
+        # tile: no layout conversion of the (int8) K/V tiles through shared memory.
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        split = tl.program_id(2)
+        n_heads = tl.num_programs(1)
+        limit = n_keys
+        if HAS_LEN:
+            limit = tl.minimum(tl.load(len_ptr + b).to(tl.int32), n_keys)
+        begin = split * keys_per_split
+        end = tl.minimum(begin + keys_per_split, limit)
+        d = tl.arange(0, HEAD_DIM)
+        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + d).to(tl.float32) * sm_scale
+        m_i = -float("inf")
+        l_i = 0.0
+        acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+        for start in range(begin, end, BLOCK):
+            t = start + tl.arange(0, BLOCK)
+            valid = t < end
+            k = tl.load(k_ptr + b * stride_kb + h * stride_kh + t[:, None] * stride_kt + d[None, :],
+                        mask=valid[:, None], other=0).to(tl.float32)
+            s = tl.sum(k * q[None, :], axis=1)  # [BLOCK]
+            if HAS_SCALE:
+                s = s * tl.load(ks_ptr + b * stride_sb + h * stride_sh + t, mask=valid, other=0.0).to(tl.float32)
+            s = tl.where(valid, s, -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))
+            p = tl.exp(s - m_new)
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            if HAS_SCALE:
+                p = p * tl.load(vs_ptr + b * stride_sb + h * stride_sh + t, mask=valid, other=0.0).to(tl.float32)
+            v = tl.load(v_ptr + b * stride_vb + h * stride_vh + t[:, None] * stride_vt + d[None, :],
+                        mask=valid[:, None], other=0).to(tl.float32)
+            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            m_i = m_new
+        row = (b * n_heads + h) * n_splits + split
+        tl.store(m_ptr + row, m_i)
+        tl.store(l_ptr + row, l_i)
+        tl.store(acc_ptr + row * HEAD_DIM + d, acc)
+
+    @triton.jit
     def _decode_attention_combine(m_ptr, l_ptr, acc_ptr, o_ptr, stride_ob, stride_oh, n_splits,
                                   HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
         b = tl.program_id(0)
@@ -104,6 +155,60 @@ if HAVE_TRITON:
         tl.store(o_ptr + b * stride_ob + h * stride_oh + d, out.to(o_ptr.dtype.element_ty))
 
 
+    @triton.jit
+    def _quantize_kv(src_ptr, rows_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr,
+                     stride_sb, stride_st, stride_cr, stride_ch, stride_ct, stride_sr, stride_sh,
+                     n_t, D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr):
+        # One program: BLOCK_T audio positions of one head of one window, K and V. Reads the
+        # cross-KV GEMM output once and writes int8 values + one fp16 scale per vector.
+        b = tl.program_id(0)
+        t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+        h = tl.program_id(2)
+        d = tl.arange(0, HEAD_DIM)
+        valid = t < n_t
+        row = tl.load(rows_ptr + b)
+        for which in tl.static_range(2):
+            x = tl.load(src_ptr + b * stride_sb + t[:, None] * stride_st + which * D + h * HEAD_DIM + d[None, :],
+                        mask=valid[:, None], other=0.0).to(tl.float32)
+            scale = (tl.maximum(tl.max(tl.abs(x), axis=1), 1e-8) / 127.0).to(tl.float16)
+            q = tl.math.div_rn(x, tl.broadcast_to(scale.to(tl.float32)[:, None], x.shape))  # IEEE, as torch
+            # round half to even, as torch.round: floor(q + 0.5), minus one on exact odd ties
+            r = tl.floor(q + 0.5)
+            r = tl.where((r - q == 0.5) & (r % 2 != 0), r - 1.0, r)
+            r = tl.minimum(tl.maximum(r, -127.0), 127.0).to(tl.int8)
+            dst = row * stride_cr + h * stride_ch + t[:, None] * stride_ct + d[None, :]
+            sdst = row * stride_sr + h * stride_sh + t
+            if which == 0:
+                tl.store(k_ptr + dst, r, mask=valid[:, None])
+                tl.store(ks_ptr + sdst, scale, mask=valid)
+            else:
+                tl.store(v_ptr + dst, r, mask=valid[:, None])
+                tl.store(vs_ptr + sdst, scale, mask=valid)
+
+
+def can_quantize_kv(x: Tensor) -> bool:
+    """Whether quantize_kv_into runs on x (fp16 on a CUDA device with Triton)."""
+    return HAVE_TRITON and x.is_cuda and x.dtype == torch.float16
+
+
+def quantize_kv_into(kv: Tensor, heads: int, rows: list[int], k: Tensor, v: Tensor, k_scale: Tensor,
+                     v_scale: Tensor) -> None:
+    """kv [B, T, 2d] (K then V, fp16) -> int8 k, v [R, H, T', dh] and fp16 scales [R, H, T', 1]
+    at cache rows `rows`, positions [0, T): torch_model.quantize_rows_int8 in one pass."""
+    b, t, two_d = kv.shape
+    d = two_d // 2
+    dh = d // heads
+    if kv.stride(-1) != 1:
+        kv = kv.contiguous()
+    row_index = torch.tensor(rows, device=kv.device, dtype=torch.int64)
+    block_t = 32
+    _quantize_kv[(b, triton.cdiv(t, block_t), heads)](
+        kv, row_index, k, v, k_scale, v_scale,
+        kv.stride(0), kv.stride(1), k.stride(0), k.stride(1), k.stride(2), k_scale.stride(0), k_scale.stride(1),
+        t, D=d, HEAD_DIM=dh, BLOCK_T=block_t, num_warps=4,
+    )
+
+
 def _splits(batch: int, heads: int, n_keys: int, block: int, sm_count: int) -> int:
     """Enough programs to fill the GPU twice over, never splits shorter than one block."""
     wanted = max(1, math.ceil(2 * sm_count / (batch * heads)))
@@ -113,8 +218,34 @@ def _splits(batch: int, heads: int, n_keys: int, block: int, sm_count: int) -> i
 _SM_COUNT: dict[int, int] = {}
 
 
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile shape and launch parameters of the partial kernel; min_splits forces key splits."""
+
+    block: int = 128
+    num_warps: int = 4
+    num_stages: int = 3
+    min_splits: int = 1
+    use_dot: bool = True  # tensor-core tile (padded query) or CUDA-core multiply-adds
+
+
+INT8_CONFIG = KernelConfig(block=64, num_warps=2, num_stages=3, use_dot=False)
+
+# Candidates measured by bench/gpu_attention.py.
+INT8_CONFIGS_TO_TRY = tuple(
+    KernelConfig(block, warps, stages, splits, use_dot)
+    for block, warps, stages, splits, use_dot in (
+        (128, 4, 3, 1, True), (128, 4, 3, 2, True),
+        (64, 4, 3, 1, False), (128, 4, 3, 1, False), (128, 8, 3, 1, False), (256, 8, 3, 1, False),
+        (64, 2, 3, 1, False), (128, 4, 4, 2, False), (64, 4, 4, 2, False), (256, 4, 2, 1, False),
+        (128, 2, 3, 1, False), (32, 2, 4, 1, False),
+    )
+)
+
+
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, k_scale: Tensor | None = None,
-                     v_scale: Tensor | None = None, lengths: Tensor | None = None) -> Tensor:
+                     v_scale: Tensor | None = None, lengths: Tensor | None = None,
+                     config: KernelConfig | None = None) -> Tensor:
     """q [B, H, 1, dh]; k, v [B, H, T, dh] (fp16/bf16/fp32, or int8 with scales [B, H, T, 1]);
     lengths [B]: keys per row (None: all T). Returns [B, H, 1, dh] in q's dtype."""
     b, h, tq, dh = q.shape
@@ -124,11 +255,16 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, k_scale: Tensor | None 
     device = q.device.index or 0
     if device not in _SM_COUNT:
         _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    if k_scale is None and lengths is None and b * h >= 4 * _SM_COUNT[device] and q.dtype != torch.float32:
+    if config is None and k_scale is None and lengths is None and b * h >= 4 * _SM_COUNT[device] \
+            and q.dtype != torch.float32:
         # plenty of (row, head) pairs to fill the GPU: the flash kernel needs no split
         return torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    block = 128 if n_keys >= 1024 else 64
-    splits = _splits(b, h, n_keys, block, _SM_COUNT[device])
+    if config is None:
+        # int8: CUDA-core multiply-adds on small tiles read fastest (bench/gpu_attention.py on an
+        # H100, B=64 x 20 heads x 1500 keys: 118 us vs 130 us for the tensor-core tile)
+        config = INT8_CONFIG if k_scale is not None else KernelConfig(block=128 if n_keys >= 1024 else 64)
+    block = config.block
+    splits = max(config.min_splits, _splits(b, h, n_keys, block, _SM_COUNT[device]))
     keys_per_split = math.ceil(math.ceil(n_keys / splits) / block) * block
     splits = math.ceil(n_keys / keys_per_split)
     m = torch.empty(b * h * splits, device=q.device, dtype=torch.float32)
@@ -137,15 +273,16 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, k_scale: Tensor | None 
     has_scale = k_scale is not None
     ks = k_scale if has_scale else q
     vs = v_scale if has_scale else q
-    _decode_attention_partial[(b, h, splits)](
+    partial = _decode_attention_partial if config.use_dot else _decode_attention_partial_fma
+    partial[(b, h, splits)](
         q, k, v, ks, vs, lengths if lengths is not None else q, m, l_, acc,
         q.stride(0), q.stride(1),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         ks.stride(0) if has_scale else 0, ks.stride(1) if has_scale else 0,
         n_keys, keys_per_split, splits, 1.0 / math.sqrt(dh),
-        HEAD_DIM=dh, BLOCK=block, HAS_SCALE=has_scale, HAS_LEN=lengths is not None, num_warps=4,
-        num_stages=3,
+        HEAD_DIM=dh, BLOCK=block, HAS_SCALE=has_scale, HAS_LEN=lengths is not None,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     out = torch.empty(b, h, 1, dh, device=q.device, dtype=q.dtype)
     _decode_attention_combine[(b, h)](m, l_, acc, out, out.stride(0), out.stride(1), splits,

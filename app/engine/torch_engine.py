@@ -111,7 +111,7 @@ class TorchEngine:
     def encode_into_rows(self, mel: Tensor, rows: list[int]) -> Tensor:
         with torch.inference_mode():
             features = self.runner.encode(mel.to(self.device, self.dtype))
-            self.runner.write_cross_kv(features, torch.tensor(rows, device=self.device))
+            self.runner.write_cross_kv(features, rows)
         return features
 
     def decode(self, tokens: Tensor, positions: Tensor, start: int, kv_len: int,
@@ -132,8 +132,14 @@ class TorchEngine:
         return self.runner.cross_attention_weights(tokens.to(self.device), audio_features, heads)
 
 
+# Decoder rows per step when not configured. CPU: 32 windows of 5 beams; a decode step there is
+# GEMM-bound only from ~100 rows on, and its caches cost memory only for rows in use. CUDA: every
+# row holds its own cross-attention K/V (246 MB per row for large-v3 in fp16), committed up front.
+DEFAULT_MAX_ROWS = {"cpu": 160, "cuda": 32}
+
+
 def load_engine(engine_dir: str | Path, *, device: str = "auto", compute_dtype: str | None = None,
-                max_rows: int = 32, int8_cross_kv: bool = False, cuda_graphs: bool = True) -> TorchEngine:
+                max_rows: int | None = None, int8_cross_kv: bool = False, cuda_graphs: bool = True) -> TorchEngine:
     engine_dir = Path(engine_dir)
     config = load_engine_config(engine_dir)
     if config.backend == "trtllm":
@@ -142,6 +148,7 @@ def load_engine(engine_dir: str | Path, *, device: str = "auto", compute_dtype: 
         load_trtllm_engine(engine_dir, config)
     dev = resolve_device(device)
     dtype = resolve_dtype(dev, compute_dtype)
+    max_rows = max_rows or DEFAULT_MAX_ROWS.get(dev.type, 32)
     if dev.type == "cpu" and dtype != torch.float32:
         log.warning("compute dtype %s on CPU is slow; float32 is recommended", dtype)
     engine = TorchEngine(engine_dir, config, dev, dtype, max_rows, int8_cross_kv)

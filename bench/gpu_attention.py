@@ -1,0 +1,92 @@
+"""Decode-attention kernels alone: effective K/V read bandwidth of each variant on this GPU.
+
+One query token per (row, head) over T cached keys, the decoder's cross-attention at batch B
+(large-v3: 20 heads x 1500 positions x 64). Prints microseconds per call and GB/s of K/V bytes
+read, for cuDNN/flash SDPA in fp16 and our Triton kernel in fp16 and int8 at several tile
+configurations, so the int8 path can be tuned against the fp16 one it must beat.
+
+    python bench/gpu_attention.py --batch 64 --heads 20 --keys 1500
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from app.engine import kernels  # noqa: E402
+from app.engine.torch_model import quantize_rows_int8  # noqa: E402
+
+
+def time_us(fn, iters: int = 50) -> float:
+    for _ in range(5):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / iters
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--heads", type=int, default=20)
+    p.add_argument("--keys", type=int, default=1500)
+    p.add_argument("--head-dim", type=int, default=64)
+    args = p.parse_args()
+    b, h, t, dh = args.batch, args.heads, args.keys, args.head_dim
+    torch.manual_seed(0)
+    q = torch.randn(b, h, 1, dh, device="cuda", dtype=torch.float16)
+    k = torch.randn(b, h, t, dh, device="cuda", dtype=torch.float16)
+    v = torch.randn(b, h, t, dh, device="cuda", dtype=torch.float16)
+    k8, ks = quantize_rows_int8(k)
+    v8, vs = quantize_rows_int8(v)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    fp16_bytes = 2 * k.numel() * 2
+    int8_bytes = 2 * k.numel() + 2 * ks.numel() * ks.element_size()
+    rows = []
+
+    def add(name: str, fn, nbytes: int) -> None:
+        out = fn()
+        err = (out.float() - ref.float()).abs().max().item()
+        us = time_us(fn)
+        rows.append((name, us, nbytes / us / 1e3, err))
+
+    add("SDPA fp16", lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), fp16_bytes)
+    for cfg in kernels.INT8_CONFIGS_TO_TRY:
+        add(f"triton fp16 {cfg}", lambda cfg=cfg: kernels.decode_attention(q, k, v, config=cfg), fp16_bytes)
+        add(f"triton int8 {cfg}", lambda cfg=cfg: kernels.decode_attention(q, k8, v8, k_scale=ks, v_scale=vs,
+                                                                         config=cfg), int8_bytes)
+    add("triton int8 default", lambda: kernels.decode_attention(q, k8, v8, k_scale=ks, v_scale=vs), int8_bytes)
+    kv = torch.randn(b, t, 2 * h * dh, device="cuda", dtype=torch.float16)
+    cache = [torch.zeros(b, h, t, dh, device="cuda", dtype=torch.int8) for _ in range(2)]
+    scales = [torch.ones(b, h, t, 1, device="cuda", dtype=torch.float16) for _ in range(2)]
+    rows_list = list(range(b))
+
+    def torch_quantize() -> None:
+        split = kv.view(b, t, 2, h, dh).permute(2, 0, 3, 1, 4)
+        for i in range(2):
+            values, scale = quantize_rows_int8(split[i])
+            cache[i][:, :, :t], scales[i][:, :, :t] = values, scale
+
+    quantize_rows = [("quantize: torch ops", time_us(torch_quantize, 10)),
+                     ("quantize: fused kernel", time_us(lambda: kernels.quantize_kv_into(
+                         kv, h, rows_list, cache[0], cache[1], scales[0], scales[1]), 10))]
+    print(f"{torch.cuda.get_device_name()}  B={b} H={h} T={t} dh={dh}")
+    for name, us in quantize_rows:
+        print(f"{name:<48}{us:>9.1f}{2 * kv.numel() * 1.5 / us / 1e3:>9.0f}")
+    print(f"{'kernel':<48}{'us':>9}{'GB/s':>9}{'max err':>10}")
+    for name, us, gbs, err in rows:
+        print(f"{name:<48}{us:>9.1f}{gbs:>9.0f}{err:>10.4f}")
+
+
+if __name__ == "__main__":
+    main()
