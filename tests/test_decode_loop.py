@@ -562,3 +562,28 @@ def test_trimmed_window_attends_only_to_its_own_audio(engine: TorchEngine, alone
                                              trimmed.audio_features)
     for spec, task in zip(full_specs, full, strict=True):
         assert_same(results[id(task)], alone(spec))
+
+
+# --- retries at a higher temperature reuse the encoder output -----------------------------------
+
+
+@pytest.mark.parametrize("options", [GREEDY, BEAM], ids=["greedy", "beam3"])
+def test_window_with_known_features_is_not_encoded_again(engine: TorchEngine, alone: Alone,
+                                                         options: WindowOptions,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = Spec(5, options, tokens(2))
+    first = spec.task(keep_features=True)
+    loop = DecodeLoop(engine, TOKENIZER)
+    features = drain(loop, loop.admit([first]))[id(first)].audio_features
+    assert features is not None
+    encoded: list[int] = []
+    real_encode = engine.encode_into_rows
+    monkeypatch.setattr(engine, "encode_into_rows", lambda mel, rows: encoded.append(len(rows)) or
+                        real_encode(mel, rows))
+    retry = replace(spec.task(keep_features=True), audio_features=features)
+    other = Spec(6, GREEDY).task()  # encoded in the same admission
+    results = drain(loop, loop.admit([retry, other]))
+    assert encoded == [1]  # only `other`
+    assert_same(results[id(retry)], alone(spec))
+    assert results[id(retry)].audio_features is features
+    assert_same(results[id(other)], alone(Spec(6, GREEDY)))

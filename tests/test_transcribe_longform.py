@@ -164,6 +164,20 @@ def test_fallback_on_high_compression_ratio() -> None:
     assert outcome.temperature == 0.2 and outcome.result.tokens == DIVERSE
 
 
+def test_fallback_retries_reuse_the_first_encoder_output() -> None:
+    features = torch.ones(1, 1500, 4)
+    script = {t: replace(result(REPETITIVE, -0.05), audio_features=features) for t in TEMPERATURES}
+    script[0.4] = replace(result(DIVERSE, -0.4), audio_features=features)
+    submit = ScriptedSubmit(script)
+    ctx = ModelContext(TOKENIZER, 80, False, submit)
+    opts = TranscribeOptions()
+    outcome = asyncio.run(decode_with_fallback(ctx, torch.zeros(80, N_FRAMES), [], opts, opts.window, False))
+    assert submit.temperatures == [0.0, 0.2, 0.4]
+    assert submit.tasks[0].audio_features is None and submit.tasks[0].keep_audio_features
+    assert all(t.audio_features is features for t in submit.tasks[1:])
+    assert outcome.result.audio_features is None  # not kept for the caller: not asked for
+
+
 def test_fallback_on_low_average_logprob() -> None:
     script = dict.fromkeys(TEMPERATURES, result(DIVERSE, -0.5))
     script[0.0] = result(DIVERSE, -1.2)

@@ -81,9 +81,17 @@ async def decode_with_fallback(ctx: ModelContext, mel: Tensor, previous: list[in
     attempts: list[DecodeOutcome] = []
     below_cr: list[DecodeOutcome] = []
     outcome: DecodeOutcome | None = None
-    for temperature in options.temperatures:
+    # A retry at a higher temperature reuses the first attempt's encoder output (on a CPU the
+    # encoder is most of a window's cost), so every attempt but the last keeps it.
+    features: Tensor | None = None
+    for i, temperature in enumerate(options.temperatures):
+        last = i == len(options.temperatures) - 1
         result = await ctx.submit(WindowTask(mel, replace(window, temperature=temperature), previous,
-                                             keep_audio_features=keep_features))
+                                             keep_audio_features=keep_features or not last,
+                                             audio_features=features))
+        features = result.audio_features
+        if not keep_features:
+            result = replace(result, audio_features=None)
         text = ctx.tokenizer.decode(result.tokens).strip()
         outcome = DecodeOutcome(result, result.avg_logprob, temperature, compression_ratio(text))
         attempts.append(outcome)

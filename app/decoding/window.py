@@ -18,8 +18,11 @@ class WindowTask:
     previous_tokens: list[int] = field(default_factory=list)
     #: filled in by the scheduler/decode loop; opaque to callers
     handle: object | None = None
-    #: keep the encoder output (needed for word timestamps)
+    #: keep the encoder output (word timestamps; a retry at a higher temperature)
     keep_audio_features: bool = False
+    #: the encoder output of `mel` from an earlier attempt ([1, positions, d]): the window is
+    #: not encoded again, only its cross-attention K/V are recomputed from these
+    audio_features: Tensor | None = None
 
 
 @dataclass

@@ -24,6 +24,10 @@ class Engine(Protocol):
         """Encode mel [B, n_mels, frames <= 3000]; write cross-attention K/V into `rows`; return features."""
         ...
 
+    def features_into_rows(self, features: Tensor, rows: list[int]) -> None:
+        """Write cross-attention K/V of already encoded windows (features [B, positions, d]) into `rows`."""
+        ...
+
     def decode(self, tokens: Tensor, positions: Tensor, start: int, kv_len: int,
                uniform_position: bool = False,
                cross_runs: list[tuple[int, int, int, int]] | None = None) -> Tensor:

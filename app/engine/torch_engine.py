@@ -114,6 +114,10 @@ class TorchEngine:
             self.runner.write_cross_kv(features, rows)
         return features
 
+    def features_into_rows(self, features: Tensor, rows: list[int]) -> None:
+        with torch.inference_mode():
+            self.runner.write_cross_kv(features.to(self.device, self.dtype), rows)
+
     def decode(self, tokens: Tensor, positions: Tensor, start: int, kv_len: int,
                uniform_position: bool = False, cross_runs: CrossRuns | None = None) -> Tensor:
         if self.graphs is not None and start == 0 and tokens.shape[1] == 1:

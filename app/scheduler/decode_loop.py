@@ -121,8 +121,12 @@ class DecodeLoop:
         if not placed:
             return []
         by_frames: dict[int, list[ActiveWindow]] = {}
+        by_positions: dict[int, list[ActiveWindow]] = {}
         for w in placed:  # windows with a trimmed audio context are shorter: encode by length
-            by_frames.setdefault(w.task.mel.shape[-1], []).append(w)
+            if w.task.audio_features is not None:  # a retry: encoded already
+                by_positions.setdefault(w.task.audio_features.shape[1], []).append(w)
+            else:
+                by_frames.setdefault(w.task.mel.shape[-1], []).append(w)
         for same in by_frames.values():
             features = self.engine.encode_into_rows(torch.stack([w.task.mel for w in same]),
                                                     [w.start for w in same])
@@ -130,6 +134,13 @@ class DecodeLoop:
                 w.n_audio = features.shape[1]
                 if w.task.keep_audio_features:
                     w.audio_features = features[i : i + 1].clone()
+        for same in by_positions.values():
+            known = [w.task.audio_features for w in same]
+            self.engine.features_into_rows(torch.cat(known), [w.start for w in same])  # type: ignore[arg-type]
+            for w in same:
+                w.n_audio = w.task.audio_features.shape[1]  # type: ignore[union-attr]
+                if w.task.keep_audio_features:
+                    w.audio_features = w.task.audio_features
         for w in placed:
             self._prepare(w)
         finished: list[ActiveWindow] = []
