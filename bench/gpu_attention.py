@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -41,6 +42,7 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=20)
     p.add_argument("--keys", type=int, default=1500)
     p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--all-configs", action="store_true", help="also every tile shape in kernels.INT8_CONFIGS_TO_TRY")
     args = p.parse_args()
     b, h, t, dh = args.batch, args.heads, args.keys, args.head_dim
     torch.manual_seed(0)
@@ -61,7 +63,10 @@ def main() -> None:
         rows.append((name, us, nbytes / us / 1e3, err))
 
     add("SDPA fp16", lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), fp16_bytes)
-    for cfg in kernels.INT8_CONFIGS_TO_TRY:
+    configs = list(kernels.INT8_CONFIGS_TO_TRY) if args.all_configs else []
+    configs += [kernels.KernelConfig(128, 4, 3, s) for s in (1, 2, 3, 4, 6, 8)]
+    configs += [replace(kernels.INT8_CONFIG, min_splits=s) for s in (1, 2, 3, 4, 6, 8)]
+    for cfg in configs:
         add(f"triton fp16 {cfg}", lambda cfg=cfg: kernels.decode_attention(q, k, v, config=cfg), fp16_bytes)
         add(f"triton int8 {cfg}", lambda cfg=cfg: kernels.decode_attention(q, k8, v8, k_scale=ks, v_scale=vs,
                                                                          config=cfg), int8_bytes)

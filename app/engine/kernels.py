@@ -209,9 +209,9 @@ def quantize_kv_into(kv: Tensor, heads: int, rows: list[int], k: Tensor, v: Tens
     )
 
 
-def _splits(batch: int, heads: int, n_keys: int, block: int, sm_count: int) -> int:
-    """Enough programs to fill the GPU twice over, never splits shorter than one block."""
-    wanted = max(1, math.ceil(2 * sm_count / (batch * heads)))
+def _splits(batch: int, heads: int, n_keys: int, block: int, sm_count: int, per_sm: int) -> int:
+    """Enough programs for `per_sm` per SM, never splits shorter than one block."""
+    wanted = max(1, math.ceil(per_sm * sm_count / (batch * heads)))
     return max(1, min(wanted, math.ceil(n_keys / block), 32))
 
 
@@ -227,9 +227,12 @@ class KernelConfig:
     num_stages: int = 3
     min_splits: int = 1
     use_dot: bool = True  # tensor-core tile (padded query) or CUDA-core multiply-adds
+    programs_per_sm: int = 2  # key splits until (rows x heads x splits) reaches this per SM
 
 
-INT8_CONFIG = KernelConfig(block=64, num_warps=2, num_stages=3, use_dot=False)
+# Two-warp programs need many in flight to stream int8 K/V: with 16 per SM, B=64 x 6 heads runs in
+# 57 us instead of 80, B=64 x 12 heads in 78 instead of 92 (H100).
+INT8_CONFIG = KernelConfig(block=64, num_warps=2, num_stages=3, use_dot=False, programs_per_sm=16)
 
 # Candidates measured by bench/gpu_attention.py.
 INT8_CONFIGS_TO_TRY = tuple(
@@ -255,16 +258,19 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, k_scale: Tensor | None 
     device = q.device.index or 0
     if device not in _SM_COUNT:
         _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    if config is None and k_scale is None and lengths is None and b * h >= 4 * _SM_COUNT[device] \
-            and q.dtype != torch.float32:
-        # plenty of (row, head) pairs to fill the GPU: the flash kernel needs no split
+    if config is None and k_scale is None and lengths is None and q.dtype != torch.float32 \
+            and b * h >= _SM_COUNT[device]:
+        # fp16/bf16 K/V read whole (cross-attention) with a (row, head) pair per SM or more:
+        # cuDNN's kernel reads them faster than ours (bench/gpu_attention.py, H100: 54 vs 61 us
+        # at B=64 x 6 heads, 47 vs 57 us at B=16 x 20 heads, 103 vs 109 us at B=64 x 12 heads).
+        # Fewer pairs (one window of a large model) need the key splits below to fill the GPU.
         return torch.nn.functional.scaled_dot_product_attention(q, k, v)
     if config is None:
         # int8: CUDA-core multiply-adds on small tiles read fastest (bench/gpu_attention.py on an
         # H100, B=64 x 20 heads x 1500 keys: 118 us vs 130 us for the tensor-core tile)
         config = INT8_CONFIG if k_scale is not None else KernelConfig(block=128 if n_keys >= 1024 else 64)
     block = config.block
-    splits = max(config.min_splits, _splits(b, h, n_keys, block, _SM_COUNT[device]))
+    splits = max(config.min_splits, _splits(b, h, n_keys, block, _SM_COUNT[device], config.programs_per_sm))
     keys_per_split = math.ceil(math.ceil(n_keys / splits) / block) * block
     splits = math.ceil(n_keys / keys_per_split)
     m = torch.empty(b * h * splits, device=q.device, dtype=torch.float32)
