@@ -9,6 +9,9 @@ import json
 import sys
 from pathlib import Path
 
+# one colour per implementation in every panel
+COLORS = {"ours fp16": "tab:blue", "ours fp16 + int8 cross-K/V": "tab:cyan", "HF transformers": "tab:orange",
+          "openai-whisper": "tab:green"}
 
 def main() -> None:
     import matplotlib
@@ -24,7 +27,8 @@ def main() -> None:
     for ax, shape in zip(axes[0], shapes, strict=True):
         for impl in dict.fromkeys(r["impl"] for r in rows if r["shape"] == shape):
             points = sorted((r["B"], r["rtfx"]) for r in rows if r["shape"] == shape and r["impl"] == impl)
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=impl)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=impl,
+                    color=COLORS.get(impl))
         ax.set(title=shape, xscale="log", yscale="log", xlabel="batch size (windows)", ylabel="RTFx")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
