@@ -202,11 +202,10 @@ async def test_sdk_stream_final_equals_rest_and_partials_come_early(server: Serv
     assert len(final_words) == len(sent_words)
     revised = sum(a != b for a, b in zip(sent_words, final_words, strict=True))
     assert revised <= max(2, len(sent_words) // 4), (sent_words, final_words)
-    # Speech start -> first delta takes agreeing greedy decodes of the growing turn (each
-    # encodes only the turn's audio plus 5 s on the CPU). 1.5 s is the target; on a loaded
-    # 2-core CPU, where one encoder call takes longer, two decodes plus the cadence bound it.
-    budget = max(FIRST_PARTIAL_TARGET_S, 2 * 1.5 * encode_s + 0.5)
-    assert first <= budget, f"first partial after {first:.2f} s (budget {budget:.2f} s)"
+    # How early the first partial comes is a latency figure: it is printed above and measured by
+    # `python -m bench.realtime`, not asserted here, where it depends on what else the machine
+    # runs (the project checks speed with benchmarks, never with timed tests). What this test
+    # holds is that a partial comes before the commit at all (asserted above).
 
 
 async def test_server_vad_splits_turns_and_transcribes_each(server: Server) -> None:
