@@ -3,7 +3,9 @@
 Method (docs/performance.md): B windows of 30 s (log-mel 3000 frames), each decoded for exactly
 N new tokens, greedy, end-of-text suppressed so all implementations do the same work; random
 weights of the real shapes; RTFx = B x 30 s / wall of the whole batch (encoder + decode), median
-of >= 3 timed runs after a warm-up; peak GPU memory per implementation.
+of >= 3 timed runs after a warm-up; peak GPU memory per implementation. All implementations of
+a shape are loaded together and timed in turn at each batch size (ours, HF, openai-whisper, then
+the next B), so drifts of the GPU's speed during a run hit every column alike.
 
     python bench/gpu.py                       # full table (a few minutes on one H100/H200)
     python bench/gpu.py --smoke               # correctness checks of graphs / int8 kernel only
@@ -266,48 +268,80 @@ def main() -> None:
         name, b = item.split(":")
         extra.setdefault(name, []).append(int(b))
     for shape in args.shapes.split(","):
-        batches = [int(b) for b in args.batches.split(",")] + extra.get(shape, [])
-        max_rows = max(batches)
-        n_mels = SHAPES[shape][0]
-        mels = {b: torch.randn(b, n_mels, 3000, device="cuda", dtype=torch.float16) for b in batches}
-        variants = [("ours fp16", False)] + ([("ours fp16 + int8 cross-K/V", True)]
-                                              if shape in args.int8_kv_shapes.split(",") else [])
-        for label, int8_kv in variants:
-            started = time.perf_counter()
-            ours = build_ours(shape, max_rows, torch.float16, int8_kv, True, tuple(batches), args.chunk_steps)
-            build_s = time.perf_counter() - started
-            for b in batches:
-                out: list[list[int]] = []
-                sec, peak = timed(functools.partial(collect, out, ours, mels[b], args.tokens), args.repeats)
-                assert all(len(t) == args.tokens for t in out), "every window must decode exactly N tokens"
-                rows.append(dict(shape=shape, impl=label, B=b, rtfx=b * 30 / sec, seconds=sec, peak_gib=peak,
-                                 setup_s=build_s))
-                print(json.dumps(rows[-1]), flush=True)
-            del ours
-            torch.cuda.empty_cache()
-        for peer in peers:
-            try:
-                run = build_hf(shape) if peer == "hf" else build_openai(shape)
-            except Exception as exc:  # noqa: BLE001 - report and continue with the others
-                print(f"{peer} unavailable for {shape}: {exc!r}", flush=True)
-                continue
-            for b in batches:
-                if peer == "openai" and b not in [int(x) for x in args.batches.split(",")]:
-                    continue
-                try:
-                    sec, peak = timed(functools.partial(run, mels[b], args.tokens), args.repeats)
-                except torch.OutOfMemoryError:
-                    rows.append(dict(shape=shape, impl=peer, B=b, rtfx=None, seconds=None, peak_gib=None))
-                    torch.cuda.empty_cache()
-                    continue
-                rows.append(dict(shape=shape, impl={"hf": "HF transformers", "openai": "openai-whisper"}[peer],
-                                 B=b, rtfx=b * 30 / sec, seconds=sec, peak_gib=peak))
-                print(json.dumps(rows[-1]), flush=True)
-            del run
-            torch.cuda.empty_cache()
+        rows += measure_shape(shape, [int(b) for b in args.batches.split(",")], extra.get(shape, []), peers, args)
     print_table(rows, gpu, args)
     if args.json:
         args.json.write_text(json.dumps(dict(gpu=gpu, args=vars(args) | {"json": str(args.json)}, rows=rows), indent=1))
+
+
+@dataclass
+class Implementation:
+    label: str
+    run: Callable[[torch.Tensor], object]  # one batch of mels -> (ignored) output
+    resident_gib: float  # GPU memory it holds between runs (weights, caches, graphs)
+    batches: list[int]
+    check: Callable[[], None] = lambda: None
+
+
+def build_all(shape: str, batches: list[int], peer_batches: dict[str, list[int]], peers: list[str],
+              args: argparse.Namespace) -> list[Implementation]:
+    """Every implementation of one shape, loaded at once so their timings can be interleaved."""
+    impls: list[Implementation] = []
+    max_rows = max(batches)
+    variants = [("ours fp16", False)] + ([("ours fp16 + int8 cross-K/V", True)]
+                                          if shape in args.int8_kv_shapes.split(",") else [])
+    for label, int8_kv in variants:
+        before = torch.cuda.memory_allocated()
+        ours = build_ours(shape, max_rows, torch.float16, int8_kv, True, tuple(batches), args.chunk_steps)
+        out: list[list[int]] = []
+
+        def check(out: list[list[int]] = out) -> None:
+            assert all(len(t) == args.tokens for t in out), "every window must decode exactly N tokens"
+
+        impls.append(Implementation(label, functools.partial(collect, out, ours, n_tokens=args.tokens),
+                                    (torch.cuda.memory_allocated() - before) / 2**30, batches, check))
+    names = {"hf": "HF transformers", "openai": "openai-whisper"}
+    for peer in peers:
+        before = torch.cuda.memory_allocated()
+        try:
+            run = build_hf(shape) if peer == "hf" else build_openai(shape)
+        except Exception as exc:  # noqa: BLE001 - report and continue with the others
+            print(f"{peer} unavailable for {shape}: {exc!r}", flush=True)
+            continue
+        impls.append(Implementation(names[peer], functools.partial(run, n_tokens=args.tokens),
+                                    (torch.cuda.memory_allocated() - before) / 2**30, peer_batches[peer]))
+    return impls
+
+
+def measure_shape(shape: str, batches: list[int], extra: list[int], peers: list[str],
+                  args: argparse.Namespace) -> list[dict[str, object]]:
+    """Time every implementation at each batch size in turn (ours, HF, openai, then the next B),
+    so that all see the GPU in the same state; peak memory = its resident memory + the peak
+    allocated during its own runs above what was allocated before them."""
+    all_batches = batches + extra
+    n_mels = SHAPES[shape][0]
+    mels = {b: torch.randn(b, n_mels, 3000, device="cuda", dtype=torch.float16) for b in all_batches}
+    impls = build_all(shape, all_batches, {"hf": all_batches, "openai": batches}, peers, args)
+    rows: list[dict[str, object]] = []
+    for b in all_batches:
+        for impl in impls:
+            if b not in impl.batches:
+                continue
+            try:
+                before = torch.cuda.memory_allocated()
+                sec, peak = timed(functools.partial(impl.run, mels[b]), args.repeats)
+                impl.check()
+                peak_gib = impl.resident_gib + peak - before / 2**30
+            except torch.OutOfMemoryError:
+                rows.append(dict(shape=shape, impl=impl.label, B=b, rtfx=None, seconds=None, peak_gib=None))
+                torch.cuda.empty_cache()
+                continue
+            rows.append(dict(shape=shape, impl=impl.label, B=b, rtfx=b * 30 / sec, seconds=sec, peak_gib=peak_gib))
+            print(json.dumps(rows[-1]), flush=True)
+    del impls
+    torch.cuda.empty_cache()
+    order = {label: i for i, label in enumerate(dict.fromkeys(r["impl"] for r in rows))}
+    return sorted(rows, key=lambda r: (order[r["impl"]], r["B"]))  # table grouped by implementation
 
 
 def print_table(rows: list[dict[str, object]], gpu: str, args: argparse.Namespace) -> None:
