@@ -120,6 +120,12 @@ async def _transcribe(
     return response.json()["text"], latency
 
 
+def _client(url: str, concurrency: int, request_timeout: float) -> httpx.AsyncClient:
+    """One pooled client with a connection per concurrent sender."""
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    return httpx.AsyncClient(base_url=url, timeout=request_timeout, limits=limits)
+
+
 async def run_clips(
     url: str,
     clips: Sequence[Clip],
@@ -135,8 +141,7 @@ async def run_clips(
     queue: asyncio.Queue[int] = asyncio.Queue()
     for index in range(len(clips)):
         queue.put_nowait(index)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=request_timeout, limits=limits) as client:
+    async with _client(url, concurrency, request_timeout) as client:
 
         async def worker() -> None:
             while not queue.empty():
@@ -170,8 +175,7 @@ async def run_sustained(
     done: list[tuple[str, str]] = []
     latencies: list[float] = []
     counted_audio = 0.0
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=request_timeout, limits=limits) as client:
+    async with _client(url, concurrency, request_timeout) as client:
         started = time.perf_counter()
         window = (started + warmup_s, started + warmup_s + measure_s)
 
@@ -297,12 +301,12 @@ async def benchmark(url: str, clips: Sequence[Clip], args: argparse.Namespace) -
     if wer is not None:
         print(f"\ncorpus WER (sequential run, normalised): {100 * wer:.2f} %")
 
-    differing = [c.id for c in clips if sequential.texts[c.id] != concurrent.texts[c.id]]
-    differing += [clip_id for clip_id, text in sustained_completions if text != sequential.texts[clip_id]]
+    completions = [(c.id, concurrent.texts[c.id]) for c in clips] + sustained_completions
+    differing = [(clip_id, text) for clip_id, text in completions if text != sequential.texts[clip_id]]
     if differing:
-        print(f"\nTRANSCRIPTS DIFFER between runs for {len(differing)} clip(s):")
-        for clip_id in differing[:10]:
-            print(f"  {clip_id}\n    seq: {sequential.texts[clip_id]!r}\n    con: {concurrent.texts[clip_id]!r}")
+        print(f"\nTRANSCRIPTS DIFFER from the sequential run in {len(differing)} request(s):")
+        for clip_id, text in differing[:10]:
+            print(f"  {clip_id}\n    seq: {sequential.texts[clip_id]!r}\n    con: {text!r}")
         return 1
     print("\ntranscripts identical between the sequential and the concurrent runs")
     return 0

@@ -198,7 +198,7 @@ def smoke() -> None:
         v = torch.zeros_like(k)
         ks = torch.ones(*shape[:3], 1, device="cuda", dtype=torch.float16)
         vs = torch.ones_like(ks)
-        quantize_kv_into(kv, heads, rows, k, v, ks, vs)
+        quantize_kv_into(kv, heads, torch.tensor(rows, device="cuda"), k, v, ks, vs)
         split = kv.view(b, t, 2, heads, dh).permute(2, 0, 3, 1, 4)
         for got, got_scale, ref_src in ((k, ks, split[0]), (v, vs, split[1])):
             ref, ref_scale = quantize_rows_int8(ref_src)

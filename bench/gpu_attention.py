@@ -22,6 +22,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from app.engine import kernels  # noqa: E402
 from app.engine.torch_model import quantize_rows_int8  # noqa: E402
 
+# Tile shapes tried with --all-configs: (block, warps, stages, min splits, tensor-core tile)
+CONFIGS_TO_TRY = tuple(
+    kernels.KernelConfig(block, warps, stages, splits, use_dot)
+    for block, warps, stages, splits, use_dot in (
+        (128, 4, 3, 1, True), (128, 4, 3, 2, True),
+        (64, 4, 3, 1, False), (128, 4, 3, 1, False), (128, 8, 3, 1, False), (256, 8, 3, 1, False),
+        (64, 2, 3, 1, False), (128, 4, 4, 2, False), (64, 4, 4, 2, False), (256, 4, 2, 1, False),
+        (128, 2, 3, 1, False), (32, 2, 4, 1, False),
+    )
+)
+
 
 def time_us(fn, iters: int = 50) -> float:
     for _ in range(5):
@@ -42,7 +53,7 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=20)
     p.add_argument("--keys", type=int, default=1500)
     p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--all-configs", action="store_true", help="also every tile shape in kernels.INT8_CONFIGS_TO_TRY")
+    p.add_argument("--all-configs", action="store_true", help="also every tile shape in CONFIGS_TO_TRY")
     args = p.parse_args()
     b, h, t, dh = args.batch, args.heads, args.keys, args.head_dim
     torch.manual_seed(0)
@@ -63,7 +74,7 @@ def main() -> None:
         rows.append((name, us, nbytes / us / 1e3, err))
 
     add("SDPA fp16", lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), fp16_bytes)
-    configs = list(kernels.INT8_CONFIGS_TO_TRY) if args.all_configs else []
+    configs = list(CONFIGS_TO_TRY) if args.all_configs else []
     configs += [kernels.KernelConfig(128, 4, 3, s) for s in (1, 2, 3, 4, 6, 8)]
     configs += [replace(kernels.INT8_CONFIG, min_splits=s) for s in (1, 2, 3, 4, 6, 8)]
     for cfg in configs:
@@ -74,7 +85,7 @@ def main() -> None:
     kv = torch.randn(b, t, 2 * h * dh, device="cuda", dtype=torch.float16)
     cache = [torch.zeros(b, h, t, dh, device="cuda", dtype=torch.int8) for _ in range(2)]
     scales = [torch.ones(b, h, t, 1, device="cuda", dtype=torch.float16) for _ in range(2)]
-    rows_list = list(range(b))
+    rows_index = torch.arange(b, device="cuda")
 
     def torch_quantize() -> None:
         split = kv.view(b, t, 2, h, dh).permute(2, 0, 3, 1, 4)
@@ -84,7 +95,7 @@ def main() -> None:
 
     quantize_rows = [("quantize: torch ops", time_us(torch_quantize, 10)),
                      ("quantize: fused kernel", time_us(lambda: kernels.quantize_kv_into(
-                         kv, h, rows_list, cache[0], cache[1], scales[0], scales[1]), 10))]
+                         kv, h, rows_index, cache[0], cache[1], scales[0], scales[1]), 10))]
     print(f"{torch.cuda.get_device_name()}  B={b} H={h} T={t} dh={dh}")
     for name, us in quantize_rows:
         print(f"{name:<48}{us:>9.1f}{2 * kv.numel() * 1.5 / us / 1e3:>9.0f}")

@@ -30,6 +30,15 @@ except ImportError:  # CPU-only installs
 if HAVE_TRITON:
 
     @triton.jit
+    def _split_keys(len_ptr, n_keys, keys_per_split, HAS_LEN: tl.constexpr):
+        """Keys [begin, end) of this program: row program_id(0)'s filled keys, split program_id(2)."""
+        limit = n_keys
+        if HAS_LEN:
+            limit = tl.minimum(tl.load(len_ptr + tl.program_id(0)).to(tl.int32), n_keys)
+        begin = tl.program_id(2) * keys_per_split
+        return begin, tl.minimum(begin + keys_per_split, limit)
+
+    @triton.jit
     def _decode_attention_partial(
         q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, len_ptr, m_ptr, l_ptr, acc_ptr,
         stride_qb, stride_qh,
@@ -47,11 +56,7 @@ if HAVE_TRITON:
         h = tl.program_id(1)
         split = tl.program_id(2)
         n_heads = tl.num_programs(1)
-        limit = n_keys
-        if HAS_LEN:
-            limit = tl.minimum(tl.load(len_ptr + b).to(tl.int32), n_keys)
-        begin = split * keys_per_split
-        end = tl.minimum(begin + keys_per_split, limit)
+        begin, end = _split_keys(len_ptr, n_keys, keys_per_split, HAS_LEN)
         d = tl.arange(0, HEAD_DIM)
         r = tl.arange(0, QROWS)
         q = tl.load(q_ptr + b * stride_qb + h * stride_qh + r[:, None] * 0 + d[None, :], mask=r[:, None] == 0, other=0.0)
@@ -102,11 +107,7 @@ if HAVE_TRITON:
         h = tl.program_id(1)
         split = tl.program_id(2)
         n_heads = tl.num_programs(1)
-        limit = n_keys
-        if HAS_LEN:
-            limit = tl.minimum(tl.load(len_ptr + b).to(tl.int32), n_keys)
-        begin = split * keys_per_split
-        end = tl.minimum(begin + keys_per_split, limit)
+        begin, end = _split_keys(len_ptr, n_keys, keys_per_split, HAS_LEN)
         d = tl.arange(0, HEAD_DIM)
         q = tl.load(q_ptr + b * stride_qb + h * stride_qh + d).to(tl.float32) * sm_scale
         m_i = -float("inf")
@@ -191,19 +192,19 @@ def can_quantize_kv(x: Tensor) -> bool:
     return HAVE_TRITON and x.is_cuda and x.dtype == torch.float16
 
 
-def quantize_kv_into(kv: Tensor, heads: int, rows: list[int], k: Tensor, v: Tensor, k_scale: Tensor,
+def quantize_kv_into(kv: Tensor, heads: int, rows: Tensor, k: Tensor, v: Tensor, k_scale: Tensor,
                      v_scale: Tensor) -> None:
     """kv [B, T, 2d] (K then V, fp16) -> int8 k, v [R, H, T', dh] and fp16 scales [R, H, T', 1]
-    at cache rows `rows`, positions [0, T): torch_model.quantize_rows_int8 in one pass."""
+    at cache rows `rows` (int64 [B] on kv's device), positions [0, T): torch_model.quantize_rows_int8
+    in one pass."""
     b, t, two_d = kv.shape
     d = two_d // 2
     dh = d // heads
     if kv.stride(-1) != 1:
         kv = kv.contiguous()
-    row_index = torch.tensor(rows, device=kv.device, dtype=torch.int64)
     block_t = 32
     _quantize_kv[(b, triton.cdiv(t, block_t), heads)](
-        kv, row_index, k, v, k_scale, v_scale,
+        kv, rows, k, v, k_scale, v_scale,
         kv.stride(0), kv.stride(1), k.stride(0), k.stride(1), k.stride(2), k_scale.stride(0), k_scale.stride(1),
         t, D=d, HEAD_DIM=dh, BLOCK_T=block_t, num_warps=4,
     )
@@ -233,17 +234,6 @@ class KernelConfig:
 # Two-warp programs need many in flight to stream int8 K/V: with 16 per SM, B=64 x 6 heads runs in
 # 57 us instead of 80, B=64 x 12 heads in 78 instead of 92 (H100).
 INT8_CONFIG = KernelConfig(block=64, num_warps=2, num_stages=3, use_dot=False, programs_per_sm=16)
-
-# Candidates measured by bench/gpu_attention.py.
-INT8_CONFIGS_TO_TRY = tuple(
-    KernelConfig(block, warps, stages, splits, use_dot)
-    for block, warps, stages, splits, use_dot in (
-        (128, 4, 3, 1, True), (128, 4, 3, 2, True),
-        (64, 4, 3, 1, False), (128, 4, 3, 1, False), (128, 8, 3, 1, False), (256, 8, 3, 1, False),
-        (64, 2, 3, 1, False), (128, 4, 4, 2, False), (64, 4, 4, 2, False), (256, 4, 2, 1, False),
-        (128, 2, 3, 1, False), (32, 2, 4, 1, False),
-    )
-)
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, k_scale: Tensor | None = None,
@@ -307,6 +297,3 @@ def _reference(q: Tensor, k: Tensor, v: Tensor, k_scale: Tensor | None, v_scale:
         mask = (keys[None, :] < lengths[:, None])[:, None, None, :]
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
-
-def int8_cross_attention(q: Tensor, k: Tensor, k_scale: Tensor, v: Tensor, v_scale: Tensor) -> Tensor:
-    return decode_attention(q, k, v, k_scale=k_scale, v_scale=v_scale)

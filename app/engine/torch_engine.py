@@ -111,7 +111,7 @@ class TorchEngine:
     def encode_into_rows(self, mel: Tensor, rows: list[int]) -> Tensor:
         with torch.inference_mode():
             features = self.runner.encode(mel.to(self.device, self.dtype))
-            self.runner.write_cross_kv(features, rows)
+        self.features_into_rows(features, rows)
         return features
 
     def features_into_rows(self, features: Tensor, rows: list[int]) -> None:

@@ -319,10 +319,11 @@ class WhisperRunner:
         index: slice | Tensor = slice(rows[0], rows[0] + b) if rows == list(range(rows[0], rows[0] + b)) \
             else torch.tensor(rows, device=audio_features.device)
         fused_quantize = cache.quantized_cross and can_quantize_kv(audio_features)
+        row_index = torch.tensor(rows, device=audio_features.device) if fused_quantize else None
         for i, layer in enumerate(self.model.decoder.layers):
             kv = layer.cross.kv(audio_features)  # [B, T, 2d]: K then V, heads inside each
-            if fused_quantize:
-                quantize_kv_into(kv, h, rows, cache.cross_k[i], cache.cross_v[i], cache.cross_k_scale[i],
+            if row_index is not None:
+                quantize_kv_into(kv, h, row_index, cache.cross_k[i], cache.cross_v[i], cache.cross_k_scale[i],
                                  cache.cross_v_scale[i])
                 continue
             kv = kv.view(b, t, 2, h, d // h).permute(2, 0, 3, 1, 4)
