@@ -76,7 +76,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     registry: ModelRegistry = app.state.registry
     injected: dict[str, Runtime] | None = app.state.injected_runtimes
     try:
-        # Loading reads hundreds of MB of weights; a thread keeps the loop (and signals) alive.
+        if injected is None:
+            from app.engine.threads import confine_to_one_thread
+
+            confine_to_one_thread()  # the event loop's torch ops stay single-threaded
+            # Loading reads hundreds of MB of weights; a thread keeps the loop (and signals) alive.
         runtimes = (
             injected if injected is not None else await asyncio.to_thread(_load_runtimes, settings)
         )

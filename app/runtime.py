@@ -25,6 +25,7 @@ from app.decoding.tokenizer import WhisperTokenizer
 from app.decoding.transcribe import ModelContext, SegmentCallback, Transcriber
 from app.decoding.window import WindowResult, WindowTask
 from app.engine.config import EngineConfig
+from app.engine.threads import confine_to_one_thread
 from app.engine.torch_engine import TorchEngine, load_engine
 from app.errors import AudioTooLongError
 from app.scheduler.decode_loop import DecodeLoop
@@ -45,7 +46,7 @@ class RuntimeOptions:
     max_encode_batch: int = 8  # windows encoded together when joining a running batch
     int8_cross_kv: bool = False
     cuda_graphs: bool = True
-    cpu_threads: int = 0  # torch intra-op threads on the CPU backend (0: torch's default)
+    cpu_threads: int = 0  # the engine thread's torch intra-op threads (0: torch's default, physical cores)
     warmup: bool = True
 
 
@@ -81,6 +82,7 @@ class ModelRuntime:
             max_queue_windows=options.max_queue_windows,
             batch_wait_ms=options.batch_wait_ms,
             max_encode_batch=options.max_encode_batch,
+            torch_threads=options.cpu_threads,
         )
         self.ready = False
 
@@ -143,9 +145,9 @@ class ModelRuntime:
 def load_runtime(engine_dir: str | Path, options: RuntimeOptions, name: str | None = None) -> ModelRuntime:
     """Load an engine directory (raises app.errors.EngineError with a build hint)."""
     engine_dir = Path(engine_dir)
-    if options.cpu_threads > 0:
-        # Process-wide: the engine thread and the feature extraction threads share this pool.
-        torch.set_num_threads(options.cpu_threads)
+    # Only the engine's decode-loop thread runs torch multi-threaded (app.engine.threads): the
+    # loading thread, and every helper thread after it, use one.
+    confine_to_one_thread()
     engine = load_engine(engine_dir, device=options.device, compute_dtype=options.compute_dtype,
                          max_rows=options.max_batch_size, int8_cross_kv=options.int8_cross_kv,
                          cuda_graphs=options.cuda_graphs)

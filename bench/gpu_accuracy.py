@@ -106,7 +106,6 @@ async def main_async(args: argparse.Namespace) -> None:
         clips = clips[: args.limit]
     results: dict[str, object] = dict(gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                                       references={c.id: c.reference for c in clips}, runs={})
-    torch.set_num_threads(args.cpu_threads)
     for engine in args.engines.split(","):
         engine_dir = Path(engine)
         name = engine_dir.name
@@ -118,7 +117,8 @@ async def main_async(args: argparse.Namespace) -> None:
             ("cuda int8-weights defaults", engine_dir,
              TranscribeOptions(),
              RuntimeOptions(device="cuda", max_batch_size=64)),
-            ("cpu fp32 defaults", engine_dir, TranscribeOptions(), RuntimeOptions(device="cpu", max_batch_size=32)),
+            ("cpu fp32 defaults", engine_dir, TranscribeOptions(), RuntimeOptions(device="cpu", max_batch_size=32,
+                                                                                           cpu_threads=args.cpu_threads)),
         ]
         for label, directory, options, runtime_options in variants:
             if args.only and not any(part in label for part in args.only.split(",")):

@@ -21,6 +21,7 @@ from typing import Any
 from app import metrics
 from app.decoding.search import rows_needed
 from app.decoding.window import WindowResult, WindowTask
+from app.engine.threads import become_engine_thread
 from app.errors import QueueFullError, ShuttingDownError
 from app.scheduler.decode_loop import DecodeLoop
 
@@ -40,12 +41,15 @@ class Ticket:
 
 class Scheduler:
     def __init__(self, loop: DecodeLoop, *, model_name: str, max_queue_windows: int = 1024,
-                 batch_wait_ms: float = 5.0, max_encode_batch: int = 8) -> None:
+                 batch_wait_ms: float = 5.0, max_encode_batch: int = 8,
+                 torch_threads: int | None = None) -> None:
         self.decode_loop = loop
         self.model_name = model_name
         self.max_queue_windows = max_queue_windows
         self.batch_wait_s = batch_wait_ms / 1000.0
         self.max_encode_batch = max_encode_batch
+        # the engine thread's torch intra-op threads (0: the machine default; None: leave as is)
+        self.torch_threads = torch_threads
         self._queues: OrderedDict[object, deque[Ticket]] = OrderedDict()
         self._queued = 0
         self._jobs: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
@@ -170,6 +174,8 @@ class Scheduler:
         return taken
 
     def _run(self) -> None:
+        if self.torch_threads is not None:
+            become_engine_thread(self.torch_threads)
         loop = self.decode_loop
         while True:
             with self._cond:
