@@ -130,12 +130,12 @@ def run_worker(args: argparse.Namespace) -> None:
                 await common.ours_transcribe_all(runtime, audio[:WARMUP_FILES], settings, concurrency)
                 timer = Timer(await asyncio.to_thread(common.others_busy_pct, 1.0))
                 results = await common.ours_transcribe_all(runtime, audio, settings, concurrency)
+                info["threads"] = f"engine thread's torch threads={runtime.scheduler.engine_threads}"
                 return timer.done(results)
             finally:
                 await runtime.stop()
 
         out = asyncio.run(main())
-        info["threads"] = f"torch threads={torch.get_num_threads()}"
         info["version"] = f"torch {torch.__version__}"
     out.update(info)
     out["peak_rss_mib"] = common.peak_rss_mib()

@@ -186,9 +186,22 @@ def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
 
 def smoke() -> None:
     """Graph replay == eager; chunked greedy == stepwise greedy; int8 kernel == dequantized SDPA;
-    fused int8 quantization == the torch reference."""
+    fused int8 quantization == the torch reference; fused residual add + LayerNorm == torch."""
+    from app.engine.fused_norm import add_layer_norm, reference_add_layer_norm
     from app.engine.kernels import decode_attention, quantize_kv_into
     from app.engine.torch_model import quantize_rows_int8
+
+    for rows, d in ((1, 384), (64, 1280), (200, 768)):
+        norm = torch.nn.LayerNorm(d, device="cuda", dtype=torch.float16)
+        torch.nn.init.normal_(norm.weight)
+        torch.nn.init.normal_(norm.bias)
+        x = torch.randn(rows, 1, d, device="cuda", dtype=torch.float16) * 4
+        y = torch.randn_like(x)
+        (total, out), (ref_total, ref_out) = add_layer_norm(x, y, norm), reference_add_layer_norm(x, y, norm)
+        worst = ((out.float() - ref_out.float()).abs().max() / ref_out.float().abs().max()).item()
+        print(f"add_layer_norm rows={rows} d={d}: sum equal {torch.equal(total, ref_total)}, "
+              f"LN max diff / max value {worst:.1e}")
+        assert torch.equal(total, ref_total) and worst < 2e-3, worst  # fp16 rounding, reduction order
 
     for b, t, heads, dh in ((3, 1500, 6, 64), (2, 700, 20, 64)):
         kv = torch.randn(b, t, 2 * heads * dh, device="cuda", dtype=torch.float16) * 3

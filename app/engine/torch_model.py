@@ -26,6 +26,7 @@ from app.engine.cpu_gemm import (
     pack_weight,
     packed_linear,
 )
+from app.engine.fused_norm import add_layer_norm
 from app.engine.kernels import can_quantize_kv, decode_attention, quantize_kv_into
 
 # (row offset in the batch, rows, g, audio positions): rows [offset, offset + rows) form windows
@@ -104,8 +105,11 @@ class FeedForward(nn.Module):
         self.mlp_act: nn.Module = nn.GELU()
         self.mlp2 = make_linear(ffn, d, True, int8)
 
+    def mlp(self, normed: Tensor) -> Tensor:
+        return self.mlp2(self.mlp_act(self.mlp1(normed)))
+
     def feed_forward(self, x: Tensor) -> Tensor:
-        return x + self.mlp2(self.mlp_act(self.mlp1(self.mlp_ln(x))))
+        return x + self.mlp(self.mlp_ln(x))
 
 
 class EncoderBlock(FeedForward):
@@ -403,9 +407,13 @@ class WhisperRunner:
         if not fused and not (uniform_position and t == 1):
             keys = torch.arange(kv_len, device=tokens.device)
             mask = (keys[None, None, :] <= pos[:, :, None])[:, None]  # [B, 1, T, kv_len]
-        for i, layer in enumerate(dec.layers):
+        layers = list(dec.layers)
+        # Each sub-layer's residual add and the next sub-layer's LayerNorm run as one kernel on
+        # the GPU (app.engine.fused_norm); `normed` is the normalised residual stream x.
+        normed = layers[0].attn_ln(x)
+        for i, layer in enumerate(layers):
             attn = layer.attn
-            q, k, v = attn.qkv(layer.attn_ln(x)).chunk(3, dim=-1)
+            q, k, v = attn.qkv(normed).chunk(3, dim=-1)
             q, k, v = attn.split_heads(q), attn.split_heads(k), attn.split_heads(v)
             # write this step's K/V into each row at its own positions
             ck, cv = cache.self_k[i], cache.self_v[i]
@@ -421,9 +429,9 @@ class WhisperRunner:
             else:
                 a = F.scaled_dot_product_attention(q, ck[start:end, :, :kv_len], cv[start:end, :, :kv_len],
                                                    attn_mask=mask)
-            x = x + attn.out(attn.merge_heads(a))
+            x, normed = add_layer_norm(x, attn.out(attn.merge_heads(a)), layer.cross_ln)
             cross = layer.cross
-            cq = attn.split_heads(cross.q(layer.cross_ln(x)))
+            cq = attn.split_heads(cross.q(normed))
             if fused and cache.quantized_cross:
                 a = decode_attention(cq, cache.cross_k[i, start:end], cache.cross_v[i, start:end],
                                      k_scale=cache.cross_k_scale[i, start:end],
@@ -432,9 +440,10 @@ class WhisperRunner:
                 a = decode_attention(cq, cache.cross_k[i, start:end], cache.cross_v[i, start:end])
             else:
                 a = self._cross_attention(i, cq, start, cross_runs)
-            x = x + cross.out(attn.merge_heads(a))
-            x = layer.feed_forward(x)
-        return self.logits(dec.ln(x))
+            x, normed = add_layer_norm(x, cross.out(attn.merge_heads(a)), layer.mlp_ln)
+            next_norm = layers[i + 1].attn_ln if i + 1 < len(layers) else dec.ln
+            x, normed = add_layer_norm(x, layer.mlp(normed), next_norm)
+        return self.logits(normed)
 
     @torch.inference_mode()
     def cross_attention_weights(self, tokens: Tensor, audio_features: Tensor,

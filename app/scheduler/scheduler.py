@@ -50,6 +50,7 @@ class Scheduler:
         self.max_encode_batch = max_encode_batch
         # the engine thread's torch intra-op threads (0: the machine default; None: leave as is)
         self.torch_threads = torch_threads
+        self.engine_threads: int | None = None  # the count in effect on the engine thread, once started
         self._queues: OrderedDict[object, deque[Ticket]] = OrderedDict()
         self._queued = 0
         self._jobs: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
@@ -175,7 +176,7 @@ class Scheduler:
 
     def _run(self) -> None:
         if self.torch_threads is not None:
-            become_engine_thread(self.torch_threads)
+            self.engine_threads = become_engine_thread(self.torch_threads)
         loop = self.decode_loop
         while True:
             with self._cond:
