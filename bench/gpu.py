@@ -187,6 +187,7 @@ def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
 def smoke() -> None:
     """Graph replay == eager; chunked greedy == stepwise greedy; int8 kernel == dequantized SDPA;
     fused int8 quantization == the torch reference; fused residual add + LayerNorm == torch."""
+    from app.engine.cache_write import append_kv
     from app.engine.fused_norm import add_layer_norm, reference_add_layer_norm
     from app.engine.kernels import decode_attention, quantize_kv_into
     from app.engine.torch_model import quantize_rows_int8
@@ -202,6 +203,21 @@ def smoke() -> None:
         print(f"add_layer_norm rows={rows} d={d}: sum equal {torch.equal(total, ref_total)}, "
               f"LN max diff / max value {worst:.1e}")
         assert torch.equal(total, ref_total) and worst < 2e-3, worst  # fp16 rounding, reduction order
+
+    for b, heads, dh in ((1, 20, 64), (64, 6, 64)):
+        qkv = torch.randn(b, 1, 3 * heads * dh, device="cuda", dtype=torch.float16)
+        cache_k = torch.randn(b + 2, heads, 448, dh, device="cuda", dtype=torch.float16)
+        cache_v = torch.randn_like(cache_k)
+        expected_k, expected_v = cache_k.clone(), cache_v.clone()
+        positions = torch.randint(0, 448, (b,), device="cuda")
+        _, k, v = qkv.view(b, 1, 3, heads, dh).unbind(2)
+        for row in range(b):
+            expected_k[1 + row, :, positions[row]] = k[row, 0]
+            expected_v[1 + row, :, positions[row]] = v[row, 0]
+        append_kv(qkv, cache_k[1 : 1 + b], cache_v[1 : 1 + b], positions)
+        same = torch.equal(cache_k, expected_k) and torch.equal(cache_v, expected_v)
+        print(f"append_kv B={b} H={heads}: caches equal the reference: {same}")
+        assert same
 
     for b, t, heads, dh in ((3, 1500, 6, 64), (2, 700, 20, 64)):
         kv = torch.randn(b, t, 2 * heads * dh, device="cuda", dtype=torch.float16) * 3

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from app.engine.cache_write import append_kv, can_append
 from app.engine.config import ModelDims
 from app.engine.cpu_gemm import (
     fuse_feed_forward_gelu,
@@ -118,12 +119,14 @@ class EncoderBlock(FeedForward):
         self.attn_ln = nn.LayerNorm(d)
         self.attn = SelfAttention(d, n_head, int8)
 
-    def forward(self, x: Tensor) -> Tensor:
-        q, k, v = self.attn.qkv(self.attn_ln(x)).chunk(3, dim=-1)
+    def forward(self, x: Tensor, normed: Tensor, next_norm: nn.LayerNorm) -> tuple[Tensor, Tensor]:
+        """(x, attn_ln(x)) -> (x', next_norm(x')): each residual add runs with the LayerNorm after
+        it (one kernel on the GPU, app.engine.fused_norm)."""
+        q, k, v = self.attn.qkv(normed).chunk(3, dim=-1)
         heads = self.attn.split_heads
         a = F.scaled_dot_product_attention(heads(q), heads(k), heads(v))
-        x = x + self.attn.out(self.attn.merge_heads(a))
-        return self.feed_forward(x)
+        x, normed = add_layer_norm(x, self.attn.out(self.attn.merge_heads(a)), self.mlp_ln)
+        return add_layer_norm(x, self.mlp(normed), next_norm)
 
 
 class AudioEncoder(nn.Module):
@@ -142,9 +145,11 @@ class AudioEncoder(nn.Module):
         x = F.gelu(self.conv1(mel))
         x = F.gelu(self.conv2(x)).transpose(1, 2)
         x = x + self.positional_embedding[: x.shape[1]]
-        for layer in self.layers:
-            x = layer(x)
-        return self.ln_post(x)
+        layers = list(self.layers)
+        normed = layers[0].attn_ln(x)
+        for i, layer in enumerate(layers):
+            x, normed = layer(x, normed, layers[i + 1].attn_ln if i + 1 < len(layers) else self.ln_post)
+        return normed
 
 
 class CrossAttention(nn.Module):
@@ -413,11 +418,14 @@ class WhisperRunner:
         normed = layers[0].attn_ln(x)
         for i, layer in enumerate(layers):
             attn = layer.attn
-            q, k, v = attn.qkv(normed).chunk(3, dim=-1)
+            qkv = attn.qkv(normed)
+            q, k, v = qkv.chunk(3, dim=-1)
             q, k, v = attn.split_heads(q), attn.split_heads(k), attn.split_heads(v)
             # write this step's K/V into each row at its own positions
             ck, cv = cache.self_k[i], cache.self_v[i]
-            if t == 1:  # one scatter kernel per tensor (advanced-index assignment costs more)
+            if t == 1 and can_append(qkv, ck):  # both in one kernel, read from the QKV output
+                append_kv(qkv, ck[start:end], cv[start:end], pos[:, 0])
+            elif t == 1:  # one scatter kernel per tensor (advanced-index assignment costs more)
                 index = pos[:, None, :, None].expand(b, attn.n_head, 1, k.shape[-1])
                 ck[start:end].scatter_(2, index, k)
                 cv[start:end].scatter_(2, index, v)
