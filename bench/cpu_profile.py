@@ -58,27 +58,30 @@ class CallTimer:
         self.rows = 0
 
 
-def decode_label(tokens: Any, *args: Any, **kwargs: Any) -> str:
-    return "decode step" if tokens.shape[1] == 1 else "decode prefill"
-
-
 async def run(args: argparse.Namespace) -> None:
     items = common.load_manifest(args.manifest, args.limit)
     audio = common.load_audio(items)
     runtime = common.load_ours(args.model)
     timer = CallTimer()
     engine, loop = runtime.engine, runtime.scheduler.decode_loop
-    for name in ("encode_into_rows", "features_into_rows", "copy_rows"):
+    for name in ("encode_into_rows", "features_into_rows"):
         timer.wrap(engine, name)
-    timer.wrap(engine, "decode", decode_label)
+    # engine.decode runs for new windows' prompts inside admit() and for decode steps in step()
+    phase = ["decode prefill"]
+    timer.wrap(engine, "decode", lambda *args, **kwargs: phase[0])
+    timer.wrap(engine, "copy_rows", lambda *args, **kwargs: f"copy_rows in {phase[0]}")
     timer.wrap(loop, "step", lambda: "loop step (all)")
-    count_rows = loop.step
+    timed_step = loop.step
 
-    def step_with_rows() -> Any:
+    def step() -> Any:
         timer.rows += loop.rows_in_use()
-        return count_rows()
+        phase[0] = "decode step"
+        try:
+            return timed_step()
+        finally:
+            phase[0] = "decode prefill"
 
-    loop.step = step_with_rows  # type: ignore[method-assign]
+    loop.step = step  # type: ignore[method-assign]
     await runtime.start()  # warm-up, not counted
     timer.reset()
     options = common.our_options(args.settings)
@@ -99,14 +102,15 @@ async def run(args: argparse.Namespace) -> None:
     print(f"wall {wall:.1f} s ({seconds / wall:.2f} audio-s/s), process CPU {cpu:.1f} s "
           f"({cpu / wall:.2f} cores busy; spinning OpenMP threads count as busy)")
     steps = timer.calls["loop step (all)"]
-    in_step = timer.seconds["decode step"] + timer.seconds["copy_rows"]
+    in_step = timer.seconds["decode step"] + timer.seconds["copy_rows in decode step"]
     python = timer.seconds["loop step (all)"] - in_step
     rows = [
         ("encoder + cross-K/V (encode_into_rows)", "encode_into_rows"),
         ("cross-K/V of kept features (retries)", "features_into_rows"),
         ("prompt prefill", "decode prefill"),
         ("decode steps", "decode step"),
-        ("cache row copies", "copy_rows"),
+        ("cache row copies (beams, compaction)", "copy_rows in decode step"),
+        ("cache row copies (new windows' beams)", "copy_rows in decode prefill"),
     ]
     print(f"{'engine call':42s} {'seconds':>8s} {'% wall':>7s} {'calls':>7s}")
     for title, key in rows:
