@@ -80,7 +80,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             from app.engine.threads import confine_to_one_thread
 
             confine_to_one_thread()  # the event loop's torch ops stay single-threaded
-            # Loading reads hundreds of MB of weights; a thread keeps the loop (and signals) alive.
+        # Loading reads hundreds of MB of weights; a thread keeps the loop (and signals) alive.
         runtimes = (
             injected if injected is not None else await asyncio.to_thread(_load_runtimes, settings)
         )

@@ -1,9 +1,10 @@
 """Residual add + LayerNorm in one GPU kernel: (x + y, LayerNorm(x + y)).
 
-Every decoder sub-layer ends with a residual add whose result the next sub-layer normalises. At
-decode time these are tiny tensors (rows x d_model) and each op is one short kernel, so at small
-batches a decoder step costs kernel count more than bytes: fusing the pair removes three kernels
-per decoder layer (96 per step for large-v3). The sum is rounded to the activation dtype before it
+Every sub-layer ends with a residual add whose result the next sub-layer normalises. In a decode
+step these are tiny tensors (rows x d_model) and each op is one short kernel, so at small batches
+a step costs kernel count more than bytes: fusing the pair removes three kernels per decoder layer
+(96 per step for large-v3). In the encoder the tensors are large (64 windows x 1,500 positions) and
+the fused kernel saves a pass over them instead. The sum is rounded to the activation dtype before it
 is normalised, exactly as the two separate torch ops do; the statistics are in float32 like
 torch's LayerNorm, so only the order of the reduction differs.
 """
