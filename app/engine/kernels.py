@@ -40,13 +40,14 @@ if HAVE_TRITON:
 
     @triton.jit
     def _decode_attention_partial(
-        q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, len_ptr, m_ptr, l_ptr, acc_ptr,
-        stride_qb, stride_qh,
+        q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, len_ptr, m_ptr, l_ptr, acc_ptr, o_ptr,
+        stride_qb, stride_qh, stride_ob, stride_oh,
         stride_kb, stride_kh, stride_kt,
         stride_vb, stride_vh, stride_vt,
         stride_sb, stride_sh,
         n_keys, keys_per_split, n_splits, sm_scale,
         HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_LEN: tl.constexpr,
+        NORMALIZE: tl.constexpr,
     ):
         # The single query is padded to a 16-row tile so both products run on tensor cores
         # (tl.dot); rows 1..15 are zeros and are never stored. Compute is nearly free here:
@@ -85,21 +86,26 @@ if HAVE_TRITON:
                         mask=valid[:, None], other=0).to(tl.float16)
             acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v)
             m_i = m_new
-        row = (b * n_heads + h) * n_splits + split
         first = r == 0
-        tl.store(m_ptr + row + r * 0, m_i, mask=first)
-        tl.store(l_ptr + row + r * 0, l_i, mask=first)
-        tl.store(acc_ptr + row * HEAD_DIM + r[:, None] * 0 + d[None, :], acc, mask=first[:, None])
+        if NORMALIZE:  # the only split: the output itself, no combine kernel
+            out = (acc / l_i[:, None]).to(o_ptr.dtype.element_ty)
+            tl.store(o_ptr + b * stride_ob + h * stride_oh + r[:, None] * 0 + d[None, :], out, mask=first[:, None])
+        else:
+            row = (b * n_heads + h) * n_splits + split
+            tl.store(m_ptr + row + r * 0, m_i, mask=first)
+            tl.store(l_ptr + row + r * 0, l_i, mask=first)
+            tl.store(acc_ptr + row * HEAD_DIM + r[:, None] * 0 + d[None, :], acc, mask=first[:, None])
 
     @triton.jit
     def _decode_attention_partial_fma(
-        q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, len_ptr, m_ptr, l_ptr, acc_ptr,
-        stride_qb, stride_qh,
+        q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, len_ptr, m_ptr, l_ptr, acc_ptr, o_ptr,
+        stride_qb, stride_qh, stride_ob, stride_oh,
         stride_kb, stride_kh, stride_kt,
         stride_vb, stride_vh, stride_vt,
         stride_sb, stride_sh,
         n_keys, keys_per_split, n_splits, sm_scale,
         HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_LEN: tl.constexpr,
+        NORMALIZE: tl.constexpr,
     ):
         # The same partial attention with CUDA-core multiply-adds instead of a padded tensor-core
         # tile: no layout conversion of the (int8) K/V tiles through shared memory.
@@ -132,10 +138,13 @@ if HAVE_TRITON:
                         mask=valid[:, None], other=0).to(tl.float32)
             acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
             m_i = m_new
-        row = (b * n_heads + h) * n_splits + split
-        tl.store(m_ptr + row, m_i)
-        tl.store(l_ptr + row, l_i)
-        tl.store(acc_ptr + row * HEAD_DIM + d, acc)
+        if NORMALIZE:  # the only split: the output itself, no combine kernel
+            tl.store(o_ptr + b * stride_ob + h * stride_oh + d, (acc / l_i).to(o_ptr.dtype.element_ty))
+        else:
+            row = (b * n_heads + h) * n_splits + split
+            tl.store(m_ptr + row, m_i)
+            tl.store(l_ptr + row, l_i)
+            tl.store(acc_ptr + row * HEAD_DIM + d, acc)
 
     @triton.jit
     def _decode_attention_combine(m_ptr, l_ptr, acc_ptr, o_ptr, stride_ob, stride_oh, n_splits,
@@ -263,24 +272,30 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, k_scale: Tensor | None 
     splits = max(config.min_splits, _splits(b, h, n_keys, block, _SM_COUNT[device], config.programs_per_sm))
     keys_per_split = math.ceil(math.ceil(n_keys / splits) / block) * block
     splits = math.ceil(n_keys / keys_per_split)
-    m = torch.empty(b * h * splits, device=q.device, dtype=torch.float32)
-    l_ = torch.empty_like(m)
-    acc = torch.empty(b * h * splits, dh, device=q.device, dtype=torch.float32)
+    out = torch.empty(b, h, 1, dh, device=q.device, dtype=q.dtype)
+    normalize = splits == 1
+    if normalize:  # the partial kernel writes `out` directly
+        m = l_ = acc = out
+    else:
+        m = torch.empty(b * h * splits, device=q.device, dtype=torch.float32)
+        l_ = torch.empty_like(m)
+        acc = torch.empty(b * h * splits, dh, device=q.device, dtype=torch.float32)
     has_scale = k_scale is not None
     ks = k_scale if has_scale else q
     vs = v_scale if has_scale else q
     partial = _decode_attention_partial if config.use_dot else _decode_attention_partial_fma
     partial[(b, h, splits)](
-        q, k, v, ks, vs, lengths if lengths is not None else q, m, l_, acc,
-        q.stride(0), q.stride(1),
+        q, k, v, ks, vs, lengths if lengths is not None else q, m, l_, acc, out,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         ks.stride(0) if has_scale else 0, ks.stride(1) if has_scale else 0,
         n_keys, keys_per_split, splits, 1.0 / math.sqrt(dh),
-        HEAD_DIM=dh, BLOCK=block, HAS_SCALE=has_scale, HAS_LEN=lengths is not None,
+        HEAD_DIM=dh, BLOCK=block, HAS_SCALE=has_scale, HAS_LEN=lengths is not None, NORMALIZE=normalize,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    out = torch.empty(b, h, 1, dh, device=q.device, dtype=q.dtype)
+    if normalize:
+        return out
     _decode_attention_combine[(b, h)](m, l_, acc, out, out.stride(0), out.stride(1), splits,
                                       HEAD_DIM=dh, SPLITS=triton.next_power_of_2(splits))
     return out

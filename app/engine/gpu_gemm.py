@@ -1,0 +1,87 @@
+"""Two GEMMs of the GPU decode step that torch runs poorly.
+
+- The output projection needs float32 logits (rounding them to fp16 flips argmax and beam ranking
+  against the float32 reference) from half-precision weights. torch's mixed-output `mm` runs an
+  sm75 CUTLASS kernel on Hopper: 158 us a step for small at 64 rows (H200), eight times the time
+  to read the 80 MB of weights. `logits_fp32` is a plain Triton tile GEMM that streams them.
+- Each MLP's first linear layer is followed by GELU. cuBLASLt applies it inside the GEMM
+  (`linear_gelu`), saving a kernel per layer and step and, in the encoder, a pass over the
+  [windows x 1500 x 4d] activations. cuBLASLt's GELU is the tanh form: it differs from the erf
+  form by at most 4.7e-4, under half an fp16 step at that magnitude, so it is used only in half
+  precision.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from app.engine.kernels import HAVE_TRITON
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _logits(x_ptr, w_ptr, out_ptr, m, n_vocab, k, stride_xm, stride_wv, stride_om,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        # out[m, v] = sum_k x[m, k] w[v, k], float32 accumulate and output; a program owns BN
+        # vocabulary entries for BM rows, so the weights are read once per BM rows.
+        rows = tl.program_id(1) * BM + tl.arange(0, BM)
+        vocab = tl.program_id(0) * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        for k0 in range(0, k, BK):
+            kk = k0 + rk
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :],
+                        mask=(rows[:, None] < m) & (kk[None, :] < k), other=0.0)
+            w = tl.load(w_ptr + vocab[:, None].to(tl.int64) * stride_wv + kk[None, :],
+                        mask=(vocab[:, None] < n_vocab) & (kk[None, :] < k), other=0.0)
+            acc = tl.dot(x, tl.trans(w), acc)
+        tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + vocab[None, :], acc,
+                 mask=(rows[:, None] < m) & (vocab[None, :] < n_vocab))
+
+
+HALF = (torch.float16, torch.bfloat16)
+# Rows up to which the Triton kernel beats torch (decode steps); longer inputs are prompt prefills.
+MAX_LOGITS_ROWS = 256
+
+
+def can_logits_fp32(x: Tensor, weight: Tensor) -> bool:
+    return (HAVE_TRITON and x.is_cuda and x.dtype in HALF and weight.dtype == x.dtype
+            and weight.stride(-1) == 1 and x.numel() // x.shape[-1] <= MAX_LOGITS_ROWS)
+
+
+def logits_fp32(x: Tensor, weight: Tensor) -> Tensor:
+    """x [..., d] @ weight [V, d]^T in float32 (x and weight fp16/bf16 on the GPU)."""
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    m, k = flat.shape
+    n_vocab = weight.shape[0]
+    out = torch.empty(m, n_vocab, device=x.device, dtype=torch.float32)
+    bm = min(64, max(16, triton.next_power_of_2(m)))
+    bn = 128
+    _logits[(triton.cdiv(n_vocab, bn), triton.cdiv(m, bm))](
+        flat, weight, out, m, n_vocab, k, flat.stride(0), weight.stride(0), out.stride(0),
+        BM=bm, BN=bn, BK=64, num_warps=4, num_stages=4,
+    )
+    return out.reshape(*x.shape[:-1], n_vocab)
+
+
+def can_fuse_gelu(x: Tensor, linear: nn.Module) -> bool:
+    return (x.is_cuda and x.dtype in HALF and type(linear) is nn.Linear and linear.bias is not None
+            and linear.weight.dtype == x.dtype)
+
+
+def linear_gelu(x: Tensor, linear: nn.Linear) -> Tensor:
+    """gelu(linear(x)) with cuBLASLt's GELU epilogue (tanh form; CUDA half precision only)."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch._addmm_activation(linear.bias, flat, linear.weight.t(), use_gelu=True)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def reference_linear_gelu(x: Tensor, linear: nn.Linear) -> Tensor:
+    """The exact (erf) form that linear_gelu replaces on the GPU."""
+    return F.gelu(linear(x))
