@@ -212,10 +212,11 @@ class DecodeLoop:
             positions = torch.zeros(tokens.shape[0], dtype=torch.long)
             logits = self.engine.decode(tokens, positions, group[0].start, plen,
                                         cross_runs=cross_runs([(k, 1, w.n_audio) for k, w in enumerate(group)]))
+            # every window's no-speech probability in one op and one device sync
+            sot_logits = logits[torch.arange(len(group)), [w.prompt.index(self.tokenizer.sot) for w in group]]
+            no_speech = torch.softmax(sot_logits.float(), dim=-1)[:, self.tokenizer.no_speech].tolist()
             for k, w in enumerate(group):
-                sot_index = w.prompt.index(self.tokenizer.sot)
-                w.no_speech_prob = torch.softmax(logits[k, sot_index].float(), dim=-1)[
-                    self.tokenizer.no_speech].item()
+                w.no_speech_prob = no_speech[k]
                 out[id(w)] = logits[k, -1:].expand(w.n_rows, -1)
                 w.position = plen
                 if w.n_rows > 1:  # the beams / samples start from the first row's state
