@@ -28,8 +28,8 @@ from app.engine.cpu_gemm import (
     packed_linear,
 )
 from app.engine.fused_norm import add_layer_norm
-from app.engine.gpu_gemm import can_fuse_gelu, can_logits_fp32, linear_gelu, logits_fp32
 from app.engine.kernels import can_quantize_kv, decode_attention, quantize_kv_into
+from app.engine.logits_gemm import can_logits_fp32, logits_fp32
 
 # (row offset in the batch, rows, g, audio positions): rows [offset, offset + rows) form windows
 # of g rows each (beams or samples of one window) whose cross-attention K/V live in each window's
@@ -108,8 +108,6 @@ class FeedForward(nn.Module):
         self.mlp2 = make_linear(ffn, d, True, int8)
 
     def mlp(self, normed: Tensor) -> Tensor:
-        if isinstance(self.mlp_act, nn.GELU) and can_fuse_gelu(normed, self.mlp1):
-            return self.mlp2(linear_gelu(normed, self.mlp1))  # GELU inside the GEMM (app.engine.gpu_gemm)
         return self.mlp2(self.mlp_act(self.mlp1(normed)))
 
     def feed_forward(self, x: Tensor) -> Tensor:
@@ -275,7 +273,7 @@ class WhisperRunner:
         self.dims = model.dims
         embedding = model.decoder.token_embedding
         # fp32 logits on the GPU: rounding logits to fp16 flips argmax / beam ranking against the
-        # fp32 reference. Decode steps use a Triton GEMM that writes fp32 (app.engine.gpu_gemm);
+        # fp32 reference. Decode steps use a Triton GEMM that writes fp32 (app.engine.logits_gemm);
         # longer inputs (prompt prefills) torch's half-precision GEMM with an fp32 output, or an
         # fp32 copy of the embedding where that GEMM is not available.
         self.logits_weight: Tensor | None = None

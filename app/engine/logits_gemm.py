@@ -1,21 +1,18 @@
-"""Two GEMMs of the GPU decode step that torch runs poorly.
+"""fp32 logits from half-precision weights on the GPU, in one Triton kernel.
 
-- The output projection needs float32 logits (rounding them to fp16 flips argmax and beam ranking
-  against the float32 reference) from half-precision weights. torch's mixed-output `mm` runs an
-  sm75 CUTLASS kernel on Hopper: 158 us a step for small at 64 rows (H200), eight times the time
-  to read the 80 MB of weights. `logits_fp32` is a plain Triton tile GEMM that streams them.
-- Each MLP's first linear layer is followed by GELU. cuBLASLt applies it inside the GEMM
-  (`linear_gelu`), saving a kernel per layer and step and, in the encoder, a pass over the
-  [windows x 1500 x 4d] activations. cuBLASLt's GELU is the tanh form: it differs from the erf
-  form by at most 4.7e-4, under half an fp16 step at that magnitude, so it is used only in half
-  precision.
+The output projection needs float32 logits: rounding them to fp16 flips argmax and beam ranking
+against the float32 reference. torch's mixed-output `mm` (fp16 inputs, fp32 output) runs an sm75
+CUTLASS kernel on Hopper: 158 us a step for small at 64 rows on an H200, eight times the time to
+read its 80 MB of weights. `logits_fp32` is a plain tile GEMM that streams them instead.
+
+(cuBLASLt's GELU epilogue for the MLPs was tried too and left out: 2 % faster for large-v3 at
+64 windows, but its tanh form moved two more dev-set files off the CPU fp32 transcripts.)
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from app.engine.kernels import HAVE_TRITON
 
@@ -68,20 +65,3 @@ def logits_fp32(x: Tensor, weight: Tensor) -> Tensor:
         BM=bm, BN=bn, BK=64, num_warps=4, num_stages=4,
     )
     return out.reshape(*x.shape[:-1], n_vocab)
-
-
-def can_fuse_gelu(x: Tensor, linear: nn.Module) -> bool:
-    return (x.is_cuda and x.dtype in HALF and type(linear) is nn.Linear and linear.bias is not None
-            and linear.weight.dtype == x.dtype)
-
-
-def linear_gelu(x: Tensor, linear: nn.Linear) -> Tensor:
-    """gelu(linear(x)) with cuBLASLt's GELU epilogue (tanh form; CUDA half precision only)."""
-    flat = x.reshape(-1, x.shape[-1])
-    out = torch._addmm_activation(linear.bias, flat, linear.weight.t(), use_gelu=True)
-    return out.view(*x.shape[:-1], out.shape[-1])
-
-
-def reference_linear_gelu(x: Tensor, linear: nn.Linear) -> Tensor:
-    """The exact (erf) form that linear_gelu replaces on the GPU."""
-    return F.gelu(linear(x))
