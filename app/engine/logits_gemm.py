@@ -4,9 +4,6 @@ The output projection needs float32 logits: rounding them to fp16 flips argmax a
 against the float32 reference. torch's mixed-output `mm` (fp16 inputs, fp32 output) runs an sm75
 CUTLASS kernel on Hopper: 158 us a step for small at 64 rows on an H200, eight times the time to
 read its 80 MB of weights. `logits_fp32` is a plain tile GEMM that streams them instead.
-
-(cuBLASLt's GELU epilogue for the MLPs was tried too and left out: 2 % faster for large-v3 at
-64 windows, but its tanh form moved two more dev-set files off the CPU fp32 transcripts.)
 """
 
 from __future__ import annotations
@@ -41,7 +38,8 @@ if HAVE_TRITON:
 
 
 HALF = (torch.float16, torch.bfloat16)
-# Rows up to which the Triton kernel beats torch (decode steps); longer inputs are prompt prefills.
+# Decode steps and short prompt prefills; the kernel was measured on those shapes only, so longer
+# inputs keep torch's GEMM.
 MAX_LOGITS_ROWS = 256
 
 

@@ -273,9 +273,9 @@ class WhisperRunner:
         self.dims = model.dims
         embedding = model.decoder.token_embedding
         # fp32 logits on the GPU: rounding logits to fp16 flips argmax / beam ranking against the
-        # fp32 reference. Decode steps use a Triton GEMM that writes fp32 (app.engine.logits_gemm);
-        # longer inputs (prompt prefills) torch's half-precision GEMM with an fp32 output, or an
-        # fp32 copy of the embedding where that GEMM is not available.
+        # fp32 reference. Up to 256 rows (decode steps, short prefills) a Triton GEMM writes fp32
+        # (app.engine.logits_gemm); longer inputs use torch's half-precision GEMM with an fp32
+        # output, or an fp32 copy of the embedding where that GEMM is not available.
         self.logits_weight: Tensor | None = None
         self.packed_logits: Tensor | None = None
         self.mm_fp32_out = False
