@@ -130,6 +130,12 @@ class EncoderBlock(FeedForward):
         return add_layer_norm(x, self.mlp(normed), next_norm)
 
 
+def following_norms(layers: list[nn.Module], final: nn.LayerNorm) -> list[nn.LayerNorm]:
+    """For each block, the LayerNorm its output goes through next: the next block's attn_ln, and
+    `final` after the last block (the fused residual add + LayerNorm pairs each block with it)."""
+    return [layer.attn_ln for layer in layers[1:]] + [final]
+
+
 class AudioEncoder(nn.Module):
     def __init__(self, dims: ModelDims, int8: bool) -> None:
         super().__init__()
@@ -148,8 +154,8 @@ class AudioEncoder(nn.Module):
         x = x + self.positional_embedding[: x.shape[1]]
         layers = list(self.layers)
         normed = layers[0].attn_ln(x)
-        for i, layer in enumerate(layers):
-            x, normed = layer(x, normed, layers[i + 1].attn_ln if i + 1 < len(layers) else self.ln_post)
+        for layer, next_norm in zip(layers, following_norms(layers, self.ln_post), strict=True):
+            x, normed = layer(x, normed, next_norm)
         return normed
 
 
@@ -331,13 +337,13 @@ class WhisperRunner:
         # index_put, ~4x faster for large-v3 at 64 windows on an H100.
         consecutive = rows == list(range(rows[0], rows[0] + b))
         fused_quantize = cache.quantized_cross and can_quantize_kv(audio_features)
-        # the fused quantize kernel takes the rows as a tensor: built once, for every layer
+        # the rows as a tensor (the fused quantize kernel's input, or an index): built once
         row_index = torch.tensor(rows, device=audio_features.device) \
             if fused_quantize or not consecutive else None
-        index = row_index if row_index is not None and not consecutive else slice(rows[0], rows[0] + b)
+        index = slice(rows[0], rows[0] + b) if consecutive else row_index
         for i, layer in enumerate(self.model.decoder.layers):
             kv = layer.cross.kv(audio_features)  # [B, T, 2d]: K then V, heads inside each
-            if fused_quantize and row_index is not None:
+            if row_index is not None and fused_quantize:
                 quantize_kv_into(kv, h, row_index, cache.cross_k[i], cache.cross_v[i], cache.cross_k_scale[i],
                                  cache.cross_v_scale[i])
                 continue
@@ -422,7 +428,7 @@ class WhisperRunner:
         # Each sub-layer's residual add and the next sub-layer's LayerNorm run as one kernel on
         # the GPU (app.engine.fused_norm); `normed` is the normalised residual stream x.
         normed = layers[0].attn_ln(x)
-        for i, layer in enumerate(layers):
+        for i, (layer, next_norm) in enumerate(zip(layers, following_norms(layers, dec.ln), strict=True)):
             attn = layer.attn
             qkv = attn.qkv(normed)
             q, k, v = qkv.chunk(3, dim=-1)
@@ -455,7 +461,6 @@ class WhisperRunner:
             else:
                 a = self._cross_attention(i, cq, start, cross_runs)
             x, normed = add_layer_norm(x, cross.out(attn.merge_heads(a)), layer.mlp_ln)
-            next_norm = layers[i + 1].attn_ln if i + 1 < len(layers) else dec.ln
             x, normed = add_layer_norm(x, layer.mlp(normed), next_norm)
         return self.logits(normed)
 

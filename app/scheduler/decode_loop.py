@@ -120,27 +120,24 @@ class DecodeLoop:
             placed.append(window)
         if not placed:
             return []
-        by_frames: dict[int, list[ActiveWindow]] = {}
-        by_positions: dict[int, list[ActiveWindow]] = {}
-        for w in placed:  # windows with a trimmed audio context are shorter: encode by length
-            if w.task.audio_features is not None:  # a retry: encoded already
-                by_positions.setdefault(w.task.audio_features.shape[1], []).append(w)
+        # Windows go to the engine in groups of one length: a trimmed audio context is shorter, and
+        # a retry at a higher temperature brings its encoder output (only its K/V are recomputed).
+        groups: dict[tuple[bool, int], list[ActiveWindow]] = {}
+        for w in placed:
+            known = w.task.audio_features
+            key = (True, known.shape[1]) if known is not None else (False, w.task.mel.shape[-1])
+            groups.setdefault(key, []).append(w)
+        for (encoded, _), same in groups.items():
+            rows = [w.start for w in same]
+            if encoded:
+                features = torch.cat([w.task.audio_features for w in same])  # type: ignore[arg-type]
+                self.engine.features_into_rows(features, rows)
             else:
-                by_frames.setdefault(w.task.mel.shape[-1], []).append(w)
-        for same in by_frames.values():
-            features = self.engine.encode_into_rows(torch.stack([w.task.mel for w in same]),
-                                                    [w.start for w in same])
+                features = self.engine.encode_into_rows(torch.stack([w.task.mel for w in same]), rows)
             for i, w in enumerate(same):
                 w.n_audio = features.shape[1]
                 if w.task.keep_audio_features:
-                    w.audio_features = features[i : i + 1].clone()
-        for same in by_positions.values():
-            known = [w.task.audio_features for w in same]
-            self.engine.features_into_rows(torch.cat(known), [w.start for w in same])  # type: ignore[arg-type]
-            for w in same:
-                w.n_audio = w.task.audio_features.shape[1]  # type: ignore[union-attr]
-                if w.task.keep_audio_features:
-                    w.audio_features = w.task.audio_features
+                    w.audio_features = w.task.audio_features if encoded else features[i : i + 1].clone()
         for w in placed:
             self._prepare(w)
         finished: list[ActiveWindow] = []
