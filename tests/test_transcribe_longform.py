@@ -377,6 +377,29 @@ def test_prompt_kept_after_a_low_temperature_fallback() -> None:
     assert model.previous_at(2800) == FIRST_WINDOW_SEGMENTS
 
 
+def test_a_sliver_under_one_second_after_a_window_is_not_decoded() -> None:
+    # 30.5 s: the first window says everything ended by 29 s; the 0.5 s left is not a window
+    # (decoding it, Whisper tends to repeat the previous text over the silence)
+    audio = noise(30.5)
+    model = WindowModel(audio, {0: result([T(0), 10, 11, T(29)])})
+    out = model.transcribe(audio)
+    assert model.seeks == [0]
+    assert [(s.start, s.end, s.text) for s in out.segments] == [(0.0, 29.0, " t10 t11")]
+
+
+def test_text_cut_off_within_the_last_second_is_kept_from_its_window() -> None:
+    # Window 2 (30-40.5 s) closes a segment at 40.0 s and starts " t31 t32" without closing it:
+    # the next window would start 0.5 s before the end, so that text is kept as it is instead.
+    audio = noise(40.5)
+    model = WindowModel(audio, {0: result([T(0), 10, T(30)]),
+                                3000: result([T(0), 20, 21, T(10), T(10), 31, 32])})
+    out = model.transcribe(audio)
+    assert model.seeks == [0, 3000]
+    assert [(s.start, s.text) for s in out.segments] == [(0.0, " t10"), (30.0, " t20 t21"), (40.0, " t31 t32")]
+    assert out.segments[-1].end == pytest.approx(40.5, abs=0.02)
+    assert out.text == "t10 t20 t21 t31 t32"
+
+
 def test_silent_window_is_skipped_and_seek_moves_on() -> None:
     silent = result([T(0), 3, T(1)], -1.6, no_speech=0.9)
     model = WindowModel(AUDIO_50S, {0: silent, 3000: result([T(0), 21, 22, T(4)])})

@@ -30,6 +30,11 @@ TIME_PRECISION = 0.02  # seconds per timestamp token
 INPUT_STRIDE = 2  # mel frames per encoder position
 FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH
 TRIM_PADDING_FRAMES = 5 * FRAMES_PER_SECOND  # silence after a trimmed window's audio
+#: When a window leaves less audio than this after it, transcription stops there instead of
+#: decoding the sliver as a window of its own: conditioned on the text before it, Whisper tends to
+#: repeat that text over a fraction of a second of trailing silence (whisper.cpp and WhisperKit
+#: also stop with one second left).
+MIN_TAIL_FRAMES = FRAMES_PER_SECOND
 
 SubmitFn = Callable[[WindowTask], Awaitable[WindowResult]]
 #: Called with each segment as soon as it is final (SSE streaming sends it on at once).
@@ -164,6 +169,19 @@ def split_by_timestamps(tokens: list[int], tb: int, time_offset: float, segment_
     return segments, next_seek, single_ending
 
 
+def keep_tail(raw: list[RawSegment], tokens: list[int], tb: int, end_time: float) -> None:
+    """Add the text after the last timestamp pair as a segment ending at `end_time`.
+
+    split_by_timestamps leaves that text for the next window to re-decode; this is for windows
+    that have no next one.
+    """
+    if not raw:
+        return
+    tail = tokens[sum(len(r.tokens) for r in raw):]
+    if any(t < tb for t in tail):
+        raw.append(RawSegment(raw[-1].seek, raw[-1].end, end_time, tail))
+
+
 class Transcriber:
     def __init__(self, ctx: ModelContext) -> None:
         self.ctx = ctx
@@ -223,10 +241,14 @@ class Transcriber:
                 continue
             previous_seek = seek
             raw, seek, single_ending = split_by_timestamps(result.tokens, tb, time_offset, segment_size, seek)
+            if content_frames - seek < MIN_TAIL_FRAMES:
+                if not single_ending:  # the text cut off at the last timestamp pair stays
+                    keep_tail(raw, result.tokens, tb, time_offset + segment_size / FRAMES_PER_SECOND)
+                seek = content_frames
             if options.word_timestamps and self.ctx.cross_attention is not None:
                 last_speech = await self._add_words(raw, result, window, segment_size, time_offset,
                                                     last_speech, options)
-                if not single_ending:
+                if not single_ending and seek < content_frames:
                     last_end = next((s.words[-1].end for s in reversed(raw) if s.words), None)
                     if last_end is not None and last_end > time_offset:
                         seek = round(last_end * FRAMES_PER_SECOND)
@@ -270,12 +292,8 @@ class Transcriber:
             offset = start / SAMPLE_RATE
             tokens = outcome.result.tokens
             raw, _, single_ending = split_by_timestamps(tokens, tb, offset, size, seek)
-            if raw and not single_ending:
-                # text after the last timestamp pair belongs to the chunk's tail: keep it
-                used = sum(len(r.tokens) for r in raw)
-                tail = tokens[used:]
-                if any(t < tb for t in tail):
-                    raw.append(RawSegment(seek, raw[-1].end, end / SAMPLE_RATE, tail))
+            if not single_ending:
+                keep_tail(raw, tokens, tb, end / SAMPLE_RATE)  # no later window re-decodes it
             if options.word_timestamps and self.ctx.cross_attention is not None:
                 await self._add_words(raw, outcome.result, window, size, offset, offset, options)
             return [(r, outcome) for r in raw]
