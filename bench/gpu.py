@@ -187,11 +187,12 @@ def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
 def smoke() -> None:
     """Graph replay == eager; chunked greedy == stepwise greedy; int8 kernel == dequantized SDPA;
     fused int8 quantization == the torch reference; fused residual add + LayerNorm == torch;
-    the fp32-logits GEMM == an fp32 matmul."""
+    the fp32-logits GEMM == an fp32 matmul; the decode steps' few-rows GEMM == torch's."""
     from app.engine.cache_write import append_kv
     from app.engine.fused_norm import add_layer_norm, reference_add_layer_norm
     from app.engine.kernels import decode_attention, quantize_kv_into
     from app.engine.logits_gemm import logits_fp32
+    from app.engine.row_gemm import choose_tiles, reference_linear, row_linear
     from app.engine.torch_model import quantize_rows_int8
 
     for rows, d in ((1, 384), (64, 1280), (200, 768)):
@@ -214,6 +215,17 @@ def smoke() -> None:
         same_argmax = torch.equal(got.argmax(-1), ref.argmax(-1))
         print(f"logits_fp32 rows={rows} d={d}: max diff / max value {rel:.1e}, argmax equal {same_argmax}")
         assert got.dtype == torch.float32 and rel < 1e-5 and same_argmax, rel  # fp32 sums, other order
+
+    for rows, n, k, gelu in ((1, 1152, 384, False), (64, 5120, 1280, True), (37, 768, 3072, False)):
+        x = torch.randn(rows, 1, k, device="cuda", dtype=torch.float16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.float16) * k**-0.5
+        bias = torch.randn(n, device="cuda", dtype=torch.float16)
+        got = [row_linear(x, w, bias, gelu) for _ in range(2)]  # 2nd: counters were reset
+        ref = reference_linear(x.float(), w.float(), bias.float(), gelu)
+        rel = max(((g.float() - ref).abs().max() / ref.abs().max()).item() for g in got)
+        print(f"row_linear rows={rows} {n}x{k} gelu={gelu} split={choose_tiles(n, k).split}: "
+              f"max diff / max value {rel:.1e}, repeat equal {torch.equal(got[0], got[1])}")
+        assert rel < 2e-3 and torch.equal(got[0], got[1]), rel  # fp16 output rounding
 
     for b, heads, dh in ((1, 20, 64), (64, 6, 64)):
         qkv = torch.randn(b, 1, 3 * heads * dh, device="cuda", dtype=torch.float16)

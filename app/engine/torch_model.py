@@ -30,6 +30,7 @@ from app.engine.cpu_gemm import (
 from app.engine.fused_norm import add_layer_norm
 from app.engine.kernels import can_quantize_kv, decode_attention, quantize_kv_into
 from app.engine.logits_gemm import can_logits_fp32, logits_fp32
+from app.engine.row_gemm import step_linear
 
 # (row offset in the batch, rows, g, audio positions): rows [offset, offset + rows) form windows
 # of g rows each (beams or samples of one window) whose cross-attention K/V live in each window's
@@ -109,6 +110,12 @@ class FeedForward(nn.Module):
 
     def mlp(self, normed: Tensor) -> Tensor:
         return self.mlp2(self.mlp_act(self.mlp1(normed)))
+
+    def step_mlp(self, normed: Tensor) -> Tensor:
+        """mlp() in a decode step: few-rows GEMMs on the GPU with the GELU inside the first."""
+        if isinstance(self.mlp_act, nn.GELU) and self.mlp_act.approximate == "none":
+            return step_linear(self.mlp2, step_linear(self.mlp1, normed, gelu=True))
+        return self.mlp(normed)  # the CPU's oneDNN path has its GELU inside mlp1 already
 
     def feed_forward(self, x: Tensor) -> Tensor:
         return x + self.mlp(self.mlp_ln(x))
@@ -430,7 +437,7 @@ class WhisperRunner:
         normed = layers[0].attn_ln(x)
         for i, (layer, next_norm) in enumerate(zip(layers, following_norms(layers, dec.ln), strict=True)):
             attn = layer.attn
-            qkv = attn.qkv(normed)
+            qkv = step_linear(attn.qkv, normed)
             q, k, v = qkv.chunk(3, dim=-1)
             q, k, v = attn.split_heads(q), attn.split_heads(k), attn.split_heads(v)
             # write this step's K/V into each row at its own positions
@@ -449,9 +456,9 @@ class WhisperRunner:
             else:
                 a = F.scaled_dot_product_attention(q, ck[start:end, :, :kv_len], cv[start:end, :, :kv_len],
                                                    attn_mask=mask)
-            x, normed = add_layer_norm(x, attn.out(attn.merge_heads(a)), layer.cross_ln)
+            x, normed = add_layer_norm(x, step_linear(attn.out, attn.merge_heads(a)), layer.cross_ln)
             cross = layer.cross
-            cq = attn.split_heads(cross.q(normed))
+            cq = attn.split_heads(step_linear(cross.q, normed))
             if fused and cache.quantized_cross:
                 a = decode_attention(cq, cache.cross_k[i, start:end], cache.cross_v[i, start:end],
                                      k_scale=cache.cross_k_scale[i, start:end],
@@ -460,8 +467,8 @@ class WhisperRunner:
                 a = decode_attention(cq, cache.cross_k[i, start:end], cache.cross_v[i, start:end])
             else:
                 a = self._cross_attention(i, cq, start, cross_runs)
-            x, normed = add_layer_norm(x, cross.out(attn.merge_heads(a)), layer.mlp_ln)
-            x, normed = add_layer_norm(x, layer.mlp(normed), next_norm)
+            x, normed = add_layer_norm(x, step_linear(cross.out, attn.merge_heads(a)), layer.mlp_ln)
+            x, normed = add_layer_norm(x, layer.step_mlp(normed), next_norm)
         return self.logits(normed)
 
     @torch.inference_mode()

@@ -1,0 +1,170 @@
+"""Linear layers of decode steps (a few rows against a large weight) in one Triton kernel.
+
+A decode step multiplies at most a few dozen rows by each weight matrix, so its GEMMs are bound by
+reading the weights once. cuBLAS tiles such a GEMM over the output columns only: large-v3 at 64
+rows gets 20-80 tiles for 132 SMs, each re-reading all 64 input rows from L2, and its split-K
+variant adds a separate reduction kernel. A decode step of large-v3 spent ~1.2 ms in 192 such
+GEMMs on an H200, 5-6.5 us each, against ~0.35 ms to read its 1.5 GB of weights once.
+
+Here each program owns a (column block, slice of K) tile, so the grid fills the GPU whatever the
+shape; the programs of a column block leave fp32 partial sums in a workspace and the last one to
+arrive (an atomic counter per column block) adds them in a fixed order, so results do not depend
+on timing. It applies the bias and, optionally, GELU (exact, erf) in float32 before rounding once,
+which also removes the MLP's separate GELU kernel. The counter is reset by that same program, so
+the kernel needs no setup and can be replayed inside CUDA graphs.
+
+The workspace and counters are shared per device: kernels on one stream run one after another,
+which is how the engine thread issues all of its GPU work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from app.engine.kernels import HAVE_TRITON
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _bias_act_store(acc, rows, cols, b_ptr, out_ptr, m, n, stride_om,
+                        HAS_BIAS: tl.constexpr, GELU: tl.constexpr):
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols, mask=cols < n, other=0.0).to(tl.float32)[None, :]
+        if GELU:
+            acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=(rows[:, None] < m) & (cols[None, :] < n))
+
+    @triton.jit
+    def _row_gemm(x_ptr, w_ptr, b_ptr, out_ptr, part_ptr, count_ptr, m, n, k, stride_xm, stride_wn,
+                  stride_om, k_per_split,
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, GELU: tl.constexpr):
+        # out[m, n] = act(sum_k x[m, k] w[n, k] + bias[n]); program (column block, K slice)
+        block = tl.program_id(0)
+        split = tl.program_id(1)
+        rows = tl.arange(0, BM)
+        cols = block * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        begin = split * k_per_split
+        for k0 in range(begin, begin + k_per_split, BK):
+            kk = k0 + rk
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :],
+                        mask=(rows[:, None] < m) & (kk[None, :] < k), other=0.0)
+            w = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_wn + kk[None, :],
+                        mask=(cols[:, None] < n) & (kk[None, :] < k), other=0.0)
+            acc = tl.dot(x, tl.trans(w), acc)
+        if SPLIT == 1:
+            _bias_act_store(acc, rows, cols, b_ptr, out_ptr, m, n, stride_om, HAS_BIAS, GELU)
+        else:
+            tile = rows[:, None] * BN + tl.arange(0, BN)[None, :]
+            tl.store(part_ptr + (block * SPLIT + split) * BM * BN + tile, acc)
+            # release: this partial is visible before the count; acquire for the last arrival
+            arrived = tl.atomic_add(count_ptr + block, 1, sem="acq_rel")
+            if arrived == SPLIT - 1:
+                total = tl.zeros([BM, BN], dtype=tl.float32)
+                for s in range(SPLIT):  # fixed order: the same sums whichever program is last
+                    total += tl.load(part_ptr + (block * SPLIT + s) * BM * BN + tile, cache_modifier=".cg")
+                tl.atomic_xchg(count_ptr + block, 0)
+                _bias_act_store(total, rows, cols, b_ptr, out_ptr, m, n, stride_om, HAS_BIAS, GELU)
+
+
+HALF = (torch.float16, torch.bfloat16)
+#: Rows the kernel takes: a decode step of up to 64 sequences (one BM tile).
+MAX_ROWS = 64
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_n: int
+    block_k: int
+    split: int
+    warps: int = 4
+    stages: int = 4
+
+
+def choose_tiles(n: int, k: int) -> TileConfig:
+    """Narrow column blocks with long K steps; K split four ways where it is longer than the
+    output (the MLP's second GEMM), from sweeps of bench/gpu_linear.py on an H200: elsewhere the
+    extra pass over partial sums cost more than the added programs gained."""
+    return TileConfig(block_n=32, block_k=128, split=4 if k > n else 1)
+
+
+class _Workspace:
+    """Per-device fp32 partial sums and arrival counters (counters are left at zero by the kernel).
+
+    A grown buffer replaces the old one for later calls but the old one is kept alive: CUDA graphs
+    captured earlier still write to it.
+    """
+
+    def __init__(self) -> None:
+        self.partials: dict[torch.device, Tensor] = {}
+        self.counters: dict[torch.device, Tensor] = {}
+        self.retired: list[Tensor] = []
+
+    def get(self, device: torch.device, partial_elems: int, blocks: int) -> tuple[Tensor, Tensor]:
+        partials = self.partials.get(device)
+        if partials is None or partials.numel() < partial_elems:
+            if partials is not None:
+                self.retired.append(partials)
+            partials = self.partials[device] = torch.empty(partial_elems, device=device, dtype=torch.float32)
+        counters = self.counters.get(device)
+        if counters is None or counters.numel() < blocks:
+            if counters is not None:
+                self.retired.append(counters)
+            counters = self.counters[device] = torch.zeros(max(blocks, 256), device=device, dtype=torch.int32)
+        return partials, counters
+
+
+_WORKSPACE = _Workspace()
+
+
+def can_row_gemm(x: Tensor, weight: Tensor) -> bool:
+    return (HAVE_TRITON and x.is_cuda and x.dtype in HALF and weight.dtype == x.dtype
+            and weight.stride(-1) == 1 and x.numel() // x.shape[-1] <= MAX_ROWS)
+
+
+def row_linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool = False,
+               tiles: TileConfig | None = None) -> Tensor:
+    """act(x @ weight.T + bias) for x [..., k] with at most MAX_ROWS rows (see can_row_gemm)."""
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    m, k = flat.shape
+    n = weight.shape[0]
+    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    if tiles is None:
+        tiles = choose_tiles(n, k)
+    bm = max(16, triton.next_power_of_2(m))
+    blocks = triton.cdiv(n, tiles.block_n)
+    partials, counters = _WORKSPACE.get(x.device, blocks * tiles.split * bm * tiles.block_n, blocks)
+    k_per_split = triton.cdiv(triton.cdiv(k, tiles.split), tiles.block_k) * tiles.block_k
+    _row_gemm[(blocks, tiles.split)](
+        flat, weight, bias if bias is not None else weight, out, partials, counters, m, n, k,
+        flat.stride(0), weight.stride(0), out.stride(0), k_per_split,
+        BM=bm, BN=tiles.block_n, BK=tiles.block_k, SPLIT=tiles.split, HAS_BIAS=bias is not None,
+        GELU=gelu, num_warps=tiles.warps, num_stages=tiles.stages,
+    )
+    return out.reshape(*x.shape[:-1], n)
+
+
+def step_linear(linear: nn.Module, x: Tensor, gelu: bool = False) -> Tensor:
+    """A decode step's linear layer (optionally followed by exact GELU): row_linear where it
+    applies (CUDA, half precision, <= MAX_ROWS rows, a plain nn.Linear), torch elsewhere."""
+    if isinstance(linear, nn.Linear) and can_row_gemm(x, linear.weight):
+        return row_linear(x, linear.weight, linear.bias, gelu)
+    y = linear(x)
+    return F.gelu(y) if gelu else y
+
+
+def reference_linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool = False) -> Tensor:
+    """What row_linear replaces: torch's GEMM (+ GELU), for checks and benchmarks."""
+    y = F.linear(x, weight, bias)
+    return F.gelu(y) if gelu else y

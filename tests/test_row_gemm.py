@@ -1,0 +1,58 @@
+"""The decode steps' few-rows GEMM (app.engine.row_gemm) runs only on the GPU; on the CPU its
+wrappers must be exactly torch's layers. GPU numerics: `bench/gpu.py --smoke` and the CUDA tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from app.engine.row_gemm import TileConfig, can_row_gemm, choose_tiles, row_linear, step_linear
+from app.engine.torch_model import FeedForward
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_cpu_tensors_take_the_torch_path() -> None:
+    assert not can_row_gemm(torch.randn(3, 8).half(), torch.randn(16, 8).half())
+    assert not can_row_gemm(torch.randn(3, 8), torch.randn(16, 8))
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+def test_step_linear_on_the_cpu_is_the_layer_itself(gelu: bool) -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(24, 40)
+    x = torch.randn(5, 1, 24)
+    expected = F.gelu(layer(x)) if gelu else layer(x)
+    assert torch.equal(step_linear(layer, x, gelu), expected)
+
+
+def test_step_mlp_on_the_cpu_equals_mlp() -> None:
+    torch.manual_seed(0)
+    block = FeedForward(16, 64, int8=False)
+    x = torch.randn(3, 1, 16)
+    assert torch.equal(block.step_mlp(x), block.mlp(x))
+
+
+def test_only_the_mlp_output_gemm_splits_k() -> None:
+    assert choose_tiles(3 * 1280, 1280).split == 1
+    assert choose_tiles(4 * 1280, 1280).split == 1
+    assert choose_tiles(1280, 4 * 1280).split == 4
+
+
+@cuda_only
+@pytest.mark.parametrize(("rows", "n", "k", "split", "gelu"),
+                         [(1, 1152, 384, 1, False), (64, 3072, 768, 1, True), (17, 768, 3072, 4, False),
+                          (64, 1280, 5120, 4, True)])
+def test_row_linear_matches_torch(rows: int, n: int, k: int, split: int, gelu: bool) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(rows, 1, k, device="cuda", dtype=torch.float16)
+    weight = torch.randn(n, k, device="cuda", dtype=torch.float16) * k**-0.5
+    bias = torch.randn(n, device="cuda", dtype=torch.float16)
+    expected = F.linear(x.float(), weight.float(), bias.float())
+    expected = F.gelu(expected) if gelu else expected
+    for _ in range(2):  # the second call finds the arrival counters reset by the first
+        got = row_linear(x, weight, bias, gelu, TileConfig(32, 128, split))
+        assert got.shape == (rows, 1, n) and got.dtype == torch.float16
+        torch.testing.assert_close(got.float(), expected, rtol=2e-3, atol=2e-3)
