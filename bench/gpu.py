@@ -226,6 +226,12 @@ def smoke() -> None:
         print(f"row_linear rows={rows} {n}x{k} gelu={gelu} split={choose_tiles(n, k).split}: "
               f"max diff / max value {rel:.1e}, repeat equal {torch.equal(got[0], got[1])}")
         assert rel < 2e-3 and torch.equal(got[0], got[1]), rel  # fp16 output rounding
+        q, scale = quantize_rows_int8(w)  # int8 weights, one scale per output row
+        got_q = row_linear(x, q, bias, gelu, scale=scale.squeeze(1))
+        ref_q = reference_linear(x.float(), q.float() * scale.float(), bias.float(), gelu)
+        rel = ((got_q.float() - ref_q).abs().max() / ref_q.abs().max()).item()
+        print(f"row_linear int8 weights rows={rows} {n}x{k}: max diff / max value {rel:.1e}")
+        assert rel < 2e-3, rel
 
     for b, heads, dh in ((1, 20, 64), (64, 6, 64)):
         qkv = torch.randn(b, 1, 3 * heads * dh, device="cuda", dtype=torch.float16)

@@ -25,3 +25,13 @@ def test_logits_match_an_fp32_matmul() -> None:
     assert logits.dtype == torch.float32 and logits.shape == (64, 1, 51864)
     torch.testing.assert_close(logits, x.float() @ weight.float().t(), rtol=1e-5, atol=1e-4)
     assert torch.equal(logits.argmax(-1), (x.float() @ weight.float().t()).argmax(-1))
+
+
+@cuda_only
+def test_int8_embedding_logits_match_the_dequantized_matmul() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(8, 1, 384, device="cuda", dtype=torch.float16)
+    weight = torch.randint(-127, 128, (51864, 384), device="cuda", dtype=torch.int8)
+    scale = torch.rand(51864, device="cuda", dtype=torch.float16) / 2000
+    expected = x.float() @ (weight.float() * scale.float()[:, None]).t()
+    torch.testing.assert_close(logits_fp32(x, weight, scale), expected, rtol=1e-5, atol=1e-4)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from app.engine.row_gemm import TileConfig, can_row_gemm, choose_tiles, row_linear, step_linear
-from app.engine.torch_model import FeedForward
+from app.engine.torch_model import FeedForward, Int8Linear
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -26,6 +26,20 @@ def test_step_linear_on_the_cpu_is_the_layer_itself(gelu: bool) -> None:
     x = torch.randn(5, 1, 24)
     expected = F.gelu(layer(x)) if gelu else layer(x)
     assert torch.equal(step_linear(layer, x, gelu), expected)
+
+
+def test_step_linear_on_the_cpu_keeps_int8_layers_as_they_are() -> None:
+    torch.manual_seed(0)
+    layer = Int8Linear(32, 48)
+    layer.weight.copy_(torch.randint(-127, 128, (48, 32), dtype=torch.int8))
+    layer.weight_scale.uniform_(0.001, 0.01)
+    x = torch.randn(4, 1, 32)
+    assert torch.equal(step_linear(layer, x), layer(x))
+
+
+def test_int8_weights_need_their_scale() -> None:
+    with pytest.raises(ValueError, match="scale"):
+        row_linear(torch.randn(2, 8), torch.zeros(4, 8, dtype=torch.int8), None)
 
 
 def test_step_mlp_on_the_cpu_equals_mlp() -> None:
@@ -56,3 +70,15 @@ def test_row_linear_matches_torch(rows: int, n: int, k: int, split: int, gelu: b
         got = row_linear(x, weight, bias, gelu, TileConfig(32, 128, split))
         assert got.shape == (rows, 1, n) and got.dtype == torch.float16
         torch.testing.assert_close(got.float(), expected, rtol=2e-3, atol=2e-3)
+
+
+@cuda_only
+def test_int8_row_linear_matches_the_dequantized_weights() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(64, 1, 1280, device="cuda", dtype=torch.float16)
+    weight = torch.randint(-127, 128, (1280, 5120 // 4), device="cuda", dtype=torch.int8)
+    scale = torch.rand(1280, device="cuda", dtype=torch.float16) / 2000
+    bias = torch.randn(1280, device="cuda", dtype=torch.float16)
+    expected = F.linear(x.float(), weight.float() * scale.float()[:, None], bias.float())
+    got = row_linear(x, weight, bias, scale=scale)
+    torch.testing.assert_close(got.float(), expected, rtol=2e-3, atol=2e-3)

@@ -18,8 +18,8 @@ if HAVE_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _logits(x_ptr, w_ptr, out_ptr, m, n_vocab, k, stride_xm, stride_wv, stride_om,
-                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    def _logits(x_ptr, w_ptr, s_ptr, out_ptr, m, n_vocab, k, stride_xm, stride_wv, stride_om,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_SCALE: tl.constexpr):
         # out[m, v] = sum_k x[m, k] w[v, k], float32 accumulate and output; a program owns BN
         # vocabulary entries for BM rows, so the weights are read once per BM rows.
         rows = tl.program_id(1) * BM + tl.arange(0, BM)
@@ -32,7 +32,9 @@ if HAVE_TRITON:
                         mask=(rows[:, None] < m) & (kk[None, :] < k), other=0.0)
             w = tl.load(w_ptr + vocab[:, None].to(tl.int64) * stride_wv + kk[None, :],
                         mask=(vocab[:, None] < n_vocab) & (kk[None, :] < k), other=0.0)
-            acc = tl.dot(x, tl.trans(w), acc)
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)  # int8 weights widen in registers
+        if HAS_SCALE:  # int8 embedding: one scale per token
+            acc *= tl.load(s_ptr + vocab, mask=vocab < n_vocab, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + vocab[None, :], acc,
                  mask=(rows[:, None] < m) & (vocab[None, :] < n_vocab))
 
@@ -44,12 +46,14 @@ MAX_LOGITS_ROWS = 256
 
 
 def can_logits_fp32(x: Tensor, weight: Tensor) -> bool:
-    return (HAVE_TRITON and x.is_cuda and x.dtype in HALF and weight.dtype == x.dtype
+    """x half precision on the GPU with at most MAX_LOGITS_ROWS rows; weight of x's dtype or int8."""
+    return (HAVE_TRITON and x.is_cuda and x.dtype in HALF and weight.dtype in (x.dtype, torch.int8)
             and weight.stride(-1) == 1 and x.numel() // x.shape[-1] <= MAX_LOGITS_ROWS)
 
 
-def logits_fp32(x: Tensor, weight: Tensor) -> Tensor:
-    """x [..., d] @ weight [V, d]^T in float32 (x and weight fp16/bf16 on the GPU)."""
+def logits_fp32(x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tensor:
+    """x [..., d] @ (weight [V, d] * scale[:, None])^T in float32 (x fp16/bf16 on the GPU; weight
+    of x's dtype, or int8 with its per-token `scale`)."""
     flat = x.reshape(-1, x.shape[-1])
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
@@ -59,7 +63,8 @@ def logits_fp32(x: Tensor, weight: Tensor) -> Tensor:
     bm = min(64, max(16, triton.next_power_of_2(m)))
     bn = 128
     _logits[(triton.cdiv(n_vocab, bn), triton.cdiv(m, bm))](
-        flat, weight, out, m, n_vocab, k, flat.stride(0), weight.stride(0), out.stride(0),
-        BM=bm, BN=bn, BK=64, num_warps=4, num_stages=4,
+        flat, weight, scale if scale is not None else weight, out, m, n_vocab, k, flat.stride(0),
+        weight.stride(0), out.stride(0), BM=bm, BN=bn, BK=64, HAS_SCALE=scale is not None, num_warps=4,
+        num_stages=4,
     )
     return out.reshape(*x.shape[:-1], n_vocab)

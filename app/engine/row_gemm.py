@@ -32,8 +32,10 @@ if HAVE_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _bias_act_store(acc, rows, cols, b_ptr, out_ptr, m, n, stride_om,
-                        HAS_BIAS: tl.constexpr, GELU: tl.constexpr):
+    def _bias_act_store(acc, rows, cols, s_ptr, b_ptr, out_ptr, m, n, stride_om,
+                        HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr):
+        if HAS_SCALE:  # int8 weights: one scale per output column
+            acc *= tl.load(s_ptr + cols, mask=cols < n, other=0.0).to(tl.float32)[None, :]
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=cols < n, other=0.0).to(tl.float32)[None, :]
         if GELU:
@@ -42,11 +44,11 @@ if HAVE_TRITON:
                  mask=(rows[:, None] < m) & (cols[None, :] < n))
 
     @triton.jit
-    def _row_gemm(x_ptr, w_ptr, b_ptr, out_ptr, part_ptr, count_ptr, m, n, k, stride_xm, stride_wn,
+    def _row_gemm(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr, count_ptr, m, n, k, stride_xm, stride_wn,
                   stride_om, k_per_split,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, GELU: tl.constexpr):
-        # out[m, n] = act(sum_k x[m, k] w[n, k] + bias[n]); program (column block, K slice)
+                  HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr):
+        # out[m, n] = act(scale[n] sum_k x[m, k] w[n, k] + bias[n]); program (column block, K slice)
         block = tl.program_id(0)
         split = tl.program_id(1)
         rows = tl.arange(0, BM)
@@ -60,9 +62,9 @@ if HAVE_TRITON:
                         mask=(rows[:, None] < m) & (kk[None, :] < k), other=0.0)
             w = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_wn + kk[None, :],
                         mask=(cols[:, None] < n) & (kk[None, :] < k), other=0.0)
-            acc = tl.dot(x, tl.trans(w), acc)
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)  # int8 weights widen in registers
         if SPLIT == 1:
-            _bias_act_store(acc, rows, cols, b_ptr, out_ptr, m, n, stride_om, HAS_BIAS, GELU)
+            _bias_act_store(acc, rows, cols, s_ptr, b_ptr, out_ptr, m, n, stride_om, HAS_SCALE, HAS_BIAS, GELU)
         else:
             tile = rows[:, None] * BN + tl.arange(0, BN)[None, :]
             tl.store(part_ptr + (block * SPLIT + split) * BM * BN + tile, acc)
@@ -73,7 +75,8 @@ if HAVE_TRITON:
                 for s in range(SPLIT):  # fixed order: the same sums whichever program is last
                     total += tl.load(part_ptr + (block * SPLIT + s) * BM * BN + tile, cache_modifier=".cg")
                 tl.atomic_xchg(count_ptr + block, 0)
-                _bias_act_store(total, rows, cols, b_ptr, out_ptr, m, n, stride_om, HAS_BIAS, GELU)
+                _bias_act_store(total, rows, cols, s_ptr, b_ptr, out_ptr, m, n, stride_om, HAS_SCALE, HAS_BIAS,
+                                GELU)
 
 
 HALF = (torch.float16, torch.bfloat16)
@@ -127,13 +130,17 @@ _WORKSPACE = _Workspace()
 
 
 def can_row_gemm(x: Tensor, weight: Tensor) -> bool:
-    return (HAVE_TRITON and x.is_cuda and x.dtype in HALF and weight.dtype == x.dtype
+    """x half precision on the GPU with at most MAX_ROWS rows; weight of x's dtype or int8."""
+    return (HAVE_TRITON and x.is_cuda and x.dtype in HALF and weight.dtype in (x.dtype, torch.int8)
             and weight.stride(-1) == 1 and x.numel() // x.shape[-1] <= MAX_ROWS)
 
 
 def row_linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool = False,
-               tiles: TileConfig | None = None) -> Tensor:
-    """act(x @ weight.T + bias) for x [..., k] with at most MAX_ROWS rows (see can_row_gemm)."""
+               tiles: TileConfig | None = None, scale: Tensor | None = None) -> Tensor:
+    """act(x @ (weight * scale[:, None]).T + bias) for x [..., k] with at most MAX_ROWS rows (see
+    can_row_gemm). int8 weights need `scale`; they are read as int8, half the bytes of fp16."""
+    if (weight.dtype == torch.int8) != (scale is not None):
+        raise ValueError("int8 weights need their per-row scale (and only they take one)")
     flat = x.reshape(-1, x.shape[-1])
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
@@ -147,9 +154,10 @@ def row_linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool = Fals
     partials, counters = _WORKSPACE.get(x.device, blocks * tiles.split * bm * tiles.block_n, blocks)
     k_per_split = triton.cdiv(triton.cdiv(k, tiles.split), tiles.block_k) * tiles.block_k
     _row_gemm[(blocks, tiles.split)](
-        flat, weight, bias if bias is not None else weight, out, partials, counters, m, n, k,
-        flat.stride(0), weight.stride(0), out.stride(0), k_per_split,
-        BM=bm, BN=tiles.block_n, BK=tiles.block_k, SPLIT=tiles.split, HAS_BIAS=bias is not None,
+        flat, weight, scale if scale is not None else weight, bias if bias is not None else weight, out,
+        partials, counters, m, n, k, flat.stride(0), weight.stride(0), out.stride(0), k_per_split,
+        BM=bm, BN=tiles.block_n, BK=tiles.block_k, SPLIT=tiles.split, HAS_SCALE=scale is not None,
+        HAS_BIAS=bias is not None,
         GELU=gelu, num_warps=tiles.warps, num_stages=tiles.stages,
     )
     return out.reshape(*x.shape[:-1], n)
@@ -157,9 +165,13 @@ def row_linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool = Fals
 
 def step_linear(linear: nn.Module, x: Tensor, gelu: bool = False) -> Tensor:
     """A decode step's linear layer (optionally followed by exact GELU): row_linear where it
-    applies (CUDA, half precision, <= MAX_ROWS rows, a plain nn.Linear), torch elsewhere."""
-    if isinstance(linear, nn.Linear) and can_row_gemm(x, linear.weight):
-        return row_linear(x, linear.weight, linear.bias, gelu)
+    applies (CUDA, half precision, <= MAX_ROWS rows, an nn.Linear or an int8 linear with a
+    `weight_scale`), torch elsewhere."""
+    scale = getattr(linear, "weight_scale", None)
+    weight = linear.weight
+    if (isinstance(linear, nn.Linear) or scale is not None) and isinstance(weight, Tensor) \
+            and can_row_gemm(x, weight):
+        return row_linear(x, weight, linear.bias, gelu, scale=scale if weight.dtype == torch.int8 else None)
     y = linear(x)
     return F.gelu(y) if gelu else y
 

@@ -317,6 +317,8 @@ class WhisperRunner:
             return packed_linear(x, self.packed_logits, None)
         if isinstance(embedding, nn.Embedding) and can_logits_fp32(x, embedding.weight):
             return logits_fp32(x, embedding.weight)
+        if isinstance(embedding, Int8Embedding) and can_logits_fp32(x, embedding.weight):
+            return logits_fp32(x, embedding.weight, embedding.weight_scale)
         if self.mm_fp32_out:
             flat = x.reshape(-1, x.shape[-1])
             out = torch.mm(flat, embedding.weight.t(), out_dtype=torch.float32)
