@@ -12,7 +12,7 @@ MLP's GELU kernel and the split-K reduce kernel disappear. The programs of a spl
 leave fp32 partial sums in a workspace; the last one to arrive (an atomic counter per block) adds
 them in a fixed order, so results do not depend on timing, and resets the counter, so the kernel
 needs no setup and can be replayed inside CUDA graphs. Measured per GEMM (bench/gpu_linear.py):
-10-45 % faster than cuBLAS for tiny.en and small, even for large-v3. int8 weight-only layers are
+5-50 % faster than cuBLAS for tiny.en and small, even for large-v3. int8 weight-only layers are
 read as int8 (half the bytes) with their per-row scale applied in the epilogue.
 
 The workspace and counters are shared per device: kernels on one stream run one after another,
