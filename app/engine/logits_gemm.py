@@ -18,23 +18,36 @@ if HAVE_TRITON:
     import triton.language as tl
 
     @triton.jit
+    def dot_weight_rows(x_ptr, w_ptr, rows, cols, m, n, k, stride_xm, stride_wn, begin, end,
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        """sum over k in [begin, end) of x[rows, k] w[cols, k], float32 [BM, BN]: the tile loop of
+        this module's GEMM and app.engine.row_gemm's (int8 weights widen in registers)."""
+        rk = tl.arange(0, BK)
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        for k0 in range(begin, end, BK):
+            kk = k0 + rk
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :],
+                        mask=(rows[:, None] < m) & (kk[None, :] < k), other=0.0)
+            w = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_wn + kk[None, :],
+                        mask=(cols[:, None] < n) & (kk[None, :] < k), other=0.0)
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+        return acc
+
+    @triton.jit
+    def scale_columns(acc, s_ptr, cols, n):
+        """acc * scale[cols]: int8 weights' per-row (output column) scale."""
+        return acc * tl.load(s_ptr + cols, mask=cols < n, other=0.0).to(tl.float32)[None, :]
+
+    @triton.jit
     def _logits(x_ptr, w_ptr, s_ptr, out_ptr, m, n_vocab, k, stride_xm, stride_wv, stride_om,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_SCALE: tl.constexpr):
         # out[m, v] = sum_k x[m, k] w[v, k], float32 accumulate and output; a program owns BN
         # vocabulary entries for BM rows, so the weights are read once per BM rows.
         rows = tl.program_id(1) * BM + tl.arange(0, BM)
         vocab = tl.program_id(0) * BN + tl.arange(0, BN)
-        rk = tl.arange(0, BK)
-        acc = tl.zeros([BM, BN], dtype=tl.float32)
-        for k0 in range(0, k, BK):
-            kk = k0 + rk
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :],
-                        mask=(rows[:, None] < m) & (kk[None, :] < k), other=0.0)
-            w = tl.load(w_ptr + vocab[:, None].to(tl.int64) * stride_wv + kk[None, :],
-                        mask=(vocab[:, None] < n_vocab) & (kk[None, :] < k), other=0.0)
-            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)  # int8 weights widen in registers
+        acc = dot_weight_rows(x_ptr, w_ptr, rows, vocab, m, n_vocab, k, stride_xm, stride_wv, 0, k, BM, BN, BK)
         if HAS_SCALE:  # int8 embedding: one scale per token
-            acc *= tl.load(s_ptr + vocab, mask=vocab < n_vocab, other=0.0).to(tl.float32)[None, :]
+            acc = scale_columns(acc, s_ptr, vocab, n_vocab)
         tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + vocab[None, :], acc,
                  mask=(rows[:, None] < m) & (vocab[None, :] < n_vocab))
 
@@ -45,18 +58,27 @@ HALF = (torch.float16, torch.bfloat16)
 MAX_LOGITS_ROWS = 256
 
 
-def can_logits_fp32(x: Tensor, weight: Tensor) -> bool:
-    """x half precision on the GPU with at most MAX_LOGITS_ROWS rows; weight of x's dtype or int8."""
+def streams_weight(x: Tensor, weight: Tensor, max_rows: int) -> bool:
+    """The few-rows Triton GEMMs' inputs: x half precision on the GPU with at most max_rows rows,
+    weight of x's dtype or int8, rows contiguous."""
     return (HAVE_TRITON and x.is_cuda and x.dtype in HALF and weight.dtype in (x.dtype, torch.int8)
-            and weight.stride(-1) == 1 and x.numel() // x.shape[-1] <= MAX_LOGITS_ROWS)
+            and weight.stride(-1) == 1 and x.numel() // x.shape[-1] <= max_rows)
+
+
+def as_rows(x: Tensor) -> Tensor:
+    """x [..., k] as a [rows, k] matrix with contiguous rows."""
+    flat = x.reshape(-1, x.shape[-1])
+    return flat if flat.stride(-1) == 1 else flat.contiguous()
+
+
+def can_logits_fp32(x: Tensor, weight: Tensor) -> bool:
+    return streams_weight(x, weight, MAX_LOGITS_ROWS)
 
 
 def logits_fp32(x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tensor:
     """x [..., d] @ (weight [V, d] * scale[:, None])^T in float32 (x fp16/bf16 on the GPU; weight
     of x's dtype, or int8 with its per-token `scale`)."""
-    flat = x.reshape(-1, x.shape[-1])
-    if flat.stride(-1) != 1:
-        flat = flat.contiguous()
+    flat = as_rows(x)
     m, k = flat.shape
     n_vocab = weight.shape[0]
     out = torch.empty(m, n_vocab, device=x.device, dtype=torch.float32)

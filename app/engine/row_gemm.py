@@ -28,16 +28,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from app.engine.kernels import HAVE_TRITON
+from app.engine.logits_gemm import as_rows, streams_weight
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
+    from app.engine.logits_gemm import dot_weight_rows, scale_columns
+
     @triton.jit
     def _bias_act_store(acc, rows, cols, s_ptr, b_ptr, out_ptr, m, n, stride_om,
                         HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr):
         if HAS_SCALE:  # int8 weights: one scale per output column
-            acc *= tl.load(s_ptr + cols, mask=cols < n, other=0.0).to(tl.float32)[None, :]
+            acc = scale_columns(acc, s_ptr, cols, n)
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=cols < n, other=0.0).to(tl.float32)[None, :]
         if GELU:
@@ -55,16 +58,9 @@ if HAVE_TRITON:
         split = tl.program_id(1)
         rows = tl.arange(0, BM)
         cols = block * BN + tl.arange(0, BN)
-        rk = tl.arange(0, BK)
-        acc = tl.zeros([BM, BN], dtype=tl.float32)
         begin = split * k_per_split
-        for k0 in range(begin, begin + k_per_split, BK):
-            kk = k0 + rk
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :],
-                        mask=(rows[:, None] < m) & (kk[None, :] < k), other=0.0)
-            w = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_wn + kk[None, :],
-                        mask=(cols[:, None] < n) & (kk[None, :] < k), other=0.0)
-            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)  # int8 weights widen in registers
+        acc = dot_weight_rows(x_ptr, w_ptr, rows, cols, m, n, k, stride_xm, stride_wn, begin, begin + k_per_split,
+                              BM, BN, BK)
         if SPLIT == 1:
             _bias_act_store(acc, rows, cols, s_ptr, b_ptr, out_ptr, m, n, stride_om, HAS_SCALE, HAS_BIAS, GELU)
         else:
@@ -81,7 +77,6 @@ if HAVE_TRITON:
                                 GELU)
 
 
-HALF = (torch.float16, torch.bfloat16)
 #: Rows the kernel takes: a decode step of up to 64 sequences (one BM tile).
 MAX_ROWS = 64
 
@@ -132,9 +127,7 @@ _WORKSPACE = _Workspace()
 
 
 def can_row_gemm(x: Tensor, weight: Tensor) -> bool:
-    """x half precision on the GPU with at most MAX_ROWS rows; weight of x's dtype or int8."""
-    return (HAVE_TRITON and x.is_cuda and x.dtype in HALF and weight.dtype in (x.dtype, torch.int8)
-            and weight.stride(-1) == 1 and x.numel() // x.shape[-1] <= MAX_ROWS)
+    return streams_weight(x, weight, MAX_ROWS)
 
 
 def row_linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool = False,
@@ -143,9 +136,7 @@ def row_linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool = Fals
     can_row_gemm). int8 weights need `scale`; they are read as int8, half the bytes of fp16."""
     if (weight.dtype == torch.int8) != (scale is not None):
         raise ValueError("int8 weights need their per-row scale (and only they take one)")
-    flat = x.reshape(-1, x.shape[-1])
-    if flat.stride(-1) != 1:
-        flat = flat.contiguous()
+    flat = as_rows(x)
     m, k = flat.shape
     n = weight.shape[0]
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
@@ -169,11 +160,9 @@ def step_linear(linear: nn.Module, x: Tensor, gelu: bool = False) -> Tensor:
     """A decode step's linear layer (optionally followed by exact GELU): row_linear where it
     applies (CUDA, half precision, <= MAX_ROWS rows, an nn.Linear or an int8 linear with a
     `weight_scale`), torch elsewhere."""
-    scale = getattr(linear, "weight_scale", None)
-    weight = linear.weight
-    if (isinstance(linear, nn.Linear) or scale is not None) and isinstance(weight, Tensor) \
-            and can_row_gemm(x, weight):
-        return row_linear(x, weight, linear.bias, gelu, scale=scale if weight.dtype == torch.int8 else None)
+    scale = getattr(linear, "weight_scale", None)  # int8 linears only
+    if (isinstance(linear, nn.Linear) or scale is not None) and can_row_gemm(x, linear.weight):
+        return row_linear(x, linear.weight, linear.bias, gelu, scale=scale)
     y = linear(x)
     return F.gelu(y) if gelu else y
 
