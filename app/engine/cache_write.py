@@ -9,14 +9,18 @@ from __future__ import annotations
 from torch import Tensor
 
 from app.engine.kernels import HAVE_TRITON
+from app.engine.pdl import launch_options
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
+    from app.engine.pdl import enter_after_previous
+
     @triton.jit
     def _append_kv(qkv_ptr, k_ptr, v_ptr, pos_ptr, stride_row, d_model,
-                   stride_cb, stride_ch, stride_ct, HEAD_DIM: tl.constexpr):
+                   stride_cb, stride_ch, stride_ct, HEAD_DIM: tl.constexpr, PDL: tl.constexpr):
+        enter_after_previous(PDL)
         b = tl.program_id(0)
         h = tl.program_id(1)
         offs = tl.arange(0, HEAD_DIM)
@@ -38,4 +42,5 @@ def append_kv(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor) 
     positions [B]: write row b's K/V at time positions[b]."""
     b, heads, _, dh = k_cache.shape
     _append_kv[(b, heads)](qkv, k_cache, v_cache, positions, qkv.stride(0), heads * dh,
-                           k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), HEAD_DIM=dh)
+                           k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), HEAD_DIM=dh,
+                           **launch_options(qkv.device))

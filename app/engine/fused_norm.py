@@ -16,16 +16,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from app.engine.kernels import HAVE_TRITON
+from app.engine.pdl import launch_options
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
+    from app.engine.pdl import enter_after_previous
+
     @triton.jit
-    def _add_layer_norm(x_ptr, y_ptr, w_ptr, b_ptr, sum_ptr, out_ptr, d, eps, BLOCK: tl.constexpr):
+    def _add_layer_norm(x_ptr, y_ptr, w_ptr, b_ptr, sum_ptr, out_ptr, d, eps, BLOCK: tl.constexpr,
+                        PDL: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < d
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        enter_after_previous(PDL)
         x = tl.load(x_ptr + row * d + cols, mask=mask, other=0.0)
         y = tl.load(y_ptr + row * d + cols, mask=mask, other=0.0)
         total = (x.to(tl.float32) + y.to(tl.float32)).to(x.dtype)  # the residual stream, rounded
@@ -34,8 +41,6 @@ if HAVE_TRITON:
         mean = tl.sum(s, axis=0) / d
         centred = tl.where(mask, s - mean, 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / d + eps)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * d + cols, (centred * rstd * w + b).to(x.dtype), mask=mask)
 
 
@@ -52,7 +57,8 @@ def add_layer_norm(x: Tensor, y: Tensor, norm: nn.LayerNorm) -> tuple[Tensor, Te
     x, y = x.contiguous(), y.contiguous()
     total, out = torch.empty_like(x), torch.empty_like(x)
     _add_layer_norm[(x.numel() // d,)](x, y, norm.weight, norm.bias, total, out, d, norm.eps,
-                                       BLOCK=triton.next_power_of_2(d), num_warps=4 if d <= 1024 else 8)
+                                       BLOCK=triton.next_power_of_2(d), num_warps=4 if d <= 1024 else 8,
+                                       **launch_options(x.device))
     return total, out
 
 

@@ -18,16 +18,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-try:
+from app.engine.pdl import HAVE_TRITON, launch_options
+
+if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    HAVE_TRITON = True
-except ImportError:  # CPU-only installs
-    HAVE_TRITON = False
-
 
 if HAVE_TRITON:
+    from app.engine.pdl import enter_after_previous
 
     @triton.jit
     def _split_keys(len_ptr, n_keys, keys_per_split, HAS_LEN: tl.constexpr):
@@ -47,12 +46,13 @@ if HAVE_TRITON:
         stride_sb, stride_sh,
         n_keys, keys_per_split, n_splits, sm_scale,
         HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_LEN: tl.constexpr,
-        NORMALIZE: tl.constexpr,
+        NORMALIZE: tl.constexpr, PDL: tl.constexpr,
     ):
         # The single query is padded to a 16-row tile so both products run on tensor cores
         # (tl.dot); rows 1..15 are zeros and are never stored. Compute is nearly free here:
         # what matters is streaming K/V at full bandwidth.
         QROWS: tl.constexpr = 16
+        enter_after_previous(PDL)
         b = tl.program_id(0)
         h = tl.program_id(1)
         split = tl.program_id(2)
@@ -105,10 +105,11 @@ if HAVE_TRITON:
         stride_sb, stride_sh,
         n_keys, keys_per_split, n_splits, sm_scale,
         HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_LEN: tl.constexpr,
-        NORMALIZE: tl.constexpr,
+        NORMALIZE: tl.constexpr, PDL: tl.constexpr,
     ):
         # The same partial attention with CUDA-core multiply-adds instead of a padded tensor-core
         # tile: no layout conversion of the (int8) K/V tiles through shared memory.
+        enter_after_previous(PDL)
         b = tl.program_id(0)
         h = tl.program_id(1)
         split = tl.program_id(2)
@@ -148,7 +149,8 @@ if HAVE_TRITON:
 
     @triton.jit
     def _decode_attention_combine(m_ptr, l_ptr, acc_ptr, o_ptr, stride_ob, stride_oh, n_splits,
-                                  HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
+                                  HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
+        enter_after_previous(PDL)
         b = tl.program_id(0)
         h = tl.program_id(1)
         n_heads = tl.num_programs(1)
@@ -292,12 +294,12 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, k_scale: Tensor | None 
         ks.stride(0) if has_scale else 0, ks.stride(1) if has_scale else 0,
         n_keys, keys_per_split, splits, 1.0 / math.sqrt(dh),
         HEAD_DIM=dh, BLOCK=block, HAS_SCALE=has_scale, HAS_LEN=lengths is not None, NORMALIZE=normalize,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(q.device),
     )
     if normalize:
         return out
     _decode_attention_combine[(b, h)](m, l_, acc, out, out.stride(0), out.stride(1), splits,
-                                      HEAD_DIM=dh, SPLITS=triton.next_power_of_2(splits))
+                                      HEAD_DIM=dh, SPLITS=triton.next_power_of_2(splits), **launch_options(q.device))
     return out
 
 

@@ -12,10 +12,13 @@ import torch
 from torch import Tensor
 
 from app.engine.kernels import HAVE_TRITON
+from app.engine.pdl import launch_options
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
+
+    from app.engine.pdl import enter_after_previous
 
     @triton.jit
     def dot_weight_rows(x_ptr, w_ptr, rows, cols, m, n, k, stride_xm, stride_wn, begin, end,
@@ -40,11 +43,14 @@ if HAVE_TRITON:
 
     @triton.jit
     def _logits(x_ptr, w_ptr, s_ptr, out_ptr, m, n_vocab, k, stride_xm, stride_wv, stride_om,
-                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_SCALE: tl.constexpr):
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_SCALE: tl.constexpr,
+                PDL: tl.constexpr):
         # out[m, v] = sum_k x[m, k] w[v, k], float32 accumulate and output; a program owns BN
         # vocabulary entries for BM rows, so the weights are read once per BM rows.
         rows = tl.program_id(1) * BM + tl.arange(0, BM)
         vocab = tl.program_id(0) * BN + tl.arange(0, BN)
+        # no weight prefetch: a large vocabulary's embedding (133 MB for large-v3) would not fit in L2
+        enter_after_previous(PDL)
         acc = dot_weight_rows(x_ptr, w_ptr, rows, vocab, m, n_vocab, k, stride_xm, stride_wv, 0, k, BM, BN, BK)
         if HAS_SCALE:  # int8 embedding: one scale per token
             acc = scale_columns(acc, s_ptr, vocab, n_vocab)
@@ -86,7 +92,7 @@ def logits_fp32(x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tenso
     bn = 128
     _logits[(triton.cdiv(n_vocab, bn), triton.cdiv(m, bm))](
         flat, weight, scale if scale is not None else weight, out, m, n_vocab, k, flat.stride(0),
-        weight.stride(0), out.stride(0), BM=bm, BN=bn, BK=64, HAS_SCALE=scale is not None, num_warps=4,
-        num_stages=4,
+        weight.stride(0), out.stride(0), BM=bm, BN=bn, BK=64, HAS_SCALE=scale is not None,
+        num_warps=4, num_stages=4, **launch_options(x.device),
     )
     return out.reshape(*x.shape[:-1], n_vocab)

@@ -29,12 +29,14 @@ from torch import Tensor, nn
 
 from app.engine.kernels import HAVE_TRITON
 from app.engine.logits_gemm import as_rows, streams_weight
+from app.engine.pdl import launch_options, line_elements
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
     from app.engine.logits_gemm import dot_weight_rows, scale_columns
+    from app.engine.pdl import enter_after_previous, prefetch_weight_rows
 
     @triton.jit
     def _bias_act_store(acc, rows, cols, s_ptr, b_ptr, out_ptr, m, n, stride_om,
@@ -52,13 +54,17 @@ if HAVE_TRITON:
     def _row_gemm(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr, count_ptr, m, n, k, stride_xm, stride_wn,
                   stride_om, k_per_split,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
-                  HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr):
+                  HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, LINE: tl.constexpr,
+                  PDL: tl.constexpr):
         # out[m, n] = act(scale[n] sum_k x[m, k] w[n, k] + bias[n]); program (column block, K slice)
         block = tl.program_id(0)
         split = tl.program_id(1)
         rows = tl.arange(0, BM)
         cols = block * BN + tl.arange(0, BN)
         begin = split * k_per_split
+        # the weights do not depend on earlier kernels: fetch them while the previous one drains
+        prefetch_weight_rows(w_ptr, cols, n, k, stride_wn, begin, begin + k_per_split, BK, LINE, PDL)
+        enter_after_previous(PDL)
         acc = dot_weight_rows(x_ptr, w_ptr, rows, cols, m, n, k, stride_xm, stride_wn, begin, begin + k_per_split,
                               BM, BN, BK)
         if SPLIT == 1:
@@ -151,7 +157,8 @@ def row_linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool = Fals
         partials, counters, m, n, k, flat.stride(0), weight.stride(0), out.stride(0), k_per_split,
         BM=bm, BN=tiles.block_n, BK=tiles.block_k, SPLIT=tiles.split, HAS_SCALE=scale is not None,
         HAS_BIAS=bias is not None,
-        GELU=gelu, num_warps=tiles.warps, num_stages=tiles.stages,
+        GELU=gelu, LINE=line_elements(weight), num_warps=tiles.warps, num_stages=tiles.stages,
+        **launch_options(x.device),
     )
     return out.reshape(*x.shape[:-1], n)
 
