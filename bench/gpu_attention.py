@@ -94,7 +94,7 @@ def main() -> None:
             cache[i][:, :, :t], scales[i][:, :, :t] = values, scale
 
     quantize_rows = [("quantize: torch ops", time_us(torch_quantize, 10)),
-                     ("quantize: fused kernel", time_us(lambda: kernels.quantize_kv_into(
+                     ("quantize: fused kernel", time_us(lambda: kernels.write_kv_into(
                          kv, h, rows_index, cache[0], cache[1], scales[0], scales[1]), 10))]
     print(f"{torch.cuda.get_device_name()}  B={b} H={h} T={t} dh={dh}")
     for name, us in quantize_rows:

@@ -28,7 +28,7 @@ from app.engine.cpu_gemm import (
     packed_linear,
 )
 from app.engine.fused_norm import add_layer_norm
-from app.engine.kernels import can_quantize_kv, decode_attention, quantize_kv_into
+from app.engine.kernels import can_write_kv, decode_attention, write_kv_into
 from app.engine.logits_gemm import can_logits_fp32, logits_fp32
 from app.engine.row_gemm import step_linear
 
@@ -262,7 +262,7 @@ def quantize_rows_int8(x: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric int8 per vector along the last dim: returns (int8 values, scale in x's dtype).
 
     Values are divided by the stored (rounded) scale, in float32, so dequantizing with that
-    scale is as exact as int8 allows; kernels.quantize_kv_into computes the same on the GPU."""
+    scale is as exact as int8 allows; kernels.write_kv_into computes the same on the GPU."""
     scale = (x.float().abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / 127.0).to(x.dtype)
     values = torch.round(x.float() / scale.float()).clamp_(-127, 127).to(torch.int8)
     return values, scale
@@ -342,19 +342,19 @@ class WhisperRunner:
         b, t, d = audio_features.shape
         h = self.dims.n_text_head
         cache = self.cache
-        # Consecutive rows (the usual case) are a slice: a plain strided copy instead of an
-        # index_put, ~4x faster for large-v3 at 64 windows on an H100.
+        # On the GPU one kernel per layer writes the GEMM output head-major into the rows (and
+        # quantizes it for an int8 cache). Elsewhere consecutive rows (the usual case) are a slice:
+        # a plain strided copy instead of an index_put.
         consecutive = rows == list(range(rows[0], rows[0] + b))
-        fused_quantize = cache.quantized_cross and can_quantize_kv(audio_features)
-        # the rows as a tensor (the fused quantize kernel's input, or an index): built once
-        row_index = torch.tensor(rows, device=audio_features.device) \
-            if fused_quantize or not consecutive else None
+        fused = can_write_kv(audio_features, cache.quantized_cross)
+        # the rows as a tensor (the kernel's input, or an index): built once
+        row_index = torch.tensor(rows, device=audio_features.device) if fused or not consecutive else None
         index = slice(rows[0], rows[0] + b) if consecutive else row_index
         for i, layer in enumerate(self.model.decoder.layers):
             kv = layer.cross.kv(audio_features)  # [B, T, 2d]: K then V, heads inside each
-            if row_index is not None and fused_quantize:
-                quantize_kv_into(kv, h, row_index, cache.cross_k[i], cache.cross_v[i], cache.cross_k_scale[i],
-                                 cache.cross_v_scale[i])
+            if row_index is not None and fused:
+                scales = (cache.cross_k_scale[i], cache.cross_v_scale[i]) if cache.quantized_cross else (None, None)
+                write_kv_into(kv, h, row_index, cache.cross_k[i], cache.cross_v[i], *scales)
                 continue
             kv = kv.view(b, t, 2, h, d // h).permute(2, 0, 3, 1, 4)
             if cache.quantized_cross:
