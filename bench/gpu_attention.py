@@ -30,6 +30,7 @@ CONFIGS_TO_TRY = tuple(
         (64, 4, 3, 1, False), (128, 4, 3, 1, False), (128, 8, 3, 1, False), (256, 8, 3, 1, False),
         (64, 2, 3, 1, False), (128, 4, 4, 2, False), (64, 4, 4, 2, False), (256, 4, 2, 1, False),
         (128, 2, 3, 1, False), (32, 2, 4, 1, False),
+        (64, 4, 3, 1, True), (64, 2, 3, 1, True), (128, 8, 3, 1, True), (64, 4, 4, 2, True), (32, 2, 3, 1, True),
     )
 )
 
@@ -79,8 +80,10 @@ def main() -> None:
     configs += [replace(kernels.INT8_CONFIG, min_splits=s) for s in (1, 2, 3, 4, 6, 8)]
     for cfg in configs:
         add(f"triton fp16 {cfg}", lambda cfg=cfg: kernels.decode_attention(q, k, v, config=cfg), fp16_bytes)
-        add(f"triton int8 {cfg}", lambda cfg=cfg: kernels.decode_attention(q, k8, v8, k_scale=ks, v_scale=vs,
-                                                                         config=cfg), int8_bytes)
+        for widen in (True, False):  # int8 widened by bit assembly, or by conversion instructions
+            c8 = replace(cfg, fast_int8=widen)
+            add(f"triton int8 {c8}", lambda c8=c8: kernels.decode_attention(q, k8, v8, k_scale=ks, v_scale=vs,
+                                                                           config=c8), int8_bytes)
     add("triton int8 default", lambda: kernels.decode_attention(q, k8, v8, k_scale=ks, v_scale=vs), int8_bytes)
     kv = torch.randn(b, t, 2 * h * dh, device="cuda", dtype=torch.float16)
     cache = [torch.zeros(b, h, t, dh, device="cuda", dtype=torch.int8) for _ in range(2)]
