@@ -13,7 +13,7 @@ and the self-attention cache. This kernel
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -282,9 +282,18 @@ class KernelConfig:
     fast_int8: bool = True  # int8 K/V widened by bit assembly (int8_to_fp16), not cvt instructions
 
 
-# Two-warp programs need many in flight to stream int8 K/V: with 16 per SM, B=64 x 6 heads runs in
-# 57 us instead of 80, B=64 x 12 heads in 78 instead of 92 (H100).
-INT8_CONFIG = KernelConfig(block=64, num_warps=2, num_stages=3, use_dot=False, programs_per_sm=16)
+# int8 K/V, widened by bit assembly, on CUDA cores: long key blocks where many (row, head) pairs
+# share the GPU, short ones (more key splits) for one window. From CUDA-graph sweeps of 48 tile
+# shapes on an H200 (scratch of the seventh session, summarised in docs/benchmarks.md), 1,500 keys:
+# B=64 x 20 heads 81 us (cuDNN on fp16 K/V 118), B=16 x 20 25 us (33), B=64 x 6 27 us (38),
+# B=1 x 20 5.0 us (5.3).
+INT8_CONFIG = KernelConfig(block=512, num_warps=4, num_stages=3, use_dot=False, programs_per_sm=2)
+INT8_FEW_PAIRS_CONFIG = replace(INT8_CONFIG, block=128)
+INT8_MANY_PAIRS = 64  # (row, head) pairs from which the long blocks win
+
+
+def int8_config(pairs: int) -> KernelConfig:
+    return INT8_CONFIG if pairs >= INT8_MANY_PAIRS else INT8_FEW_PAIRS_CONFIG
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, k_scale: Tensor | None = None,
@@ -307,9 +316,8 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, k_scale: Tensor | None 
         # Fewer pairs (one window of a large model) need the key splits below to fill the GPU.
         return torch.nn.functional.scaled_dot_product_attention(q, k, v)
     if config is None:
-        # int8: CUDA-core multiply-adds on small tiles read fastest (bench/gpu_attention.py on an
-        # H100, B=64 x 20 heads x 1500 keys: 118 us vs 130 us for the tensor-core tile)
-        config = INT8_CONFIG if k_scale is not None else KernelConfig(block=128 if n_keys >= 1024 else 64)
+        # int8: CUDA-core multiply-adds read fastest (int8_config; bench/gpu_attention.py)
+        config = int8_config(b * h) if k_scale is not None else KernelConfig(block=128 if n_keys >= 1024 else 64)
     block = config.block
     splits = max(config.min_splits, _splits(b, h, n_keys, block, _SM_COUNT[device], config.programs_per_sm))
     keys_per_split = math.ceil(math.ceil(n_keys / splits) / block) * block
