@@ -1,0 +1,114 @@
+"""End-to-end A/B of one engine switch on the GPU: our engine built with the switch off and on,
+in one process, timed in turn (two rounds), with the greedy tokens of both compared.
+
+Work unit as bench/gpu.py: B windows of 30 s, N = 100 tokens, random weights, fp16, CUDA graphs.
+
+    python bench/gpu_ab.py pdl --shapes large-v3:64,large-v3:1,tiny.en:64
+    python bench/gpu_ab.py kv-write --shapes large-v3:64
+    python bench/gpu_ab.py int8-attention --shapes large-v3:64,tiny.en:64
+    python bench/gpu_ab.py row-gemm --shapes small:64
+
+Switches: `pdl` (programmatic dependent launch, WHISPER_PDL), `kv-write` (cross-K/V written by
+kernels.write_kv_into vs torch's permuted copy), `int8-attention` (int8 cross-K/V engines: the
+decode-attention tile config of kernels.int8_config vs the one before it, with conversion
+instructions; the fp16 engine is timed too), `row-gemm` (decode-step linears in
+app.engine.row_gemm vs cuBLAS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import app.engine.kernels as kernels  # noqa: E402
+import app.engine.row_gemm as row_gemm  # noqa: E402
+import app.engine.torch_model as torch_model  # noqa: E402
+from bench.gpu import SHAPES, build_ours, run_ours, timed  # noqa: E402
+
+# the int8 decode-attention config before the seventh session (H200 sweep in docs/benchmarks.md)
+INT8_BEFORE = kernels.KernelConfig(block=64, num_warps=2, num_stages=3, use_dot=False, programs_per_sm=16,
+                                   fast_int8=False)
+
+
+@contextlib.contextmanager
+def patched(module: object, name: str, value: object) -> Iterator[None]:
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
+
+
+@contextlib.contextmanager
+def environment(name: str, value: str) -> Iterator[None]:
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
+
+
+def switch(name: str, on: bool) -> contextlib.AbstractContextManager[None]:
+    """The state of the engine with switch `name` on or off (on is the shipped default)."""
+    if on:
+        return contextlib.nullcontext()
+    write_kv = torch_model.can_write_kv
+    off: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
+        "pdl": lambda: environment("WHISPER_PDL", "0"),
+        "kv-write": lambda: patched(torch_model, "can_write_kv", lambda x, quantize: quantize and write_kv(x, quantize)),
+        "int8-attention": lambda: patched(kernels, "int8_config", lambda pairs: INT8_BEFORE),
+        "row-gemm": lambda: patched(row_gemm, "can_row_gemm", lambda x, weight: False),
+    }
+    return off[name]()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("switch", choices=("pdl", "kv-write", "int8-attention", "row-gemm"))
+    p.add_argument("--shapes", default="large-v3:64,large-v3:1,tiny.en:64", help="shape:B pairs")
+    p.add_argument("--tokens", type=int, default=100)
+    p.add_argument("--rounds", type=int, default=2)
+    args = p.parse_args()
+    int8_kv = args.switch == "int8-attention"
+    print(f"{torch.cuda.get_device_name()}, switch {args.switch}, N={args.tokens}")
+    print("| shape | B | variant | ms per batch | tokens equal to 'off' |")
+    print("|---|---|---|---|---|")
+    for spec in args.shapes.split(","):
+        shape, b = spec.split(":")
+        batch = int(b)
+        mel = torch.randn(batch, SHAPES[shape][0], 3000, device="cuda", dtype=torch.float16)
+        engines, tokens = {}, {}
+        variants = {"off": False, "on": True}
+        for label, on in variants.items():
+            with switch(args.switch, on):
+                engines[label] = build_ours(shape, batch, torch.float16, int8_kv, True, (1, batch), 8)
+                tokens[label] = run_ours(engines[label], mel, args.tokens)
+        if int8_kv:  # the fp16 engine for reference
+            engines["fp16 K/V"] = build_ours(shape, batch, torch.float16, False, True, (1, batch), 8)
+            tokens["fp16 K/V"] = run_ours(engines["fp16 K/V"], mel, args.tokens)
+        for _ in range(args.rounds):
+            for label, ours in engines.items():
+                with switch(args.switch, variants.get(label, True)):
+                    seconds, _ = timed(lambda ours=ours, mel=mel: run_ours(ours, mel, args.tokens), 5)
+                same = sum(a == b for a, b in zip(tokens[label], tokens["off"], strict=True))
+                print(f"| {shape} | {batch} | {label} | {seconds * 1000:.1f} | {same}/{batch} |",
+                      flush=True)
+        del engines
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
