@@ -9,6 +9,9 @@ pulls into L2) and calls `gdc_wait`, which returns once the earlier kernel has f
 writes are visible. Every PDL kernel here waits before it reads or writes any activation, so the
 ordering stays transitive: a kernel two launches back has finished before the one in between could.
 
+Measured end to end on an H200 (bench/gpu_ab.py pdl, tokens bit-identical): large-v3 at B=1
+242 -> 224 ms per batch of 100 tokens, tiny.en at B=64 61 -> 58 ms, small at B=64 237 -> 232 ms.
+
 Kernels take a `PDL` constexpr and open with `enter_after_previous(PDL)` (after any weight
 prefetch); `launch_options(device)` gives the matching launch argument. Both are off where the GPU
 or Triton lacks PDL, and on request (WHISPER_PDL=0).
