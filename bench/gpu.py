@@ -256,20 +256,19 @@ def smoke() -> None:
         v = torch.zeros_like(k)
         ks = torch.ones(*shape[:3], 1, device="cuda", dtype=torch.float16)
         vs = torch.ones_like(ks)
-        write_kv_into(kv, heads, torch.tensor(rows, device="cuda"), k, v, ks, vs)
+        index = torch.tensor(rows, device="cuda")
+        write_kv_into(kv, heads, index, k, v, ks, vs)
         split = kv.view(b, t, 2, heads, dh).permute(2, 0, 3, 1, 4)
         for got, got_scale, ref_src in ((k, ks, split[0]), (v, vs, split[1])):
             ref, ref_scale = quantize_rows_int8(ref_src)
-            index = torch.tensor(rows, device="cuda")
             diff = (got[index, :, :t].int() - ref.int()).abs()
             print(f"write_kv_into B={b} T={t} H={heads}: {int((diff > 0).sum())} of {diff.numel()} values "
                   f"differ (max {int(diff.max())}); scales equal: {torch.equal(got_scale[index, :, :t], ref_scale)}")
             assert int(diff.max()) <= 1 and (diff > 0).float().mean().item() < 1e-3  # ties at .5 only
         # the fp16 cache: the same kernel copies the values as they are
-        kh, vh = torch.zeros(shape, device="cuda", dtype=torch.float16), torch.zeros(shape, device="cuda",
-                                                                                      dtype=torch.float16)
-        write_kv_into(kv, heads, torch.tensor(rows, device="cuda"), kh, vh)
-        index = torch.tensor(rows, device="cuda")
+        kh = torch.zeros(shape, device="cuda", dtype=torch.float16)
+        vh = torch.zeros_like(kh)
+        write_kv_into(kv, heads, index, kh, vh)
         exact = torch.equal(kh[index, :, :t], split[0]) and torch.equal(vh[index, :, :t], split[1])
         untouched = int(kh[:, :, t:].count_nonzero()) + int(kh[[r for r in range(8) if r not in rows]].count_nonzero())
         print(f"write_kv_into fp16 B={b} T={t} H={heads}: exact copy {exact}, other cache entries written {untouched}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -23,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.engine import kernels  # noqa: E402
 from app.engine.torch_model import quantize_rows_int8  # noqa: E402
+from bench.gpu_linear import graph_us  # noqa: E402
 
 # Tile shapes tried with --all-configs: (block, warps, stages, min splits, tensor-core tile)
 CONFIGS_TO_TRY = tuple(
@@ -38,29 +38,9 @@ CONFIGS_TO_TRY = tuple(
 
 
 def time_us(fn, iters: int = 20) -> float:
-    """Microseconds per call from replays of a CUDA graph of `iters` calls: launch overhead, which
-    eager timing would measure for the small shapes, is left out as in the engine's graphs."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(iters):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / iters)
-    return statistics.median(times)
+    """Microseconds per call from CUDA-graph replays: launch overhead, which eager timing would
+    measure for the small shapes, is left out as in the engine's graphs."""
+    return graph_us(lambda _: fn(), 1, iters)
 
 
 def main() -> None:

@@ -24,8 +24,6 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-
-if HAVE_TRITON:
     from app.engine.pdl import enter_after_previous
 
     @triton.jit

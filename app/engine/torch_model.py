@@ -315,10 +315,8 @@ class WhisperRunner:
         embedding = self.model.decoder.token_embedding
         if self.packed_logits is not None:
             return packed_linear(x, self.packed_logits, None)
-        if isinstance(embedding, nn.Embedding) and can_logits_fp32(x, embedding.weight):
-            return logits_fp32(x, embedding.weight)
-        if isinstance(embedding, Int8Embedding) and can_logits_fp32(x, embedding.weight):
-            return logits_fp32(x, embedding.weight, embedding.weight_scale)
+        if isinstance(embedding, nn.Embedding | Int8Embedding) and can_logits_fp32(x, embedding.weight):
+            return logits_fp32(x, embedding.weight, getattr(embedding, "weight_scale", None))  # int8: scaled
         if self.mm_fp32_out:
             flat = x.reshape(-1, x.shape[-1])
             out = torch.mm(flat, embedding.weight.t(), out_dtype=torch.float32)
@@ -352,7 +350,7 @@ class WhisperRunner:
         index = slice(rows[0], rows[0] + b) if consecutive else row_index
         for i, layer in enumerate(self.model.decoder.layers):
             kv = layer.cross.kv(audio_features)  # [B, T, 2d]: K then V, heads inside each
-            if row_index is not None and fused:
+            if fused:
                 scales = (cache.cross_k_scale[i], cache.cross_v_scale[i]) if cache.quantized_cross else (None, None)
                 write_kv_into(kv, h, row_index, cache.cross_k[i], cache.cross_v[i], *scales)
                 continue
