@@ -223,7 +223,7 @@ def smoke() -> None:
         got = [row_linear(x, w, bias, gelu) for _ in range(2)]  # 2nd: counters were reset
         ref = reference_linear(x.float(), w.float(), bias.float(), gelu)
         rel = max(((g.float() - ref).abs().max() / ref.abs().max()).item() for g in got)
-        print(f"row_linear rows={rows} {n}x{k} gelu={gelu} split={choose_tiles(n, k).split}: "
+        print(f"row_linear rows={rows} {n}x{k} gelu={gelu} split={choose_tiles(n, k, rows).split}: "
               f"max diff / max value {rel:.1e}, repeat equal {torch.equal(got[0], got[1])}")
         assert rel < 2e-3 and torch.equal(got[0], got[1]), rel  # fp16 output rounding
         q, scale = quantize_rows_int8(w)  # int8 weights, one scale per output row

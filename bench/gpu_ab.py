@@ -7,12 +7,19 @@ Work unit as bench/gpu.py: B windows of 30 s, N = 100 tokens, random weights, fp
     python bench/gpu_ab.py kv-write --shapes large-v3:64
     python bench/gpu_ab.py int8-attention --shapes large-v3:64,tiny.en:64
     python bench/gpu_ab.py row-gemm --shapes small:64
+    python bench/gpu_ab.py chunk-tail --shapes large-v3:64,large-v3:1
+    python bench/gpu_ab.py tiles --shapes large-v3:64,large-v3:16
+    python bench/gpu_ab.py greedy-step --shapes tiny.en:64,tiny.en:1,large-v3:64
 
 Switches: `pdl` (programmatic dependent launch, WHISPER_PDL), `kv-write` (cross-K/V written by
 kernels.write_kv_into vs torch's permuted copy), `int8-attention` (int8 cross-K/V engines: the
 decode-attention tile config of kernels.int8_config vs the one before it, with conversion
 instructions; the fp16 engine is timed too), `row-gemm` (decode-step linears in
-app.engine.row_gemm vs cuBLAS).
+app.engine.row_gemm vs cuBLAS), `chunk-tail` (a window's last tokens decoded by the one-step
+graph, stopping at its token budget, vs whole 8-step chunks), `tiles` (row_gemm.choose_tiles vs the
+sixth session's 32 x 128 tiles everywhere), `greedy-step` (a graphed greedy step's token choice and
+bookkeeping in app.engine.greedy_step's kernel vs torch ops). `--int8-kv` builds int8 cross-K/V
+engines for any switch.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import app.engine.cuda_graphs as cuda_graphs  # noqa: E402
+import app.engine.greedy_step as greedy_step  # noqa: E402
 import app.engine.kernels as kernels  # noqa: E402
 import app.engine.row_gemm as row_gemm  # noqa: E402
 import app.engine.torch_model as torch_model  # noqa: E402
@@ -66,24 +75,33 @@ def switch(name: str, on: bool) -> contextlib.AbstractContextManager[None]:
     if on:
         return contextlib.nullcontext()
     write_kv = torch_model.can_write_kv
+    whole_chunks = cuda_graphs.GraphedDecoder.greedy_chunk
     off: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
         "pdl": lambda: environment("WHISPER_PDL", "0"),
         "kv-write": lambda: patched(torch_model, "can_write_kv", lambda x, quantize: quantize and write_kv(x, quantize)),
         "int8-attention": lambda: patched(kernels, "int8_config", lambda pairs: INT8_BEFORE),
         "row-gemm": lambda: patched(row_gemm, "can_row_gemm", lambda x, weight: False),
+        "tiles": lambda: patched(row_gemm, "choose_tiles", lambda n, k, m=64: row_gemm.TileConfig(
+            block_n=32, block_k=128, split=4 if k > n else 1)),
+        "greedy-step": lambda: patched(cuda_graphs, "greedy_step", greedy_step.greedy_step_reference),
+        "chunk-tail": lambda: patched(cuda_graphs.GraphedDecoder, "greedy_chunk",
+                                      lambda self, tokens, positions, done, remaining:
+                                      whole_chunks(self, tokens, positions, done, [1 << 30] * len(remaining))),
     }
     return off[name]()
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("switch", choices=("pdl", "kv-write", "int8-attention", "row-gemm"))
+    p.add_argument("switch", choices=("pdl", "kv-write", "int8-attention", "row-gemm", "chunk-tail", "tiles", "greedy-step"))
     p.add_argument("--shapes", default="large-v3:64,large-v3:1,tiny.en:64", help="shape:B pairs")
     p.add_argument("--tokens", type=int, default=100)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--int8-kv", action="store_true", help="int8 cross-K/V engines")
     args = p.parse_args()
-    int8_kv = args.switch == "int8-attention"
-    print(f"{torch.cuda.get_device_name()}, switch {args.switch}, N={args.tokens}")
+    int8_kv = args.switch == "int8-attention" or args.int8_kv
+    print(f"{torch.cuda.get_device_name()}, switch {args.switch}, N={args.tokens}, "
+          f"cross-K/V {'int8' if int8_kv else 'fp16'}")
     print("| shape | B | variant | ms per batch | tokens equal to 'off' |")
     print("|---|---|---|---|---|")
     for spec in args.shapes.split(","):
@@ -96,7 +114,7 @@ def main() -> None:
             with switch(args.switch, on):
                 engines[label] = build_ours(shape, batch, torch.float16, int8_kv, True, (1, batch), 8)
                 tokens[label] = run_ours(engines[label], mel, args.tokens)
-        if int8_kv:  # the fp16 engine for reference
+        if args.switch == "int8-attention":  # the fp16 engine for reference
             engines["fp16 K/V"] = build_ours(shape, batch, torch.float16, False, True, (1, batch), 8)
             tokens["fp16 K/V"] = run_ours(engines["fp16 K/V"], mel, args.tokens)
         for _ in range(args.rounds):

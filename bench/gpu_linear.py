@@ -24,7 +24,8 @@ from app.engine import row_gemm  # noqa: E402
 
 WIDTHS = {"tiny.en": 384, "small": 768, "large-v3": 1280}
 SWEEP = [row_gemm.TileConfig(bn, bk, split, warps, stages)
-         for bn, bk, split, warps, stages in itertools.product((32, 64, 128), (64, 128), (1, 2, 4, 8), (4,), (4,))]
+         for bn, bk, split, warps, stages in itertools.product((16, 32, 64, 128), (64, 128, 256), (1, 2, 4, 8), (4,),
+                                                               (3, 4))]
 
 
 def graph_us(fn: Callable[[int], object], copies: int, calls: int = 40) -> float:
@@ -78,7 +79,7 @@ def main() -> None:
             for m in map(int, args.rows.split(",")):
                 x = torch.randn(m, k, device="cuda", dtype=torch.float16)
                 ref = row_gemm.reference_linear(x, weights[0], bias, gelu)
-                tiles = row_gemm.choose_tiles(n, k)
+                tiles = row_gemm.choose_tiles(n, k, m)
                 out = row_gemm.row_linear(x, weights[0], bias, gelu, tiles)
                 err = (out.float() - ref.float()).abs().max().item() / ref.float().abs().max().item()
                 t_torch = time_linear(x, weights, bias, gelu, None)
@@ -91,7 +92,10 @@ def main() -> None:
                     for t in SWEEP:
                         if t.split > 1 and k // t.split < t.block_k:
                             continue
-                        results.append((time_linear(x, weights, bias, gelu, t), t))
+                        try:
+                            results.append((time_linear(x, weights, bias, gelu, t), t))
+                        except Exception:  # noqa: BLE001 - tiles that do not fit in shared memory
+                            torch.cuda.synchronize()
                     results.sort(key=lambda r: r[0])
                     print("    best: " + ", ".join(f"{us:.2f} {t.block_n}x{t.block_k}/{t.split} w{t.warps}s{t.stages}"
                                                    for us, t in results[:5]), flush=True)

@@ -50,9 +50,22 @@ def test_step_mlp_on_the_cpu_equals_mlp() -> None:
 
 
 def test_only_the_mlp_output_gemm_splits_k() -> None:
-    assert choose_tiles(3 * 1280, 1280).split == 1
-    assert choose_tiles(4 * 1280, 1280).split == 1
-    assert choose_tiles(1280, 4 * 1280).split == 4
+    for rows in (1, 16, 64):
+        for d in (384, 1280):
+            assert choose_tiles(3 * d, d, rows).split == 1
+            assert choose_tiles(d, d, rows).split == 1
+            assert choose_tiles(4 * d, d, rows).split == 1
+    assert choose_tiles(384, 4 * 384, 64).split == 4
+    assert choose_tiles(1280, 4 * 1280, 16).split == 4
+    assert choose_tiles(1280, 4 * 1280, 64).split == 2  # at 64 rows each program re-reads fewer inputs
+
+
+def test_every_split_has_whole_k_steps() -> None:
+    for rows in (1, 16, 64):
+        for d in (384, 512, 768, 1024, 1280):
+            for n, k in ((3 * d, d), (d, d), (4 * d, d), (d, 4 * d)):
+                tiles = choose_tiles(n, k, rows)
+                assert k // tiles.split >= tiles.block_k
 
 
 @cuda_only
@@ -82,3 +95,27 @@ def test_int8_row_linear_matches_the_dequantized_weights() -> None:
     expected = F.linear(x.float(), weight.float() * scale.float()[:, None], bias.float())
     got = row_linear(x, weight, bias, scale=scale)
     torch.testing.assert_close(got.float(), expected, rtol=2e-3, atol=2e-3)
+
+
+@cuda_only
+@pytest.mark.parametrize("rows", [16, 64])
+@pytest.mark.parametrize("int8", [False, True])
+def test_chosen_tiles_for_large_v3_match_torch(rows: int, int8: bool) -> None:
+    torch.manual_seed(0)
+    d = 1280
+    for n, k, gelu in ((3 * d, d, False), (d, d, False), (4 * d, d, True), (d, 4 * d, False)):
+        x = torch.randn(rows, 1, k, device="cuda", dtype=torch.float16)
+        bias = torch.randn(n, device="cuda", dtype=torch.float16)
+        if int8:
+            weight = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8)
+            scale = torch.rand(n, device="cuda", dtype=torch.float16) / (20 * k**0.5)
+            dense = weight.float() * scale.float()[:, None]
+        else:
+            weight = torch.randn(n, k, device="cuda", dtype=torch.float16) * k**-0.5
+            scale = None
+            dense = weight.float()
+        expected = F.linear(x.float(), dense, bias.float())
+        expected = F.gelu(expected) if gelu else expected
+        for _ in range(2):  # split-K counters reset
+            got = row_linear(x, weight, bias, gelu, scale=scale)
+            torch.testing.assert_close(got.float(), expected, rtol=2e-3, atol=2e-3)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from app.engine.greedy_step import greedy_step
 from app.engine.torch_model import WhisperRunner
 
 log = logging.getLogger(__name__)
@@ -34,9 +35,11 @@ class GreedyChunkState:
 
     tokens: Tensor  # [R] next token to feed
     positions: Tensor  # [R] position it is fed at
-    done: Tensor  # [R] bool, row has emitted end-of-text
+    done: Tensor  # [R] bool, row has emitted end-of-text or its last allowed token
+    remaining: Tensor  # [R] tokens the row may still emit
     sum_logprob: Tensor  # [R] float32
     out: Tensor  # [R, K] tokens produced by the last chunk
+    cursor: Tensor  # [1] column of `out` the next step writes
     suppress: Tensor  # [V] additive mask (0 / -inf)
 
 
@@ -63,41 +66,44 @@ class GraphedDecoder:
             tokens=torch.full((max_rows,), eot, dtype=torch.long, device=device),
             positions=torch.zeros(max_rows, dtype=torch.long, device=device),
             done=torch.zeros(max_rows, dtype=torch.bool, device=device),
+            remaining=torch.zeros(max_rows, dtype=torch.long, device=device),
             sum_logprob=torch.zeros(max_rows, dtype=torch.float32, device=device),
             out=torch.zeros(max_rows, chunk_steps, dtype=torch.long, device=device),
+            cursor=torch.zeros(1, dtype=torch.long, device=device),
             suppress=suppress,
         )
         self.pool = torch.cuda.graph_pool_handle()
         self.step_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
-        self.chunk_graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        # (batch, kv, steps): a chunk of chunk_steps steps, and a one-step chunk that is replayed
+        # for the last few tokens of a window, so a chunk never decodes steps past every row's limit
+        self.chunk_graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}
 
     # ---- the captured bodies ---------------------------------------------------------------
     def _step_body(self, b: int, kv: int) -> Tensor:
         return self.runner.decode(self.step_tokens[:b], self.step_positions[:b], 0, kv)[:, -1]
 
-    def _chunk_body(self, b: int, kv: int) -> None:
+    def _chunk_body(self, b: int, kv: int, steps: int) -> None:
         s = self.state
-        for i in range(self.chunk_steps):
+        for _ in range(steps):
             pos = s.positions[:b].clamp(max=kv - 1)
-            logits = self.runner.decode(s.tokens[:b, None], pos, 0, kv)[:, -1] + s.suppress
-            logprobs = torch.log_softmax(logits, dim=-1)
-            token = logits.argmax(dim=-1)
-            done = s.done[:b]
-            token = torch.where(done, torch.full_like(token, self.eot), token)
-            chosen = logprobs.gather(1, token[:, None]).squeeze(1)
-            s.sum_logprob[:b] += torch.where(done, torch.zeros_like(chosen), chosen)
-            s.done[:b] = done | (token == self.eot)
-            s.out[:b, i] = token
-            s.tokens[:b] = token
-            s.positions[:b] += 1
+            logits = self.runner.decode(s.tokens[:b, None], pos, 0, kv)[:, -1]
+            greedy_step(logits, s.suppress, s.tokens[:b], s.positions[:b], s.done[:b], s.remaining[:b],
+                        s.sum_logprob[:b], s.out[:b], s.cursor, self.eot)
+            s.cursor += 1
 
-    def _capture(self, body: Callable[[], Tensor | None]) -> tuple[torch.cuda.CUDAGraph, Tensor | None]:
+    def _capture(self, body: Callable[[], Tensor | None],
+                 reset: Callable[[], None] | None = None) -> tuple[torch.cuda.CUDAGraph, Tensor | None]:
+        """Warm body up twice, then capture it; `reset` (outside the graph) runs before each."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.inference_mode():
             for _ in range(2):
+                if reset is not None:
+                    reset()
                 body()
         torch.cuda.current_stream().wait_stream(stream)
+        if reset is not None:
+            reset()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool), torch.inference_mode():
             out = body()
@@ -108,10 +114,13 @@ class GraphedDecoder:
         for b in self.batch_buckets:
             for kv in self.kv_buckets:
                 self.step_graphs[(b, kv)] = self._capture(lambda b=b, kv=kv: self._step_body(b, kv))  # type: ignore[assignment]
-                self._reset_chunk_state(b)
-                self.chunk_graphs[(b, kv)] = self._capture(lambda b=b, kv=kv: self._chunk_body(b, kv))[0]
+                for steps in sorted({self.chunk_steps, 1}):
+                    self.chunk_graphs[(b, kv, steps)] = self._capture(
+                        lambda b=b, kv=kv, steps=steps: self._chunk_body(b, kv, steps),
+                        reset=lambda b=b: self._reset_chunk_state(b))[0]
         torch.cuda.synchronize()
-        log.info("captured %d CUDA graphs in %.1f s", 2 * len(self.step_graphs), time.perf_counter() - started)
+        log.info("captured %d CUDA graphs in %.1f s", len(self.step_graphs) + len(self.chunk_graphs),
+                 time.perf_counter() - started)
 
     def _reset_chunk_state(self, b: int) -> None:
         s = self.state
@@ -119,6 +128,7 @@ class GraphedDecoder:
         s.positions[:b] = 0
         s.done[:b] = False
         s.sum_logprob[:b] = 0
+        s.cursor.zero_()
 
     def set_suppress(self, ids: tuple[int, ...]) -> None:
         """Change the greedy path's suppressed ids in place (graphs read the buffer; no recapture)."""
@@ -144,18 +154,27 @@ class GraphedDecoder:
         graph.replay()
         return out[:n]
 
-    def greedy_chunk(self, tokens: Tensor, positions: Tensor, done: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
-        """Run chunk_steps greedy steps for rows [0, B) on the device; returns (tokens [B, K],
-        done [B], sum of log-probs [B]) or None when no captured bucket fits."""
+    def greedy_chunk(self, tokens: Tensor, positions: Tensor, done: Tensor,
+                     remaining: list[int]) -> tuple[Tensor, Tensor, Tensor] | None:
+        """Greedy steps for rows [0, B) on the device, at most chunk_steps and no more than the
+        largest of `remaining` (tokens each row may still emit; a row stops after its last one).
+        Returns (tokens [B, steps], done [B], sum of log-probs [B]) or None when no captured bucket
+        fits. Fewer than chunk_steps steps replay the one-step graph that many times, without a
+        host round trip in between."""
+        steps = max(1, min(max(remaining), self.chunk_steps))
         n = tokens.shape[0]
         b = bucket_for(n, self.batch_buckets)
-        kv = bucket_for(int(positions.max()) + self.chunk_steps, self.kv_buckets)
-        if b is None or kv is None or (b, kv) not in self.chunk_graphs:
+        kv = bucket_for(int(positions.max()) + steps, self.kv_buckets)
+        graph_steps = self.chunk_steps if steps == self.chunk_steps else 1
+        if b is None or kv is None or (b, kv, graph_steps) not in self.chunk_graphs:
             return None
         s = self.state
         self._reset_chunk_state(b)
         s.tokens[:n].copy_(tokens, non_blocking=True)
         s.positions[:n].copy_(positions, non_blocking=True)
         s.done[:n].copy_(done, non_blocking=True)
-        self.chunk_graphs[(b, kv)].replay()
-        return s.out[:n], s.done[:n], s.sum_logprob[:n]
+        s.remaining[:n].copy_(torch.tensor(remaining), non_blocking=True)
+        graph = self.chunk_graphs[(b, kv, graph_steps)]
+        for _ in range(steps // graph_steps):
+            graph.replay()
+        return s.out[:n, :steps], s.done[:n], s.sum_logprob[:n]

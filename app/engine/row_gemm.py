@@ -96,11 +96,30 @@ class TileConfig:
     stages: int = 4
 
 
-def choose_tiles(n: int, k: int) -> TileConfig:
-    """Narrow column blocks with long K steps; K split four ways where it is longer than the
-    output (the MLP's second GEMM), from sweeps of bench/gpu_linear.py on an H200: elsewhere the
-    extra pass over partial sums cost more than the added programs gained."""
-    return TileConfig(block_n=32, block_k=128, split=4 if k > n else 1)
+#: Model width (the smaller side of each decoder weight) from which the tiles below change
+#: (large-v3: 1,280; small's 768 and tiny.en's 384 keep the narrow ones).
+WIDE_MODEL = 1024
+
+
+def choose_tiles(n: int, k: int, m: int = MAX_ROWS) -> TileConfig:
+    """Tiles for an m x k by k x n GEMM, from sweeps of bench/gpu_linear.py on an H200.
+
+    Narrow column blocks, with K split where it is longer than the output (the MLP's second GEMM):
+    elsewhere the extra pass over partial sums cost more than the added programs gained. From a
+    width of WIDE_MODEL on, 256-wide K steps (fewer, longer loads per program), and at more than 32 rows the MLP's
+    first GEMM takes 64 columns per program and its second splits K two ways, not four: every
+    program re-reads all m rows of the input from L2, which at 64 rows costs more than the weights.
+    """
+    if min(n, k) < WIDE_MODEL:
+        return TileConfig(block_n=32, block_k=128, split=4 if k > n else 1)
+    many_rows = m > 32
+    if k > n:  # MLP out
+        return TileConfig(block_n=32, block_k=256, split=2 if many_rows else 4)
+    if n >= 4 * k:  # MLP in
+        return TileConfig(block_n=64, block_k=128 if many_rows else 256, split=1)
+    if n == k and many_rows:  # projections: the 128-wide steps stay best at 64 rows
+        return TileConfig(block_n=32, block_k=128, split=1)
+    return TileConfig(block_n=32, block_k=256, split=1)
 
 
 class _Workspace:
@@ -147,7 +166,7 @@ def row_linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool = Fals
     n = weight.shape[0]
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     if tiles is None:
-        tiles = choose_tiles(n, k)
+        tiles = choose_tiles(n, k, m)
     bm = max(16, triton.next_power_of_2(m))
     blocks = triton.cdiv(n, tiles.block_n)
     partials, counters = _WORKSPACE.get(x.device, blocks * tiles.split * bm * tiles.block_n, blocks)

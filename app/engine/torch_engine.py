@@ -98,15 +98,16 @@ class TorchEngine:
         self.graphs.capture_all()
 
     def greedy_chunk(self, tokens: Tensor, positions: Tensor, done: Tensor,
-                     suppress: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor] | None:
-        """K greedy steps on the device for rows [0, B) (None: not available, step instead)."""
+                     suppress: tuple[int, ...], remaining: list[int]) -> tuple[Tensor, Tensor, Tensor] | None:
+        """Up to K greedy steps on the device for rows [0, B), none past any row's `remaining`
+        token budget (None: not available, step instead)."""
         if self.graphs is None:
             return None
         if suppress != self.greedy_suppress:
             self.graphs.set_suppress(suppress)
             self.greedy_suppress = suppress
         return self.graphs.greedy_chunk(tokens.to(self.device), positions.to(self.device),
-                                        done.to(self.device))
+                                        done.to(self.device), remaining)
 
     def encode_into_rows(self, mel: Tensor, rows: list[int]) -> Tensor:
         with torch.inference_mode():

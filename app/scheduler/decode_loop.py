@@ -272,13 +272,17 @@ class DecodeLoop:
         tokens = [eot] * span
         positions = [0] * span
         done = [True] * span
+        # tokens each row may still emit: the chunk stops a row there (and its sum of log-probs
+        # with it) and decodes no step past the largest budget
+        remaining = [0] * span
         for w in self.active:
             tokens[w.start] = w.next_tokens[0]
             positions[w.start] = w.position
             done[w.start] = False
+            remaining[w.start] = w.max_new_tokens - len(w.search.sequences[0])  # type: ignore[attr-defined]
         suppress = self.active[0].rules.suppress  # type: ignore[union-attr]
         out = self.engine.greedy_chunk(torch.tensor(tokens), torch.tensor(positions),  # type: ignore[attr-defined]
-                                       torch.tensor(done), suppress)
+                                       torch.tensor(done), suppress, remaining)
         if out is None:  # no captured bucket fits (near the context end): single steps instead
             return self._single_step()
         out_tokens, _, sum_lp = (t.tolist() for t in out)

@@ -1,0 +1,79 @@
+"""One greedy step's bookkeeping (app.engine.greedy_step): the torch reference on the CPU against
+a row-by-row reading of its contract, and the Triton kernel against the reference on the GPU."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from app.engine.greedy_step import can_greedy_step, greedy_step, greedy_step_reference
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+EOT = 7
+
+
+def make_state(rows: int, vocab: int, device: str = "cpu") -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    logits = torch.randn(rows, vocab, device=device) * 4
+    logits[0, 5] = logits[0, 9] = logits[0].max() + 1  # a tie: the first index wins
+    logits[1, EOT] = logits[1].max() + 1  # picks end-of-text
+    suppress = torch.zeros(vocab, device=device)
+    suppress[[3, 11]] = float("-inf")
+    logits[2, 11] = logits[2].max() + 5  # the largest logit, but suppressed
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    done[3] = True
+    remaining = torch.full((rows,), 10, dtype=torch.long, device=device)
+    remaining[4] = 1  # its last allowed token
+    return dict(logits=logits, suppress=suppress, tokens=torch.zeros(rows, dtype=torch.long, device=device),
+                positions=torch.arange(rows, device=device) + 3, done=done, remaining=remaining,
+                sum_logprob=torch.full((rows,), -1.5, device=device),
+                out=torch.full((rows, 4), -1, dtype=torch.long, device=device),
+                cursor=torch.tensor([2], device=device))
+
+
+def run(step: object, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    state = {k: v.clone() for k, v in state.items()}
+    step(state["logits"], state["suppress"], state["tokens"], state["positions"], state["done"],  # type: ignore[operator]
+         state["remaining"], state["sum_logprob"], state["out"], state["cursor"], EOT)
+    return state
+
+
+def test_reference_follows_the_contract_row_by_row() -> None:
+    before = make_state(6, 50)
+    after = run(greedy_step_reference, before)
+    for row in range(6):
+        scores = (before["logits"][row] + before["suppress"]).tolist()
+        best = max(scores)
+        token = EOT if before["done"][row] else scores.index(best)  # first index of the maximum
+        logprob = scores[token] - math.log(sum(math.exp(s - best) for s in scores)) - best
+        assert after["tokens"][row] == token and after["out"][row, 2] == token
+        assert after["out"][row, [0, 1, 3]].tolist() == [-1, -1, -1]
+        assert after["positions"][row] == before["positions"][row] + 1
+        assert after["remaining"][row] == before["remaining"][row] - 1
+        expected_sum = -1.5 + (0.0 if before["done"][row] else logprob)
+        assert after["sum_logprob"][row].item() == pytest.approx(expected_sum, abs=1e-4)
+        expected_done = bool(before["done"][row]) or token == EOT or before["remaining"][row] <= 1
+        assert bool(after["done"][row]) == expected_done
+    assert after["tokens"][:5].tolist() == [5, EOT, after["tokens"][2].item(), EOT, after["tokens"][4].item()]
+    assert after["tokens"][2] != 11  # suppressed
+    assert after["cursor"].item() == 2  # the caller advances it
+
+
+def test_cpu_logits_take_the_reference() -> None:
+    state = make_state(6, 50)
+    assert not can_greedy_step(state["logits"])
+    got, expected = run(greedy_step, state), run(greedy_step_reference, state)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+@cuda_only
+@pytest.mark.parametrize(("rows", "vocab"), [(6, 50), (64, 51866), (5, 1500)])
+def test_kernel_equals_the_reference(rows: int, vocab: int) -> None:
+    state = make_state(rows, vocab, "cuda")
+    got, expected = run(greedy_step, state), run(greedy_step_reference, state)
+    for key in ("tokens", "out", "positions", "remaining", "done", "cursor"):
+        assert torch.equal(got[key], expected[key]), key
+    torch.testing.assert_close(got["sum_logprob"], expected["sum_logprob"], rtol=0, atol=1e-4)
