@@ -7,7 +7,13 @@ of >= 3 timed runs after a warm-up; peak GPU memory per implementation. All impl
 a shape are loaded together and timed in turn at each batch size (ours, HF, openai-whisper, then
 the next B), so drifts of the GPU's speed during a run hit every column alike.
 
+With --engines, the same command then transcribes the dev set with real weights (tiny.en, base)
+on the GPU (fp16, fp16 + int8 cross-K/V, int8 weights) and on the CPU (fp32), and prints WER,
+agreement with CPU fp32 and RTFx per variant (bench/gpu_accuracy.py; WER needs jiwer and
+whisper-normalizer, else it prints the command that computes it from the saved transcripts).
+
     python bench/gpu.py                       # full table (a few minutes on one H100/H200)
+    python bench/gpu.py --engines engines/tiny.en,engines/base --json run.json   # + the dev set
     python bench/gpu.py --smoke               # correctness checks of graphs / int8 kernel only
     python bench/gpu.py --shapes tiny.en --batches 1,64 --peers hf
 """
@@ -320,6 +326,8 @@ def main() -> None:
     p.add_argument("--int8-kv-shapes", default="large-v3")
     p.add_argument("--chunk-steps", type=int, default=8)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--engines", default=None, help="engine dirs (comma-separated): also run the dev set")
+    p.add_argument("--manifest", type=Path, default=Path("../shared/data/speech/dev/manifest.tsv"))
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args()
     if args.smoke:
@@ -337,7 +345,31 @@ def main() -> None:
         rows += measure_shape(shape, [int(b) for b in args.batches.split(",")], extra.get(shape, []), peers, args)
     print_table(rows, gpu, args)
     if args.json:
-        args.json.write_text(json.dumps(dict(gpu=gpu, args=vars(args) | {"json": str(args.json)}, rows=rows), indent=1))
+        args.json.write_text(json.dumps(dict(gpu=gpu, args=vars(args) | {"json": str(args.json), "manifest": str(args.manifest)},
+                                             rows=rows), indent=1))
+    if args.engines:
+        dev_set(args)
+
+
+#: bench/gpu_accuracy.py's variants that the acceptance items read (GPU greedy is left out)
+DEV_SET_VARIANTS = "cuda fp16 defaults,int8-cross-kv,int8-weights,cpu fp32"
+
+
+def dev_set(args: argparse.Namespace) -> None:
+    """Real weights on the dev set: bench/gpu_accuracy.py's run, then its WER table."""
+    import asyncio
+
+    from bench import gpu_accuracy
+
+    out = args.json.with_name(f"{args.json.stem}-dev-set.json") if args.json else Path("gpu_dev_set.json")
+    accuracy_args = argparse.Namespace(engines=args.engines, manifest=args.manifest, out=out, limit=None,
+                                       concurrency=64, cpu_threads=torch.get_num_threads(), only=DEV_SET_VARIANTS)
+    print(f"\ndev set, real weights ({args.engines}): transcripts in {out}", flush=True)
+    asyncio.run(gpu_accuracy.main_async(accuracy_args))
+    try:
+        gpu_accuracy.report(out)
+    except ImportError as exc:
+        print(f"WER not computed here ({exc.name} is missing): python -m bench.gpu_accuracy --report {out}")
 
 
 @dataclass

@@ -41,7 +41,8 @@ def load_clips(manifest: Path) -> list[Clip]:
     clips = []
     with open(manifest) as handle:
         for row in csv.DictReader(handle, delimiter="\t"):
-            audio, sr = sf.read(manifest.parent / row["path"], dtype="float32", always_2d=True)
+            # the dev set names the audio column "path", tests/data's fixtures "file"
+            audio, sr = sf.read(manifest.parent / (row.get("path") or row["file"]), dtype="float32", always_2d=True)
             audio = audio.mean(axis=1)
             if sr != 16000:
                 audio = resample(audio, sr, 16000)
