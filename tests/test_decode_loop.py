@@ -31,6 +31,7 @@ from app.decoding.rules import RowRules, apply_rules
 from app.decoding.search import make_search, rows_needed
 from app.decoding.tokenizer import WhisperTokenizer
 from app.decoding.window import WindowResult, WindowTask
+from app.engine.greedy_step import greedy_step_reference
 from app.engine.torch_engine import TorchEngine
 from app.engine.torch_model import WhisperModel
 from app.errors import QueueFullError, ShuttingDownError
@@ -192,6 +193,56 @@ def test_batched_windows_decode_exactly_as_alone(engine: TorchEngine, alone: Alo
     for spec, task in zip(specs, tasks, strict=True):
         assert_same(results[id(task)], alone(spec))
     assert loop.rows_in_use() == 0 and loop.span() == 0
+
+
+class EagerChunks:
+    """GraphedDecoder's greedy chunks without CUDA graphs (its chunk body, run eagerly on the
+    CPU): up to `chunk_steps` steps per call, none past the largest remaining token budget."""
+
+    def __init__(self, engine: TorchEngine, chunk_steps: int) -> None:
+        self.engine = engine
+        self.chunk_steps = chunk_steps
+        self.suppress = torch.zeros(engine.config.dims.n_vocab)
+        self.calls: list[tuple[int, int]] = []  # (steps run, largest budget)
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> None:
+        return None  # single steps run eagerly
+
+    def set_suppress(self, ids: tuple[int, ...]) -> None:
+        self.suppress.zero_()
+        self.suppress[list(ids)] = float("-inf")
+
+    def greedy_chunk(self, tokens: torch.Tensor, positions: torch.Tensor, done: torch.Tensor,
+                     remaining: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        steps = max(1, min(max(remaining), self.chunk_steps))
+        self.calls.append((steps, max(remaining)))
+        tokens, positions, done = tokens.clone(), positions.clone(), done.clone()
+        left = torch.tensor(remaining)
+        sums = torch.zeros(len(tokens))
+        out = torch.full((len(tokens), steps), -1, dtype=torch.long)
+        cursor = torch.zeros(1, dtype=torch.long)
+        for _ in range(steps):
+            logits = self.engine.runner.decode(tokens[:, None], positions, 0, int(positions.max()) + 1)[:, -1]
+            greedy_step_reference(logits, self.suppress, tokens, positions, done, left, sums, out, cursor,
+                                  TOKENIZER.eot)
+            cursor += 1
+        return out, done, sums
+
+
+def test_greedy_chunks_stop_at_each_windows_token_budget(model: WhisperModel, alone: Alone) -> None:
+    engine = random_engine(model, max_rows=16, config=CONFIG)
+    chunks = EagerChunks(engine, chunk_steps=3)
+    engine.graphs = chunks  # type: ignore[assignment]
+    specs = [Spec(11, replace(GREEDY_NO_TS, max_new_tokens=n)) for n in (1, 2, 4, 7, 8)]
+    loop = DecodeLoop(engine, TOKENIZER)
+    tasks = [s.task() for s in specs]
+    results = drain(loop, loop.admit(tasks))
+    assert chunks.calls, "the greedy chunk path was not taken"
+    assert all(steps <= budget for steps, budget in chunks.calls)
+    assert any(steps < 3 for steps, _ in chunks.calls)  # a tail shorter than a chunk
+    for spec, task in zip(specs, tasks, strict=True):
+        # same tokens and the same sum of log-probs as single steps: nothing past the budget counts
+        assert_same(results[id(task)], alone(spec))
 
 
 def test_windows_joining_mid_flight_decode_as_alone(engine: TorchEngine, alone: Alone) -> None:
