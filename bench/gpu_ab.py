@@ -10,6 +10,7 @@ Work unit as bench/gpu.py: B windows of 30 s, N = 100 tokens, random weights, fp
     python bench/gpu_ab.py chunk-tail --shapes large-v3:64,large-v3:1
     python bench/gpu_ab.py tiles --shapes large-v3:64,large-v3:16
     python bench/gpu_ab.py greedy-step --shapes tiny.en:64,tiny.en:1,large-v3:64
+    python bench/gpu_ab.py prefill-graph --shapes large-v3:64,large-v3:1,tiny.en:1
 
 Switches: `pdl` (programmatic dependent launch, WHISPER_PDL), `kv-write` (cross-K/V written by
 kernels.write_kv_into vs torch's permuted copy), `int8-attention` (int8 cross-K/V engines: the
@@ -18,7 +19,8 @@ instructions; the fp16 engine is timed too), `row-gemm` (decode-step linears in
 app.engine.row_gemm vs cuBLAS), `chunk-tail` (a window's last tokens decoded by the one-step
 graph, stopping at its token budget, vs whole 8-step chunks), `tiles` (row_gemm.choose_tiles vs the
 sixth session's 32 x 128 tiles everywhere), `greedy-step` (a graphed greedy step's token choice and
-bookkeeping in app.engine.greedy_step's kernel vs torch ops). `--int8-kv` builds int8 cross-K/V
+bookkeeping in app.engine.greedy_step's kernel vs torch ops), `prefill-graph` (the prompt prefill
+replayed from a CUDA graph vs run eagerly). `--int8-kv` builds int8 cross-K/V
 engines for any switch.
 """
 
@@ -84,6 +86,7 @@ def switch(name: str, on: bool) -> contextlib.AbstractContextManager[None]:
         "tiles": lambda: patched(row_gemm, "choose_tiles", lambda n, k, m=64: row_gemm.TileConfig(
             block_n=32, block_k=128, split=4 if k > n else 1)),
         "greedy-step": lambda: patched(cuda_graphs, "greedy_step", greedy_step.greedy_step_reference),
+        "prefill-graph": lambda: patched(cuda_graphs.GraphedDecoder, "prefill", lambda self, tokens, positions: None),
         "chunk-tail": lambda: patched(cuda_graphs.GraphedDecoder, "greedy_chunk",
                                       lambda self, tokens, positions, done, remaining:
                                       whole_chunks(self, tokens, positions, done, [1 << 30] * len(remaining))),
@@ -93,7 +96,8 @@ def switch(name: str, on: bool) -> contextlib.AbstractContextManager[None]:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("switch", choices=("pdl", "kv-write", "int8-attention", "row-gemm", "chunk-tail", "tiles", "greedy-step"))
+    p.add_argument("switch", choices=("pdl", "kv-write", "int8-attention", "row-gemm", "chunk-tail", "tiles", "greedy-step",
+                                       "prefill-graph"))
     p.add_argument("--shapes", default="large-v3:64,large-v3:1,tiny.en:64", help="shape:B pairs")
     p.add_argument("--tokens", type=int, default=100)
     p.add_argument("--rounds", type=int, default=2)

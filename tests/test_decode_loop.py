@@ -208,6 +208,9 @@ class EagerChunks:
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> None:
         return None  # single steps run eagerly
 
+    def prefill(self, tokens: torch.Tensor, positions: torch.Tensor) -> None:
+        return None  # so do prompt prefills
+
     def set_suppress(self, ids: tuple[int, ...]) -> None:
         self.suppress.zero_()
         self.suppress[list(ids)] = float("-inf")

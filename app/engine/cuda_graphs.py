@@ -23,6 +23,16 @@ log = logging.getLogger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 KV_BUCKETS = (64, 128, 256, 448)
+#: Largest batch whose prompt prefill is captured: each prefill graph keeps its logits
+#: (B x prompt length x vocabulary, float32) allocated.
+MAX_PREFILL_ROWS = 64
+
+
+def prompt_lengths(multilingual: bool) -> tuple[int, ...]:
+    """Prompt lengths without previous text: [sot, language, task] (+ no-timestamps) for
+    multilingual models, [sot] (+ no-timestamps) for English-only ones. One-token prompts go
+    through the step graphs."""
+    return (3, 4) if multilingual else (2,)
 
 
 def bucket_for(value: int, buckets: tuple[int, ...]) -> int | None:
@@ -46,7 +56,7 @@ class GreedyChunkState:
 class GraphedDecoder:
     def __init__(self, runner: WhisperRunner, max_rows: int, chunk_steps: int, eot: int,
                  suppress_ids: list[int], batch_buckets: tuple[int, ...] | None = None,
-                 kv_buckets: tuple[int, ...] | None = None) -> None:
+                 kv_buckets: tuple[int, ...] | None = None, prefill_lengths: tuple[int, ...] = ()) -> None:
         self.runner = runner
         dims = runner.dims
         device = runner.cache.self_k.device
@@ -60,6 +70,11 @@ class GraphedDecoder:
         self.kv_buckets = tuple(k for k in kv if k < self.n_ctx) + (self.n_ctx,)
         self.step_tokens = torch.full((max_rows, 1), eot, dtype=torch.long, device=device)
         self.step_positions = torch.zeros(max_rows, dtype=torch.long, device=device)
+        # prompt prefills of rows [0, B): every row fed from position 0 (never written)
+        self.prefill_lengths = prefill_lengths
+        self.prefill_tokens = torch.full((max_rows, max(prefill_lengths, default=1)), eot, dtype=torch.long,
+                                         device=device)
+        self.prefill_positions = torch.zeros(max_rows, dtype=torch.long, device=device)
         suppress = torch.zeros(dims.n_vocab, device=device)
         suppress[torch.tensor(suppress_ids, dtype=torch.long, device=device)] = float("-inf")
         self.state = GreedyChunkState(
@@ -77,10 +92,14 @@ class GraphedDecoder:
         # (batch, kv, steps): a chunk of chunk_steps steps, and a one-step chunk that is replayed
         # for the last few tokens of a window, so a chunk never decodes steps past every row's limit
         self.chunk_graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}
+        self.prefill_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
 
     # ---- the captured bodies ---------------------------------------------------------------
     def _step_body(self, b: int, kv: int) -> Tensor:
         return self.runner.decode(self.step_tokens[:b], self.step_positions[:b], 0, kv)[:, -1]
+
+    def _prefill_body(self, b: int, t: int) -> Tensor:
+        return self.runner.decode(self.prefill_tokens[:b, :t], self.prefill_positions[:b], 0, t)
 
     def _chunk_body(self, b: int, kv: int, steps: int) -> None:
         s = self.state
@@ -114,12 +133,15 @@ class GraphedDecoder:
         for b in self.batch_buckets:
             for kv in self.kv_buckets:
                 self.step_graphs[(b, kv)] = self._capture(lambda b=b, kv=kv: self._step_body(b, kv))  # type: ignore[assignment]
+                for t in self.prefill_lengths if b <= MAX_PREFILL_ROWS and kv == self.kv_buckets[0] else ():
+                    self.prefill_graphs[(b, t)] = self._capture(lambda b=b, t=t: self._prefill_body(b, t))  # type: ignore[assignment]
                 for steps in sorted({self.chunk_steps, 1}):
                     self.chunk_graphs[(b, kv, steps)] = self._capture(
                         lambda b=b, kv=kv, steps=steps: self._chunk_body(b, kv, steps),
                         reset=lambda b=b: self._reset_chunk_state(b))[0]
         torch.cuda.synchronize()
-        log.info("captured %d CUDA graphs in %.1f s", len(self.step_graphs) + len(self.chunk_graphs),
+        log.info("captured %d CUDA graphs in %.1f s",
+                 len(self.step_graphs) + len(self.chunk_graphs) + len(self.prefill_graphs),
                  time.perf_counter() - started)
 
     def _reset_chunk_state(self, b: int) -> None:
@@ -153,6 +175,19 @@ class GraphedDecoder:
         graph, out = self.step_graphs[(b, kv)]
         graph.replay()
         return out[:n]
+
+    def prefill(self, tokens: Tensor, positions: Tensor) -> Tensor | None:
+        """Replay the prompt prefill of rows [0, B) (tokens [B, T], every row from position 0);
+        logits [B, T, V] (a copy: several groups of a batch may prefill before any is read).
+        None when no graph was captured for exactly B rows and T tokens: rows past B may belong
+        to other windows, so no padding rows are fed."""
+        entry = self.prefill_graphs.get((tokens.shape[0], tokens.shape[1]))
+        if entry is None or bool(positions.any()):
+            return None
+        graph, out = entry
+        self.prefill_tokens[: tokens.shape[0], : tokens.shape[1]].copy_(tokens, non_blocking=True)
+        graph.replay()
+        return out.clone()
 
     def greedy_chunk(self, tokens: Tensor, positions: Tensor, done: Tensor,
                      remaining: list[int]) -> tuple[Tensor, Tensor, Tensor] | None:

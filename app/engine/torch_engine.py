@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from app.engine.config import EngineConfig, build_hint, load_engine_config
-from app.engine.cuda_graphs import GraphedDecoder
+from app.engine.cuda_graphs import GraphedDecoder, prompt_lengths
 from app.engine.torch_model import CrossRuns, DecoderCache, WhisperModel, WhisperRunner
 from app.errors import EngineError
 
@@ -94,7 +94,8 @@ class TorchEngine:
             return
         self.graphs = GraphedDecoder(self.runner, self.max_rows, chunk_steps,
                                      self.config.special_tokens.eot, list(self.greedy_suppress),
-                                     batch_buckets=batch_buckets, kv_buckets=kv_buckets)
+                                     batch_buckets=batch_buckets, kv_buckets=kv_buckets,
+                                     prefill_lengths=prompt_lengths(self.config.multilingual))
         self.graphs.capture_all()
 
     def greedy_chunk(self, tokens: Tensor, positions: Tensor, done: Tensor,
@@ -125,6 +126,10 @@ class TorchEngine:
             out = self.graphs.step(tokens.to(self.device), positions.to(self.device), kv_len)
             if out is not None:
                 return out[:, None]
+        elif self.graphs is not None and start == 0 and kv_len == tokens.shape[1]:  # a prompt prefill
+            out = self.graphs.prefill(tokens.to(self.device), positions)
+            if out is not None:
+                return out
         return self.runner.decode(tokens.to(self.device), positions.to(self.device), start, kv_len,
                                   uniform_position, cross_runs)
 
