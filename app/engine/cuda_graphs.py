@@ -3,7 +3,10 @@ of kernel launches. Small models are launch-bound, so this is where their speed 
 
 Graphs are keyed by (batch bucket, kv-length bucket) and all captured at start-up, before any
 window is active: capture runs the step on dummy inputs, which writes cache rows that no window
-owns yet. Serving then only replays, so windows join and leave without re-capturing.
+owns yet. Serving then only replays, so windows join and leave without re-capturing. Three kinds:
+a single step (logits back to the host), a greedy chunk of K steps or of one step (token choice
+on the device; the one-step graph runs a window's last < K tokens), and the prompt prefill of a
+whole bucket of new windows.
 """
 
 from __future__ import annotations
@@ -133,12 +136,12 @@ class GraphedDecoder:
         for b in self.batch_buckets:
             for kv in self.kv_buckets:
                 self.step_graphs[(b, kv)] = self._capture(lambda b=b, kv=kv: self._step_body(b, kv))  # type: ignore[assignment]
-                for t in self.prefill_lengths if b <= MAX_PREFILL_ROWS and kv == self.kv_buckets[0] else ():
-                    self.prefill_graphs[(b, t)] = self._capture(lambda b=b, t=t: self._prefill_body(b, t))  # type: ignore[assignment]
                 for steps in sorted({self.chunk_steps, 1}):
                     self.chunk_graphs[(b, kv, steps)] = self._capture(
                         lambda b=b, kv=kv, steps=steps: self._chunk_body(b, kv, steps),
                         reset=lambda b=b: self._reset_chunk_state(b))[0]
+            for t in self.prefill_lengths if b <= MAX_PREFILL_ROWS else ():
+                self.prefill_graphs[(b, t)] = self._capture(lambda b=b, t=t: self._prefill_body(b, t))  # type: ignore[assignment]
         torch.cuda.synchronize()
         log.info("captured %d CUDA graphs in %.1f s",
                  len(self.step_graphs) + len(self.chunk_graphs) + len(self.prefill_graphs),
