@@ -56,12 +56,15 @@ class Utterance:
 
 def load_manifest(path: str | os.PathLike[str] = DEFAULT_MANIFEST, limit: int | None = None
                   ) -> list[Utterance]:
-    """Rows of a TSV manifest (id, path, duration, text); paths are relative to its directory."""
+    """Rows of a TSV manifest (id, path, duration, text); paths are relative to its directory.
+    The audio column may also be named "file" (tests/data's fixtures)."""
     manifest = Path(path).resolve()
     items: list[Utterance] = []
     with open(manifest, encoding="utf-8") as fh:
         header = fh.readline().rstrip("\n").split("\t")
         cols = {name: i for i, name in enumerate(header)}
+        if "path" not in cols and "file" in cols:
+            cols["path"] = cols["file"]
         missing = {"id", "path", "duration", "text"} - cols.keys()
         if missing:
             raise ValueError(f"{manifest}: missing column(s) {sorted(missing)}")

@@ -30,8 +30,9 @@ import argparse
 import contextlib
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -49,55 +50,37 @@ INT8_BEFORE = kernels.KernelConfig(block=64, num_warps=2, num_stages=3, use_dot=
                                    fast_int8=False)
 
 
-@contextlib.contextmanager
-def patched(module: object, name: str, value: object) -> Iterator[None]:
-    saved = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, saved)
+_can_write_kv = torch_model.can_write_kv
+_greedy_chunk = cuda_graphs.GraphedDecoder.greedy_chunk
+
+#: Each switch's "off" state (on is the shipped default).
+OFF: dict[str, Callable[[], contextlib.AbstractContextManager[object]]] = {
+    "pdl": lambda: mock.patch.dict(os.environ, {"WHISPER_PDL": "0"}),
+    "kv-write": lambda: mock.patch.object(
+        torch_model, "can_write_kv", lambda x, quantize: quantize and _can_write_kv(x, quantize)),
+    "int8-attention": lambda: mock.patch.object(kernels, "int8_config", lambda pairs: INT8_BEFORE),
+    "row-gemm": lambda: mock.patch.object(row_gemm, "can_row_gemm", lambda x, weight: False),
+    "chunk-tail": lambda: mock.patch.object(
+        cuda_graphs.GraphedDecoder, "greedy_chunk",
+        lambda self, tokens, positions, done, remaining:
+        _greedy_chunk(self, tokens, positions, done, [1 << 30] * len(remaining))),
+    "tiles": lambda: mock.patch.object(
+        row_gemm, "choose_tiles",
+        lambda n, k, m=64: row_gemm.TileConfig(block_n=32, block_k=128, split=4 if k > n else 1)),
+    "greedy-step": lambda: mock.patch.object(cuda_graphs, "greedy_step", greedy_step.greedy_step_reference),
+    "prefill-graph": lambda: mock.patch.object(
+        cuda_graphs.GraphedDecoder, "prefill", lambda self, tokens, positions: None),
+}
 
 
-@contextlib.contextmanager
-def environment(name: str, value: str) -> Iterator[None]:
-    saved = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = saved
-
-
-def switch(name: str, on: bool) -> contextlib.AbstractContextManager[None]:
-    """The state of the engine with switch `name` on or off (on is the shipped default)."""
-    if on:
-        return contextlib.nullcontext()
-    write_kv = torch_model.can_write_kv
-    whole_chunks = cuda_graphs.GraphedDecoder.greedy_chunk
-    off: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
-        "pdl": lambda: environment("WHISPER_PDL", "0"),
-        "kv-write": lambda: patched(torch_model, "can_write_kv", lambda x, quantize: quantize and write_kv(x, quantize)),
-        "int8-attention": lambda: patched(kernels, "int8_config", lambda pairs: INT8_BEFORE),
-        "row-gemm": lambda: patched(row_gemm, "can_row_gemm", lambda x, weight: False),
-        "tiles": lambda: patched(row_gemm, "choose_tiles", lambda n, k, m=64: row_gemm.TileConfig(
-            block_n=32, block_k=128, split=4 if k > n else 1)),
-        "greedy-step": lambda: patched(cuda_graphs, "greedy_step", greedy_step.greedy_step_reference),
-        "prefill-graph": lambda: patched(cuda_graphs.GraphedDecoder, "prefill", lambda self, tokens, positions: None),
-        "chunk-tail": lambda: patched(cuda_graphs.GraphedDecoder, "greedy_chunk",
-                                      lambda self, tokens, positions, done, remaining:
-                                      whole_chunks(self, tokens, positions, done, [1 << 30] * len(remaining))),
-    }
-    return off[name]()
+def switch(name: str, on: bool) -> contextlib.AbstractContextManager[object]:
+    """The state of the engine with switch `name` on or off."""
+    return contextlib.nullcontext() if on else OFF[name]()
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("switch", choices=("pdl", "kv-write", "int8-attention", "row-gemm", "chunk-tail", "tiles", "greedy-step",
-                                       "prefill-graph"))
+    p.add_argument("switch", choices=tuple(OFF))
     p.add_argument("--shapes", default="large-v3:64,large-v3:1,tiny.en:64", help="shape:B pairs")
     p.add_argument("--tokens", type=int, default=100)
     p.add_argument("--rounds", type=int, default=2)

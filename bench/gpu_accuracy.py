@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
 import json
 import sys
 import tempfile
@@ -18,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -36,18 +34,10 @@ class Clip:
 
 
 def load_clips(manifest: Path) -> list[Clip]:
-    from app.audio.resample import resample
+    from bench.common import load_audio, load_manifest
 
-    clips = []
-    with open(manifest) as handle:
-        for row in csv.DictReader(handle, delimiter="\t"):
-            # the dev set names the audio column "path", tests/data's fixtures "file"
-            audio, sr = sf.read(manifest.parent / (row.get("path") or row["file"]), dtype="float32", always_2d=True)
-            audio = audio.mean(axis=1)
-            if sr != 16000:
-                audio = resample(audio, sr, 16000)
-            clips.append(Clip(row["id"], np.ascontiguousarray(audio, dtype=np.float32), row["text"]))
-    return clips
+    items = load_manifest(manifest)
+    return [Clip(item.id, audio, item.text) for item, audio in zip(items, load_audio(items), strict=True)]
 
 
 def int8_engine(src: Path) -> Path:

@@ -31,7 +31,7 @@ from app.decoding.rules import RowRules, apply_rules
 from app.decoding.search import make_search, rows_needed
 from app.decoding.tokenizer import WhisperTokenizer
 from app.decoding.window import WindowResult, WindowTask
-from app.engine.greedy_step import greedy_step_reference
+from app.engine.cuda_graphs import GreedyChunkState, chunk_length, run_greedy_steps
 from app.engine.torch_engine import TorchEngine
 from app.engine.torch_model import WhisperModel
 from app.errors import QueueFullError, ShuttingDownError
@@ -196,13 +196,13 @@ def test_batched_windows_decode_exactly_as_alone(engine: TorchEngine, alone: Alo
 
 
 class EagerChunks:
-    """GraphedDecoder's greedy chunks without CUDA graphs (its chunk body, run eagerly on the
-    CPU): up to `chunk_steps` steps per call, none past the largest remaining token budget."""
+    """GraphedDecoder's greedy chunks without CUDA graphs: its chunk body (run_greedy_steps) run
+    eagerly on the CPU, as many steps as chunk_length allows."""
 
     def __init__(self, engine: TorchEngine, chunk_steps: int) -> None:
         self.engine = engine
         self.chunk_steps = chunk_steps
-        self.suppress = torch.zeros(engine.config.dims.n_vocab)
+        self.suppress: tuple[int, ...] = ()
         self.calls: list[tuple[int, int]] = []  # (steps run, largest budget)
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> None:
@@ -212,24 +212,21 @@ class EagerChunks:
         return None  # so do prompt prefills
 
     def set_suppress(self, ids: tuple[int, ...]) -> None:
-        self.suppress.zero_()
-        self.suppress[list(ids)] = float("-inf")
+        self.suppress = ids
 
     def greedy_chunk(self, tokens: torch.Tensor, positions: torch.Tensor, done: torch.Tensor,
                      remaining: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        steps = max(1, min(max(remaining), self.chunk_steps))
+        steps = chunk_length(remaining, self.chunk_steps)
         self.calls.append((steps, max(remaining)))
-        tokens, positions, done = tokens.clone(), positions.clone(), done.clone()
-        left = torch.tensor(remaining)
-        sums = torch.zeros(len(tokens))
-        out = torch.full((len(tokens), steps), -1, dtype=torch.long)
-        cursor = torch.zeros(1, dtype=torch.long)
-        for _ in range(steps):
-            logits = self.engine.runner.decode(tokens[:, None], positions, 0, int(positions.max()) + 1)[:, -1]
-            greedy_step_reference(logits, self.suppress, tokens, positions, done, left, sums, out, cursor,
-                                  TOKENIZER.eot)
-            cursor += 1
-        return out, done, sums
+        dims = self.engine.config.dims
+        state = GreedyChunkState.allocate(len(tokens), steps, dims.n_vocab, TOKENIZER.eot, "cpu")
+        state.set_suppress(self.suppress)
+        state.tokens.copy_(tokens)
+        state.positions.copy_(positions)
+        state.done.copy_(done)
+        state.remaining.copy_(torch.tensor(remaining))
+        run_greedy_steps(self.engine.runner, state, len(tokens), dims.n_text_ctx, steps, TOKENIZER.eot)
+        return state.out, state.done, state.sum_logprob
 
 
 def test_greedy_chunks_stop_at_each_windows_token_budget(model: WhisperModel, alone: Alone) -> None:

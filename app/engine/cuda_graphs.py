@@ -55,6 +55,42 @@ class GreedyChunkState:
     cursor: Tensor  # [1] column of `out` the next step writes
     suppress: Tensor  # [V] additive mask (0 / -inf)
 
+    @classmethod
+    def allocate(cls, rows: int, steps: int, n_vocab: int, eot: int, device: torch.device | str) -> GreedyChunkState:
+        return cls(
+            tokens=torch.full((rows,), eot, dtype=torch.long, device=device),
+            positions=torch.zeros(rows, dtype=torch.long, device=device),
+            done=torch.zeros(rows, dtype=torch.bool, device=device),
+            remaining=torch.zeros(rows, dtype=torch.long, device=device),
+            sum_logprob=torch.zeros(rows, dtype=torch.float32, device=device),
+            out=torch.zeros(rows, steps, dtype=torch.long, device=device),
+            cursor=torch.zeros(1, dtype=torch.long, device=device),
+            suppress=torch.zeros(n_vocab, device=device),
+        )
+
+    def set_suppress(self, ids: tuple[int, ...]) -> None:
+        """Change the suppressed ids in place (graphs read the buffer; no recapture)."""
+        self.suppress.zero_()
+        if ids:
+            self.suppress[torch.tensor(ids, dtype=torch.long, device=self.suppress.device)] = float("-inf")
+
+
+def chunk_length(remaining: list[int], chunk_steps: int) -> int:
+    """Steps of a greedy chunk: at most chunk_steps, none past the largest remaining token budget."""
+    return max(1, min(max(remaining), chunk_steps))
+
+
+def run_greedy_steps(runner: WhisperRunner, state: GreedyChunkState, rows: int, kv: int, steps: int,
+                     eot: int) -> None:
+    """`steps` greedy steps of rows [0, rows) from `state`, reading self-attention cache positions
+    [0, kv): the body of the chunk graphs (and, eagerly, of their CPU test)."""
+    for _ in range(steps):
+        pos = state.positions[:rows].clamp(max=kv - 1)
+        logits = runner.decode(state.tokens[:rows, None], pos, 0, kv)[:, -1]
+        greedy_step(logits, state.suppress, state.tokens[:rows], state.positions[:rows], state.done[:rows],
+                    state.remaining[:rows], state.sum_logprob[:rows], state.out[:rows], state.cursor, eot)
+        state.cursor += 1
+
 
 class GraphedDecoder:
     def __init__(self, runner: WhisperRunner, max_rows: int, chunk_steps: int, eot: int,
@@ -78,18 +114,8 @@ class GraphedDecoder:
         self.prefill_tokens = torch.full((max_rows, max(prefill_lengths, default=1)), eot, dtype=torch.long,
                                          device=device)
         self.prefill_positions = torch.zeros(max_rows, dtype=torch.long, device=device)
-        suppress = torch.zeros(dims.n_vocab, device=device)
-        suppress[torch.tensor(suppress_ids, dtype=torch.long, device=device)] = float("-inf")
-        self.state = GreedyChunkState(
-            tokens=torch.full((max_rows,), eot, dtype=torch.long, device=device),
-            positions=torch.zeros(max_rows, dtype=torch.long, device=device),
-            done=torch.zeros(max_rows, dtype=torch.bool, device=device),
-            remaining=torch.zeros(max_rows, dtype=torch.long, device=device),
-            sum_logprob=torch.zeros(max_rows, dtype=torch.float32, device=device),
-            out=torch.zeros(max_rows, chunk_steps, dtype=torch.long, device=device),
-            cursor=torch.zeros(1, dtype=torch.long, device=device),
-            suppress=suppress,
-        )
+        self.state = GreedyChunkState.allocate(max_rows, chunk_steps, dims.n_vocab, eot, device)
+        self.state.set_suppress(tuple(suppress_ids))
         self.pool = torch.cuda.graph_pool_handle()
         self.step_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         # (batch, kv, steps): a chunk of chunk_steps steps, and a one-step chunk that is replayed
@@ -105,13 +131,7 @@ class GraphedDecoder:
         return self.runner.decode(self.prefill_tokens[:b, :t], self.prefill_positions[:b], 0, t)
 
     def _chunk_body(self, b: int, kv: int, steps: int) -> None:
-        s = self.state
-        for _ in range(steps):
-            pos = s.positions[:b].clamp(max=kv - 1)
-            logits = self.runner.decode(s.tokens[:b, None], pos, 0, kv)[:, -1]
-            greedy_step(logits, s.suppress, s.tokens[:b], s.positions[:b], s.done[:b], s.remaining[:b],
-                        s.sum_logprob[:b], s.out[:b], s.cursor, self.eot)
-            s.cursor += 1
+        run_greedy_steps(self.runner, self.state, b, kv, steps, self.eot)
 
     def _capture(self, body: Callable[[], Tensor | None],
                  reset: Callable[[], None] | None = None) -> tuple[torch.cuda.CUDAGraph, Tensor | None]:
@@ -156,11 +176,7 @@ class GraphedDecoder:
         s.cursor.zero_()
 
     def set_suppress(self, ids: tuple[int, ...]) -> None:
-        """Change the greedy path's suppressed ids in place (graphs read the buffer; no recapture)."""
-        mask = self.state.suppress
-        mask.zero_()
-        if ids:
-            mask[torch.tensor(ids, dtype=torch.long, device=mask.device)] = float("-inf")
+        self.state.set_suppress(ids)
 
     # ---- replay ------------------------------------------------------------------------------
     def step(self, tokens: Tensor, positions: Tensor, kv_len: int) -> Tensor | None:
@@ -199,7 +215,7 @@ class GraphedDecoder:
         Returns (tokens [B, steps], done [B], sum of log-probs [B]) or None when no captured bucket
         fits. Fewer than chunk_steps steps replay the one-step graph that many times, without a
         host round trip in between."""
-        steps = max(1, min(max(remaining), self.chunk_steps))
+        steps = chunk_length(remaining, self.chunk_steps)
         n = tokens.shape[0]
         b = bucket_for(n, self.batch_buckets)
         kv = bucket_for(int(positions.max()) + steps, self.kv_buckets)

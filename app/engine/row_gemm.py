@@ -21,6 +21,7 @@ which is how the engine thread issues all of its GPU work.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -106,9 +107,10 @@ def choose_tiles(n: int, k: int, m: int = MAX_ROWS) -> TileConfig:
 
     Narrow column blocks, with K split where it is longer than the output (the MLP's second GEMM):
     elsewhere the extra pass over partial sums cost more than the added programs gained. From a
-    width of WIDE_MODEL on, 256-wide K steps (fewer, longer loads per program), and at more than 32 rows the MLP's
-    first GEMM takes 64 columns per program and its second splits K two ways, not four: every
-    program re-reads all m rows of the input from L2, which at 64 rows costs more than the weights.
+    width of WIDE_MODEL on, 256-wide K steps (fewer, longer loads per program), and at more than
+    32 rows the MLP's first GEMM takes 64 columns per program and its second splits K two ways,
+    not four: every program re-reads all m rows of the input from L2, which at 64 rows costs more
+    than the weights.
     """
     if min(n, k) < WIDE_MODEL:
         return TileConfig(block_n=32, block_k=128, split=4 if k > n else 1)
@@ -135,17 +137,20 @@ class _Workspace:
         self.retired: list[Tensor] = []
 
     def get(self, device: torch.device, partial_elems: int, blocks: int) -> tuple[Tensor, Tensor]:
-        partials = self.partials.get(device)
-        if partials is None or partials.numel() < partial_elems:
-            if partials is not None:
-                self.retired.append(partials)
-            partials = self.partials[device] = torch.empty(partial_elems, device=device, dtype=torch.float32)
-        counters = self.counters.get(device)
-        if counters is None or counters.numel() < blocks:
-            if counters is not None:
-                self.retired.append(counters)
-            counters = self.counters[device] = torch.zeros(max(blocks, 256), device=device, dtype=torch.int32)
+        partials = self._at_least(self.partials, device, partial_elems,
+                                  lambda: torch.empty(partial_elems, device=device, dtype=torch.float32))
+        counters = self._at_least(self.counters, device, blocks,
+                                  lambda: torch.zeros(max(blocks, 256), device=device, dtype=torch.int32))
         return partials, counters
+
+    def _at_least(self, buffers: dict[torch.device, Tensor], device: torch.device, size: int,
+                  make: Callable[[], Tensor]) -> Tensor:
+        buffer = buffers.get(device)
+        if buffer is None or buffer.numel() < size:
+            if buffer is not None:
+                self.retired.append(buffer)
+            buffer = buffers[device] = make()
+        return buffer
 
 
 _WORKSPACE = _Workspace()
