@@ -45,9 +45,19 @@ def base_logits(n_rows: int) -> torch.Tensor:
     return logits
 
 
+ONE_MASK = [False]  # the way apply() masks, set per test by the fixture below
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["slices", "one-mask"])
+def one_mask(request: pytest.FixtureRequest) -> bool:
+    """Every test runs both ways of masking: per-row slices (CPU) and one mask for all rows (GPU)."""
+    ONE_MASK[0] = request.param
+    return request.param
+
+
 def apply(rows: list[RowRules], logits: torch.Tensor | None = None) -> torch.Tensor:
     out = base_logits(len(rows)) if logits is None else logits.clone()
-    apply_rules(out, rows, ToyTokenizer())  # type: ignore[arg-type]
+    apply_rules(out, rows, ToyTokenizer(), one_mask=ONE_MASK[0])  # type: ignore[arg-type]
     return out
 
 
@@ -225,3 +235,21 @@ def test_after_a_closed_pair_text_is_never_forced_out() -> None:
     out = apply([row([ts(0), 4, ts(2), ts(2)])], logits)
     assert masked(out) == {NO_TS} | STAMPS
     assert torch.equal(out[0, : EOT + 1], logits[0, : EOT + 1])  # text and eot untouched
+
+
+def test_both_ways_of_masking_agree_on_random_histories(one_mask: bool) -> None:
+    gen = torch.Generator().manual_seed(int(one_mask))
+    rows = []
+    for _ in range(40):
+        n = int(torch.randint(0, 6, (1,), generator=gen))
+        sampled = torch.randint(0, V, (n,), generator=gen).tolist()
+        sampled = [t for t in sampled if t not in (EOT, SOT, NO_TS)]
+        max_initial = None if torch.rand(1, generator=gen) < 0.5 else int(torch.randint(0, 8, (1,), generator=gen))
+        rows.append(row(sampled, suppress=(2,), begin=(0,), timestamps=bool(torch.rand(1, generator=gen) < 0.8),
+                        max_initial=max_initial))
+    logits = torch.randn(len(rows), V, generator=gen) * 3
+    slices, single = logits.clone(), logits.clone()
+    apply_rules(slices, rows, ToyTokenizer(), one_mask=False)  # type: ignore[arg-type]
+    apply_rules(single, rows, ToyTokenizer(), one_mask=True)  # type: ignore[arg-type]
+    assert torch.equal(slices, single)
+    assert slices.isinf().any()

@@ -6,6 +6,7 @@ token by token. Mirrors openai-whisper's SuppressBlank / SuppressTokens / ApplyT
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -25,8 +26,13 @@ class RowRules:
     max_initial_timestamp_index: int | None
 
 
-def apply_rules(logits: Tensor, rows: list[RowRules], tokenizer: WhisperTokenizer) -> None:
-    """Mask logits [R, V] in place (-inf) according to each row's rules."""
+def apply_rules(logits: Tensor, rows: list[RowRules], tokenizer: WhisperTokenizer,
+                one_mask: bool | None = None) -> None:
+    """Mask logits [R, V] in place (-inf) according to each row's rules.
+
+    one_mask (default: on CUDA devices) builds the timestamp masks of all rows in one pass of
+    [R, V] work instead of a few slice writes per row: on a GPU each slice write is a kernel
+    launch (about 0.85 ms a step at 64 rows), on a CPU the slices are cheaper than the pass."""
     neg_inf = float("-inf")
     device = logits.device
     # Group rows by identical suppress list: one indexed write per distinct list (usually one).
@@ -38,38 +44,66 @@ def apply_rules(logits: Tensor, rows: list[RowRules], tokenizer: WhisperTokenize
         if row.suppress_begin and not row.sampled:
             begin_rows.setdefault(row.suppress_begin, []).append(r)
     for ids, rs in (*by_list.items(), *begin_rows.items()):
-        logits[torch.tensor(rs, device=device)[:, None], torch.tensor(ids, device=device)[None, :]] = neg_inf
+        logits[torch.tensor(rs, device=device)[:, None], _id_tensor(ids, device)[None, :]] = neg_inf
 
     ts_rows = [r for r, row in enumerate(rows) if row.timestamps]
     if not ts_rows:
         return
+    ranges = [timestamp_ranges(rows[r].sampled, rows[r].max_initial_timestamp_index, tokenizer) for r in ts_rows]
+    idx = torch.tensor(ts_rows, device=device)
+    one_pass = logits.is_cuda if one_mask is None else one_mask
+    if one_pass:
+        bounds = torch.tensor([[bound for lo_hi in r for bound in lo_hi] for r in ranges], device=device)
+        ids = torch.arange(logits.shape[-1], device=device)
+        mask = ((ids >= bounds[:, 0::2, None]) & (ids < bounds[:, 1::2, None])).any(dim=1)
+        sub = logits[idx].masked_fill_(mask, neg_inf)
+    else:
+        for r, row_ranges in zip(ts_rows, ranges, strict=True):
+            for lo, hi in row_ranges:
+                if hi > lo:
+                    logits[r, lo:hi] = neg_inf
+        sub = logits[idx]
+    # If the timestamps together are likelier than any single text token, force a timestamp.
     tb = tokenizer.timestamp_begin
-    eot = tokenizer.eot
-    logits[ts_rows, tokenizer.no_timestamps] = neg_inf
-    for r in ts_rows:
-        row = rows[r]
-        seq = row.sampled
-        last_ts = len(seq) >= 1 and seq[-1] >= tb
+    logprobs = torch.log_softmax(sub.float(), dim=-1)
+    force = torch.logsumexp(logprobs[:, tb:], dim=-1) > logprobs[:, :tb].max(dim=-1).values
+    if one_pass:  # no host sync: the rows go back whole
+        sub[:, :tb].masked_fill_(force[:, None], neg_inf)
+        logits[idx] = sub
+    else:  # forcing is rare: write only those rows
+        forced = idx[force]
+        if forced.numel():
+            logits[forced, :tb] = neg_inf
+
+
+@functools.lru_cache(maxsize=64)
+def _id_tensor(ids: tuple[int, ...], device: torch.device) -> Tensor:
+    """The suppressed ids on the device, built once per list (the same ~90 ids every step)."""
+    return torch.tensor(ids, device=device)
+
+
+#: ranges per timestamp row: no_timestamps, then up to three rule ranges (empty ones are (0, 0))
+RANGES_PER_ROW = 4
+
+
+def timestamp_ranges(seq: list[int], max_initial_index: int | None,
+                     tokenizer: WhisperTokenizer) -> list[tuple[int, int]]:
+    """The id ranges [lo, hi) Whisper's timestamp grammar masks after `seq` (this row's sampled tokens)."""
+    tb, eot, vocab_end = tokenizer.timestamp_begin, tokenizer.eot, 1 << 30
+    out = [(tokenizer.no_timestamps, tokenizer.no_timestamps + 1)]
+    if not seq:
+        out.append((0, tb))  # a window starts with a timestamp
+        if max_initial_index is not None:
+            out.append((tb + max_initial_index + 1, vocab_end))
+    else:
+        last_ts = seq[-1] >= tb
         penultimate_ts = len(seq) < 2 or seq[-2] >= tb
         if last_ts:
-            if penultimate_ts:  # a pair closed: next must be text (or eot)
-                logits[r, tb:] = neg_inf
-            else:  # an open segment end: next must be a timestamp or eot
-                logits[r, :eot] = neg_inf
-        stamps = [t for t in seq if t >= tb]
-        if stamps:
+            # a pair closed: next must be text (or eot); an open segment end: a timestamp or eot
+            out.append((tb, vocab_end) if penultimate_ts else (0, eot))
+        last_stamp = next((t for t in reversed(seq) if t >= tb), None)
+        if last_stamp is not None:
             # timestamps never decrease; a new segment cannot start before the last one ended
-            floor = stamps[-1] if (last_ts and not penultimate_ts) else stamps[-1] + 1
-            logits[r, tb:floor] = neg_inf
-        if not seq:
-            logits[r, :tb] = neg_inf  # a window starts with a timestamp
-            if row.max_initial_timestamp_index is not None:
-                logits[r, tb + row.max_initial_timestamp_index + 1:] = neg_inf
-    # If the timestamps together are likelier than any single text token, force a timestamp.
-    idx = torch.tensor(ts_rows, device=device)
-    logprobs = torch.log_softmax(logits[idx].float(), dim=-1)
-    ts_mass = torch.logsumexp(logprobs[:, tb:], dim=-1)
-    text_max = logprobs[:, :tb].max(dim=-1).values
-    force = idx[ts_mass > text_max]
-    if force.numel():
-        logits[force, :tb] = neg_inf
+            floor = last_stamp if (last_ts and not penultimate_ts) else last_stamp + 1
+            out.append((tb, floor))
+    return out + [(0, 0)] * (RANGES_PER_ROW - len(out))

@@ -147,10 +147,12 @@ class BeamSearch:
         return [b.tokens for b in self.beams]
 
     def step(self, logits: Tensor) -> StepOutput:
+        return self.step_from_top(*top_continuations(logits, self.n_rows + 1))
+
+    def step_from_top(self, top_lp: list[list[float]], top_ids: list[list[int]]) -> StepOutput:
+        """One step from each row's k + 1 likeliest continuations (log-probabilities, ids), which
+        the decode loop computes for every beam window of a batch at once (top_continuations)."""
         k = self.n_rows
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        top_lp, top_ids = logprobs.topk(k + 1, dim=-1)
-        top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
         scored: dict[tuple[int, ...], tuple[float, int]] = {}
         # All rows start identical: on the first step only row 0's continuations are distinct.
         source_rows = [0] if self.first_step else range(k)
@@ -191,6 +193,13 @@ class BeamSearch:
 
 
 Search = SamplingSearch | BeamSearch
+
+
+def top_continuations(logits: Tensor, n: int) -> tuple[list[list[float]], list[list[int]]]:
+    """The n likeliest tokens of each row of logits [R, V]: log-probabilities and ids, on the host
+    (one device sync however many rows)."""
+    top_lp, top_ids = torch.log_softmax(logits.float(), dim=-1).topk(n, dim=-1)
+    return top_lp.tolist(), top_ids.tolist()
 
 
 def make_search(options: WindowOptions, eot: int, max_new_tokens: int) -> Search:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from app.engine.attention import attention
 from app.engine.cache_write import append_kv, can_append
 from app.engine.config import ModelDims
 from app.engine.cpu_gemm import (
@@ -132,7 +133,7 @@ class EncoderBlock(FeedForward):
         it (one kernel on the GPU, app.engine.fused_norm)."""
         q, k, v = self.attn.qkv(normed).chunk(3, dim=-1)
         heads = self.attn.split_heads
-        a = F.scaled_dot_product_attention(heads(q), heads(k), heads(v))
+        a = attention(heads(q), heads(k), heads(v), repeated_shape=True)
         x, normed = add_layer_norm(x, self.attn.out(self.attn.merge_heads(a)), self.mlp_ln)
         return add_layer_norm(x, self.mlp(normed), next_norm)
 
@@ -386,14 +387,14 @@ class WhisperRunner:
         """
         b, h, t, dh = cq.shape
         if runs is None:
-            return F.scaled_dot_product_attention(cq, *self._cross_kv(layer, start, start + b))
+            return attention(cq, *self._cross_kv(layer, start, start + b))
         out: Tensor | None = None
         for offset, n, g, n_audio in runs:
             k, v = self._cross_kv(layer, start + offset, start + offset + n, g, n_audio)
             q = cq[offset : offset + n]
             if g > 1:
                 q = q.view(n // g, g, h, t, dh).transpose(1, 2).reshape(n // g, h, g * t, dh)
-            a = F.scaled_dot_product_attention(q, k, v)
+            a = attention(q, k, v)
             if g > 1:
                 a = a.view(n // g, h, g, t, dh).transpose(1, 2).reshape(n, h, t, dh)
             if n == b:  # one run over every row: the common case needs no copy
@@ -454,8 +455,7 @@ class WhisperRunner:
             if fused:
                 a = decode_attention(q, ck[start:end, :, :kv_len], cv[start:end, :, :kv_len], lengths=lengths)
             else:
-                a = F.scaled_dot_product_attention(q, ck[start:end, :, :kv_len], cv[start:end, :, :kv_len],
-                                                   attn_mask=mask)
+                a = attention(q, ck[start:end, :, :kv_len], cv[start:end, :, :kv_len], attn_mask=mask)
             x, normed = add_layer_norm(x, step_linear(attn.out, attn.merge_heads(a)), layer.cross_ln)
             cross = layer.cross
             cq = attn.split_heads(step_linear(cross.q, normed))
@@ -491,8 +491,7 @@ class WhisperRunner:
         for i, layer in enumerate(dec.layers):
             attn = layer.attn
             q, k, v = attn.qkv(layer.attn_ln(x)).chunk(3, dim=-1)
-            a = F.scaled_dot_product_attention(attn.split_heads(q), attn.split_heads(k),
-                                               attn.split_heads(v), attn_mask=causal)
+            a = attention(attn.split_heads(q), attn.split_heads(k), attn.split_heads(v), attn_mask=causal)
             x = x + attn.out(attn.merge_heads(a))
             cross = layer.cross
             cq = attn.split_heads(cross.q(layer.cross_ln(x)))
