@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from app.decoding.tokenizer import WhisperTokenizer
+from app.engine.host_copy import device_tensor
 
 
 @dataclass
@@ -44,16 +45,16 @@ def apply_rules(logits: Tensor, rows: list[RowRules], tokenizer: WhisperTokenize
         if row.suppress_begin and not row.sampled:
             begin_rows.setdefault(row.suppress_begin, []).append(r)
     for ids, rs in (*by_list.items(), *begin_rows.items()):
-        logits[torch.tensor(rs, device=device)[:, None], _id_tensor(ids, device)[None, :]] = neg_inf
+        logits[device_tensor(rs, device)[:, None], _id_tensor(ids, device)[None, :]] = neg_inf
 
     ts_rows = [r for r, row in enumerate(rows) if row.timestamps]
     if not ts_rows:
         return
     ranges = [timestamp_ranges(rows[r].sampled, rows[r].max_initial_timestamp_index, tokenizer) for r in ts_rows]
-    idx = torch.tensor(ts_rows, device=device)
+    idx = device_tensor(ts_rows, device)
     one_pass = logits.is_cuda if one_mask is None else one_mask
     if one_pass:
-        bounds = torch.tensor([[bound for lo_hi in r for bound in lo_hi] for r in ranges], device=device)
+        bounds = device_tensor([[bound for lo_hi in r for bound in lo_hi] for r in ranges], device)
         ids = torch.arange(logits.shape[-1], device=device)
         mask = ((ids >= bounds[:, 0::2, None]) & (ids < bounds[:, 1::2, None])).any(dim=1)
         sub = logits[idx].masked_fill_(mask, neg_inf)
@@ -79,7 +80,7 @@ def apply_rules(logits: Tensor, rows: list[RowRules], tokenizer: WhisperTokenize
 @functools.lru_cache(maxsize=64)
 def _id_tensor(ids: tuple[int, ...], device: torch.device) -> Tensor:
     """The suppressed ids on the device, built once per list (the same ~90 ids every step)."""
-    return torch.tensor(ids, device=device)
+    return device_tensor(ids, device)
 
 
 #: ranges per timestamp row: no_timestamps, then up to three rule ranges (empty ones are (0, 0))

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from app.engine.config import EngineConfig, build_hint, load_engine_config
 from app.engine.cuda_graphs import GraphedDecoder, prompt_lengths
+from app.engine.host_copy import to_device
 from app.engine.torch_model import CrossRuns, DecoderCache, WhisperModel, WhisperRunner
 from app.errors import EngineError
 
@@ -107,8 +108,8 @@ class TorchEngine:
         if suppress != self.greedy_suppress:
             self.graphs.set_suppress(suppress)
             self.greedy_suppress = suppress
-        return self.graphs.greedy_chunk(tokens.to(self.device), positions.to(self.device),
-                                        done.to(self.device), remaining)
+        return self.graphs.greedy_chunk(to_device(tokens, self.device), to_device(positions, self.device),
+                                        to_device(done, self.device), remaining)
 
     def encode_into_rows(self, mel: Tensor, rows: list[int]) -> Tensor:
         with torch.inference_mode():
@@ -123,14 +124,14 @@ class TorchEngine:
     def decode(self, tokens: Tensor, positions: Tensor, start: int, kv_len: int,
                uniform_position: bool = False, cross_runs: CrossRuns | None = None) -> Tensor:
         if self.graphs is not None and start == 0 and tokens.shape[1] == 1:
-            out = self.graphs.step(tokens.to(self.device), positions.to(self.device), kv_len)
+            out = self.graphs.step(to_device(tokens, self.device), to_device(positions, self.device), kv_len)
             if out is not None:
                 return out[:, None]
         elif self.graphs is not None and start == 0 and kv_len == tokens.shape[1]:  # a prompt prefill
-            out = self.graphs.prefill(tokens.to(self.device), positions)
+            out = self.graphs.prefill(to_device(tokens, self.device), positions)
             if out is not None:
                 return out
-        return self.runner.decode(tokens.to(self.device), positions.to(self.device), start, kv_len,
+        return self.runner.decode(to_device(tokens, self.device), to_device(positions, self.device), start, kv_len,
                                   uniform_position, cross_runs)
 
     def copy_rows(self, src: list[int], dst: list[int], self_len: int, cross: bool = True) -> None:

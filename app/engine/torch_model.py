@@ -29,6 +29,7 @@ from app.engine.cpu_gemm import (
     packed_linear,
 )
 from app.engine.fused_norm import add_layer_norm
+from app.engine.host_copy import device_tensor
 from app.engine.kernels import can_write_kv, decode_attention, write_kv_into
 from app.engine.logits_gemm import can_logits_fp32, logits_fp32
 from app.engine.row_gemm import step_linear
@@ -250,8 +251,8 @@ class DecoderCache:
         if not src:
             return
         device = self.self_k.device
-        s = torch.tensor(src, device=device)
-        d = torch.tensor(dst, device=device)
+        s = device_tensor(src, device)
+        d = device_tensor(dst, device)
         for cache in (self.self_k, self.self_v):
             cache[:, d, :, :self_len] = cache[:, s, :, :self_len]
         if cross:
@@ -347,7 +348,7 @@ class WhisperRunner:
         consecutive = rows == list(range(rows[0], rows[0] + b))
         fused = can_write_kv(audio_features, cache.quantized_cross)
         # the rows as a tensor (the kernel's input, or an index): built once
-        row_index = torch.tensor(rows, device=audio_features.device) if fused or not consecutive else None
+        row_index = device_tensor(rows, audio_features.device) if fused or not consecutive else None
         index = slice(rows[0], rows[0] + b) if consecutive else row_index
         for i, layer in enumerate(self.model.decoder.layers):
             kv = layer.cross.kv(audio_features)  # [B, T, 2d]: K then V, heads inside each

@@ -25,6 +25,7 @@ from app.decoding.search import (
 from app.decoding.tokenizer import WhisperTokenizer
 from app.decoding.window import WindowResult, WindowTask
 from app.engine.base import Engine
+from app.engine.host_copy import device_tensor
 
 
 def first_fit(taken: list[bool], k: int, before: int | None = None) -> int | None:
@@ -335,7 +336,7 @@ class DecodeLoop:
             offset += w.n_rows
         greedy = [i for i, w in enumerate(windows) if isinstance(w.search, SamplingSearch) and w.search.is_greedy]
         if greedy:
-            idx = torch.tensor([offsets[i] for i in greedy], device=logits.device)
+            idx = device_tensor([offsets[i] for i in greedy], logits.device)
             sub = logits[idx]
             best = sub.argmax(dim=-1)
             chosen = torch.log_softmax(sub, dim=-1).gather(1, best[:, None]).squeeze(1)
@@ -383,7 +384,7 @@ class DecodeLoop:
         tops: dict[int, tuple[list[list[float]], list[list[int]]]] = {}
         for k, members in by_size.items():
             rows = [offsets[i] + j for i in members for j in range(k)]
-            top_lp, top_ids = top_continuations(logits[rows], k + 1)
+            top_lp, top_ids = top_continuations(logits[device_tensor(rows, logits.device)], k + 1)
             for n, i in enumerate(members):
                 tops[i] = (top_lp[n * k : (n + 1) * k], top_ids[n * k : (n + 1) * k])
         return tops
