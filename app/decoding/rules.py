@@ -36,7 +36,7 @@ def apply_rules(logits: Tensor, rows: list[RowRules], tokenizer: WhisperTokenize
     launch (about 0.85 ms a step at 64 rows), on a CPU the slices are cheaper than the pass."""
     neg_inf = float("-inf")
     device = logits.device
-    # Group rows by identical suppress list: one indexed write per distinct list (usually one).
+    # Group rows by identical suppress list: one write per distinct list (usually one, for all rows).
     by_list: dict[tuple[int, ...], list[int]] = {}
     begin_rows: dict[tuple[int, ...], list[int]] = {}
     for r, row in enumerate(rows):
@@ -45,36 +45,52 @@ def apply_rules(logits: Tensor, rows: list[RowRules], tokenizer: WhisperTokenize
         if row.suppress_begin and not row.sampled:
             begin_rows.setdefault(row.suppress_begin, []).append(r)
     for ids, rs in (*by_list.items(), *begin_rows.items()):
-        logits[device_tensor(rs, device)[:, None], _id_tensor(ids, device)[None, :]] = neg_inf
-
-    ts_rows = [r for r, row in enumerate(rows) if row.timestamps]
-    if not ts_rows:
+        if len(rs) == len(rows):
+            logits.index_fill_(1, _id_tensor(ids, device), neg_inf)
+        else:
+            logits[device_tensor(rs, device)[:, None], _id_tensor(ids, device)[None, :]] = neg_inf
+    if not any(row.timestamps for row in rows):
         return
-    ranges = [timestamp_ranges(rows[r].sampled, rows[r].max_initial_timestamp_index, tokenizer) for r in ts_rows]
-    idx = device_tensor(ts_rows, device)
-    one_pass = logits.is_cuda if one_mask is None else one_mask
-    if one_pass:
-        bounds = device_tensor([[bound for lo_hi in r for bound in lo_hi] for r in ranges], device)
-        ids = torch.arange(logits.shape[-1], device=device)
-        mask = ((ids >= bounds[:, 0::2, None]) & (ids < bounds[:, 1::2, None])).any(dim=1)
-        sub = logits[idx].masked_fill_(mask, neg_inf)
+    if logits.is_cuda if one_mask is None else one_mask:
+        _timestamp_rules_in_one_pass(logits, rows, tokenizer)
     else:
-        for r, row_ranges in zip(ts_rows, ranges, strict=True):
-            for lo, hi in row_ranges:
-                if hi > lo:
-                    logits[r, lo:hi] = neg_inf
-        sub = logits[idx]
-    # If the timestamps together are likelier than any single text token, force a timestamp.
-    tb = tokenizer.timestamp_begin
-    logprobs = torch.log_softmax(sub.float(), dim=-1)
-    force = torch.logsumexp(logprobs[:, tb:], dim=-1) > logprobs[:, :tb].max(dim=-1).values
-    if one_pass:  # no host sync: the rows go back whole
-        sub[:, :tb].masked_fill_(force[:, None], neg_inf)
-        logits[idx] = sub
-    else:  # forcing is rare: write only those rows
-        forced = idx[force]
-        if forced.numel():
-            logits[forced, :tb] = neg_inf
+        _timestamp_rules_by_slices(logits, rows, tokenizer)
+
+
+def _timestamp_rules_in_one_pass(logits: Tensor, rows: list[RowRules], tokenizer: WhisperTokenizer) -> None:
+    """Every row's grammar as id ranges, one mask for the whole batch, no gather or host sync
+    (rows without timestamps get empty ranges and are never forced)."""
+    neg_inf = float("-inf")
+    device = logits.device
+    no_ranges = [(0, 0)] * RANGES_PER_ROW
+    ranges = [timestamp_ranges(row.sampled, row.max_initial_timestamp_index, tokenizer) if row.timestamps
+              else no_ranges for row in rows]
+    bounds = device_tensor([[bound for lo_hi in r for bound in lo_hi] for r in ranges], device)
+    ids = torch.arange(logits.shape[-1], device=device)
+    logits.masked_fill_(((ids >= bounds[:, 0::2, None]) & (ids < bounds[:, 1::2, None])).any(dim=1), neg_inf)
+    force = _timestamps_win(logits, tokenizer.timestamp_begin)
+    if not all(row.timestamps for row in rows):
+        force &= device_tensor([row.timestamps for row in rows], device)
+    logits[:, : tokenizer.timestamp_begin].masked_fill_(force[:, None], neg_inf)
+
+
+def _timestamp_rules_by_slices(logits: Tensor, rows: list[RowRules], tokenizer: WhisperTokenizer) -> None:
+    neg_inf = float("-inf")
+    ts_rows = [r for r, row in enumerate(rows) if row.timestamps]
+    for r in ts_rows:
+        for lo, hi in timestamp_ranges(rows[r].sampled, rows[r].max_initial_timestamp_index, tokenizer):
+            if hi > lo:
+                logits[r, lo:hi] = neg_inf
+    idx = device_tensor(ts_rows, logits.device)
+    forced = idx[_timestamps_win(logits[idx], tokenizer.timestamp_begin)]
+    if forced.numel():  # rare: write only those rows
+        logits[forced, : tokenizer.timestamp_begin] = neg_inf
+
+
+def _timestamps_win(logits: Tensor, tb: int) -> Tensor:
+    """Rows where the timestamps together are likelier than any single text token: a timestamp is forced."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    return torch.logsumexp(logprobs[:, tb:], dim=-1) > logprobs[:, :tb].max(dim=-1).values
 
 
 @functools.lru_cache(maxsize=64)

@@ -384,7 +384,8 @@ class DecodeLoop:
         tops: dict[int, tuple[list[list[float]], list[list[int]]]] = {}
         for k, members in by_size.items():
             rows = [offsets[i] + j for i in members for j in range(k)]
-            top_lp, top_ids = top_continuations(logits[device_tensor(rows, logits.device)], k + 1)
+            whole = rows == list(range(logits.shape[0]))  # every row is a beam of this size: no gather
+            top_lp, top_ids = top_continuations(logits if whole else logits[device_tensor(rows, logits.device)], k + 1)
             for n, i in enumerate(members):
                 tops[i] = (top_lp[n * k : (n + 1) * k], top_ids[n * k : (n + 1) * k])
         return tops
