@@ -11,6 +11,7 @@ Work unit as bench/gpu.py: B windows of 30 s, N = 100 tokens, random weights, fp
     python bench/gpu_ab.py tiles --shapes large-v3:64,large-v3:16
     python bench/gpu_ab.py greedy-step --shapes tiny.en:64,tiny.en:1,large-v3:64
     python bench/gpu_ab.py prefill-graph --shapes large-v3:64,large-v3:1,tiny.en:1
+    python bench/gpu_ab.py dp4a-k --shapes large-v3:64,large-v3:1,small:64,tiny.en:64
 
 Switches: `pdl` (programmatic dependent launch, WHISPER_PDL), `kv-write` (cross-K/V written by
 kernels.write_kv_into vs torch's permuted copy), `int8-attention` (int8 cross-K/V engines: the
@@ -20,7 +21,8 @@ app.engine.row_gemm vs cuBLAS), `chunk-tail` (a window's last tokens decoded by 
 graph, stopping at its token budget, vs whole 8-step chunks), `tiles` (row_gemm.choose_tiles vs the
 sixth session's 32 x 128 tiles everywhere), `greedy-step` (a graphed greedy step's token choice and
 bookkeeping in app.engine.greedy_step's kernel vs torch ops), `prefill-graph` (the prompt prefill
-replayed from a CUDA graph vs run eagerly). `--int8-kv` builds int8 cross-K/V
+replayed from a CUDA graph vs run eagerly), `dp4a-k` (int8 cross-K/V engines: scores by dp4a on
+int8 K words vs widening every key). `--int8-kv` builds int8 cross-K/V
 engines for any switch.
 """
 
@@ -31,6 +33,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from unittest import mock
 
@@ -51,6 +54,7 @@ INT8_BEFORE = kernels.KernelConfig(block=64, num_warps=2, num_stages=3, use_dot=
 
 
 _can_write_kv = torch_model.can_write_kv
+_int8_config = kernels.int8_config
 _greedy_chunk = cuda_graphs.GraphedDecoder.greedy_chunk
 
 #: Each switch's "off" state (on is the shipped default).
@@ -59,6 +63,7 @@ OFF: dict[str, Callable[[], contextlib.AbstractContextManager[object]]] = {
     "kv-write": lambda: mock.patch.object(
         torch_model, "can_write_kv", lambda x, quantize: quantize and _can_write_kv(x, quantize)),
     "int8-attention": lambda: mock.patch.object(kernels, "int8_config", lambda pairs: INT8_BEFORE),
+    "dp4a-k": lambda: mock.patch.object(kernels, "int8_config", lambda pairs: replace(_int8_config(pairs), dp4a_k=False)),
     "row-gemm": lambda: mock.patch.object(row_gemm, "can_row_gemm", lambda x, weight: False),
     "chunk-tail": lambda: mock.patch.object(
         cuda_graphs.GraphedDecoder, "greedy_chunk",
@@ -86,7 +91,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--int8-kv", action="store_true", help="int8 cross-K/V engines")
     args = p.parse_args()
-    int8_kv = args.switch == "int8-attention" or args.int8_kv
+    int8_kv = args.switch in ("int8-attention", "dp4a-k") or args.int8_kv
     print(f"{torch.cuda.get_device_name()}, switch {args.switch}, N={args.tokens}, "
           f"cross-K/V {'int8' if int8_kv else 'fp16'}")
     print("| shape | B | variant | ms per batch | tokens equal to 'off' |")

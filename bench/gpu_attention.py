@@ -88,6 +88,9 @@ def main() -> None:
                                                                            config=c8), int8_bytes)
     add("triton int8 default (int8_config)",
         lambda: kernels.decode_attention(q, k8, v8, k_scale=ks, v_scale=vs), int8_bytes)
+    widened = replace(kernels.int8_config(b * h), dp4a_k=False)
+    add("triton int8 default, keys widened (no dp4a)",
+        lambda: kernels.decode_attention(q, k8, v8, k_scale=ks, v_scale=vs, config=widened), int8_bytes)
     kv = torch.randn(b, t, 2 * h * dh, device="cuda", dtype=torch.float16)
     cache = [torch.zeros(b, h, t, dh, device="cuda", dtype=torch.int8) for _ in range(2)]
     scales = [torch.ones(b, h, t, 1, device="cuda", dtype=torch.float16) for _ in range(2)]

@@ -39,3 +39,28 @@ def test_write_kv_copies_head_major_into_the_given_rows(dtype: torch.dtype) -> N
     assert torch.equal(v[index, :, :t], split[1])
     others = [r for r in range(8) if r not in rows]
     assert k[others].count_nonzero() == 0 and k[:, :, t:].count_nonzero() == 0
+
+
+@cuda_only
+@pytest.mark.parametrize(("batch", "heads", "splits"), [(64, 20, 1), (1, 20, 4), (5, 6, 2)])
+def test_int8_scores_by_dp4a_match_widened_keys(batch: int, heads: int, splits: int) -> None:
+    """int8 K read as words and scored by dp4a against q in 16-bit fixed point gives the
+    attention of widening every key, within fp16 output rounding, across key splits."""
+    from dataclasses import replace
+
+    from app.engine.kernels import decode_attention, int8_config
+    from app.engine.torch_model import quantize_rows_int8
+
+    torch.manual_seed(0)
+    q = torch.randn(batch, heads, 1, 64, device="cuda", dtype=torch.float16)
+    cache_k = torch.randn(batch + 2, heads, 1500, 64, device="cuda", dtype=torch.float16)
+    cache_k[:, :, :8] *= 4  # a few dominant keys, as in real cross-attention
+    k8, ks = quantize_rows_int8(cache_k)
+    v8, vs = quantize_rows_int8(torch.randn_like(cache_k))
+    rows = slice(1, batch + 1)  # a slice of the cache, as the decoder passes it
+    config = replace(int8_config(batch * heads), min_splits=splits)
+    by_dp4a = decode_attention(q, k8[rows], v8[rows], k_scale=ks[rows], v_scale=vs[rows], config=config)
+    widened = decode_attention(q, k8[rows], v8[rows], k_scale=ks[rows], v_scale=vs[rows],
+                               config=replace(config, dp4a_k=False))
+    assert config.dp4a_k
+    assert (by_dp4a.float() - widened.float()).abs().max().item() <= 2e-3

@@ -26,6 +26,10 @@ if HAVE_TRITON:
 
     from app.engine.pdl import enter_after_previous
 
+    # 16-bit fixed point for dp4a's second operand: 256 * 127 + 127 < 2^15, and one word's
+    # 4 * 127 * Q16_LIMIT, summed over 16 words of a 64-wide head, stays far inside int32
+    Q16_LIMIT = tl.constexpr(32512)
+
     @triton.jit
     def int8_to_fp16(x):
         """Exact int8 -> fp16 by bit assembly, four values per few instructions: a byte u = x + 128
@@ -51,6 +55,25 @@ if HAVE_TRITON:
         if FAST_INT8:
             return int8_to_fp16(x).to(dtype)
         return x.to(dtype)
+
+    @triton.jit
+    def dp4a(a, b, c):
+        """c + the dot product of the four signed bytes of a and of b, per int32 element."""
+        return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+
+    @triton.jit
+    def split_bytes16(x, xmax, WORDS: tl.constexpr):
+        """x [4 * WORDS] float, |x| <= xmax, as 16-bit fixed point in two byte planes (high, low),
+        four bytes per int32 word: x ~ (256 * high + low) * xmax / Q16_LIMIT."""
+        x16 = x / xmax * Q16_LIMIT
+        x16 = tl.where(x16 >= 0, x16 + 0.5, x16 - 0.5).to(tl.int32)
+        high = (x16 + 128) >> 8
+        low = x16 - (high << 8)
+        shift = tl.arange(0, 4) * 8
+        # bytes of one word are disjoint bits, so their sum is their bitwise or
+        return (tl.sum((tl.reshape(high, [WORDS, 4]) & 0xFF) << shift[None, :], axis=1),
+                tl.sum((tl.reshape(low, [WORDS, 4]) & 0xFF) << shift[None, :], axis=1))
 
     @triton.jit
     def _split_keys(len_ptr, n_keys, keys_per_split, HAS_LEN: tl.constexpr):
@@ -129,10 +152,13 @@ if HAVE_TRITON:
         stride_sb, stride_sh,
         n_keys, keys_per_split, n_splits, sm_scale,
         HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_LEN: tl.constexpr,
-        NORMALIZE: tl.constexpr, PDL: tl.constexpr, FAST_INT8: tl.constexpr,
+        NORMALIZE: tl.constexpr, PDL: tl.constexpr, FAST_INT8: tl.constexpr, DP4A_K: tl.constexpr = False,
     ):
         # The same partial attention with CUDA-core multiply-adds instead of a padded tensor-core
         # tile: no layout conversion of the (int8) K/V tiles through shared memory.
+        # DP4A_K (int8 K read as int32 words, k_ptr/stride_kt in words): the scores by integer
+        # dot products against q in 16-bit fixed point (two byte planes), exact up to q's
+        # rounding (2^-15 of its largest entry), with no per-element conversion of K.
         enter_after_previous(PDL)
         b = tl.program_id(0)
         h = tl.program_id(1)
@@ -141,15 +167,27 @@ if HAVE_TRITON:
         begin, end = _split_keys(len_ptr, n_keys, keys_per_split, HAS_LEN)
         d = tl.arange(0, HEAD_DIM)
         q = tl.load(q_ptr + b * stride_qb + h * stride_qh + d).to(tl.float32) * sm_scale
+        if DP4A_K:
+            WORDS: tl.constexpr = HEAD_DIM // 4
+            w = tl.arange(0, WORDS)
+            q_max = tl.maximum(tl.max(tl.abs(q), axis=0), 1e-30)
+            q_high, q_low = split_bytes16(q, q_max, WORDS)
+            q_unit = q_max / Q16_LIMIT
         m_i = -float("inf")
         l_i = 0.0
         acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
         for start in range(begin, end, BLOCK):
             t = start + tl.arange(0, BLOCK)
             valid = t < end
-            k = load_widened(k_ptr + b * stride_kb + h * stride_kh + t[:, None] * stride_kt + d[None, :],
-                             valid[:, None], tl.float32, FAST_INT8)
-            s = tl.sum(k * q[None, :], axis=1)  # [BLOCK]
+            if DP4A_K:
+                kw = tl.load(k_ptr + b * stride_kb + h * stride_kh + t[:, None] * stride_kt + w[None, :],
+                             mask=valid[:, None], other=0)
+                s = tl.sum(dp4a(kw, q_high[None, :], 0) * 256 + dp4a(kw, q_low[None, :], 0), axis=1)
+                s = s.to(tl.float32) * q_unit
+            else:
+                k = load_widened(k_ptr + b * stride_kb + h * stride_kh + t[:, None] * stride_kt + d[None, :],
+                                 valid[:, None], tl.float32, FAST_INT8)
+                s = tl.sum(k * q[None, :], axis=1)  # [BLOCK]
             if HAS_SCALE:
                 s = s * tl.load(ks_ptr + b * stride_sb + h * stride_sh + t, mask=valid, other=0.0).to(tl.float32)
             s = tl.where(valid, s, -float("inf"))
@@ -278,6 +316,7 @@ class KernelConfig:
     use_dot: bool = True  # tensor-core tile (padded query) or CUDA-core multiply-adds
     programs_per_sm: int = 2  # key splits until (rows x heads x splits) reaches this per SM
     fast_int8: bool = True  # int8 K/V widened by bit assembly (int8_to_fp16), not cvt instructions
+    dp4a_k: bool = True  # int8 K: scores by dp4a on whole words, K never widened (CUDA-core kernel)
 
 
 # int8 K/V, widened by bit assembly, on CUDA cores: long key blocks where many (row, head) pairs
@@ -332,6 +371,11 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, k_scale: Tensor | None 
     ks = k_scale if has_scale else q
     vs = v_scale if has_scale else q
     partial = _decode_attention_partial if config.use_dot else _decode_attention_partial_fma
+    dp4a_k = (k.dtype == torch.int8 and config.dp4a_k and not config.use_dot and dh % 4 == 0
+              and k.storage_offset() % 4 == 0 and all(stride % 4 == 0 for stride in k.stride()[:3]))
+    if dp4a_k:
+        k = k.view(torch.int32)  # four int8 per word; strides in words
+    options = {"DP4A_K": True} if dp4a_k else {}
     partial[(b, h, splits)](
         q, k, v, ks, vs, lengths if lengths is not None else q, m, l_, acc, out,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
@@ -340,8 +384,8 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, k_scale: Tensor | None 
         ks.stride(0) if has_scale else 0, ks.stride(1) if has_scale else 0,
         n_keys, keys_per_split, splits, 1.0 / math.sqrt(dh),
         HEAD_DIM=dh, BLOCK=block, HAS_SCALE=has_scale, HAS_LEN=lengths is not None, NORMALIZE=normalize,
-        FAST_INT8=k.dtype == torch.int8 and config.fast_int8,
-        num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(q.device),
+        FAST_INT8=v.dtype == torch.int8 and config.fast_int8,
+        num_warps=config.num_warps, num_stages=config.num_stages, **options, **launch_options(q.device),
     )
     if normalize:
         return out
