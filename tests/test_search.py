@@ -323,3 +323,54 @@ def test_sampling_is_reproducible_and_stable_under_small_changes() -> None:
     noisy = logits + torch.randn_like(logits) * 1e-3
     same = sum(a == b for s, t in zip(first, run(noisy), strict=True) for a, b in zip(s, t, strict=False))
     assert same >= 0.95 * sum(len(s) for s in first)
+
+
+def _reference_beam_step(search: BeamSearch, top_lp: list[list[float]], top_ids: list[list[int]],
+                         first: bool) -> tuple[list[list[int]], list[float], list[int], dict[tuple[int, ...], float]]:
+    """openai-whisper's beam step: candidates keyed by their whole token sequence."""
+    k = search.n_rows
+    scored: dict[tuple[int, ...], tuple[float, int]] = {}
+    for r in ([0] if first else range(k)):
+        base = search.beams[r]
+        for lp, tok in zip(top_lp[r], top_ids[r], strict=True):
+            seq = (*base.tokens, tok)
+            score = base.sum_logprob + lp
+            if seq not in scored or scored[seq][0] < score:
+                scored[seq] = (score, r)
+    beams, scores, sources = [], [], []
+    finished = dict(search.finished)
+    for seq, (score, r) in sorted(scored.items(), key=lambda kv: kv[1][0], reverse=True):
+        if seq[-1] == search.eot:
+            if len(finished) < search.max_candidates:
+                finished[seq[:-1]] = score
+        else:
+            beams.append(list(seq))
+            scores.append(score)
+            sources.append(r)
+        if len(beams) == k:
+            break
+    return beams, scores, sources, finished
+
+
+def test_beam_step_equals_the_sequence_keyed_reference_on_random_steps() -> None:
+    """Beams are distinct sequences, so naming candidates by (row, token) instead of by their
+    whole history changes nothing: ties, eot candidates and patience included."""
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        search = BeamSearch(WindowOptions(beam_size=4, patience=1.5), eot=0, max_new_tokens=50)
+        first = True
+        for _ in range(12):
+            k = search.n_rows
+            # few distinct token ids and rounded log-probs: duplicates across rows and exact ties
+            top_ids = [torch.randperm(8, generator=gen)[: k + 1].tolist() for _ in range(k)]
+            top_lp = [sorted((torch.randint(-6, 0, (k + 1,), generator=gen) / 2).tolist(), reverse=True)
+                      for _ in range(k)]
+            expected = _reference_beam_step(search, top_lp, top_ids, first)
+            out = search.step_from_top(top_lp, top_ids)
+            first = False
+            assert [b.tokens for b in search.beams] == expected[0], trial
+            assert [b.sum_logprob for b in search.beams] == expected[1]
+            assert out.sources == expected[2]
+            assert search.finished == expected[3]
+            if out.finished or len(search.beams) < k:
+                break

@@ -153,25 +153,22 @@ class BeamSearch:
         """One step from each row's k + 1 likeliest continuations (log-probabilities, ids), which
         the decode loop computes for every beam window of a batch at once (top_continuations)."""
         k = self.n_rows
-        scored: dict[tuple[int, ...], tuple[float, int]] = {}
         # All rows start identical: on the first step only row 0's continuations are distinct.
+        # Beams are distinct sequences, so (row, token) names each candidate sequence once:
+        # no tuple of the whole history per candidate (~1 ms a step at 12 windows and 100 tokens).
         source_rows = [0] if self.first_step else range(k)
         self.first_step = False
-        for r in source_rows:
-            base = self.beams[r]
-            for lp, tok in zip(top_lp[r], top_ids[r], strict=True):
-                seq = (*base.tokens, tok)
-                score = base.sum_logprob + lp
-                if seq not in scored or scored[seq][0] < score:
-                    scored[seq] = (score, r)
+        candidates = [(self.beams[r].sum_logprob + lp, r, tok)
+                      for r in source_rows for lp, tok in zip(top_lp[r], top_ids[r], strict=True)]
+        candidates.sort(key=lambda c: c[0], reverse=True)  # stable: ties keep row, then rank order
         new_beams: list[Candidate] = []
         sources: list[int] = []
-        for seq, (score, r) in sorted(scored.items(), key=lambda kv: kv[1][0], reverse=True):
-            if seq[-1] == self.eot:
+        for score, r, tok in candidates:
+            if tok == self.eot:
                 if len(self.finished) < self.max_candidates:
-                    self.finished[seq[:-1]] = score
+                    self.finished[tuple(self.beams[r].tokens)] = score
             else:
-                new_beams.append(Candidate(list(seq), score))
+                new_beams.append(Candidate([*self.beams[r].tokens, tok], score))
                 sources.append(r)
             if len(new_beams) == k:
                 break
