@@ -98,7 +98,8 @@ class ModelRuntime:
             return await asyncio.wrap_future(future)
 
         return ModelContext(self.tokenizer, self.config.dims.n_mels, self.config.multilingual,
-                            submit, cross_attention, trims_audio_context=self.engine.cross_in_first_row)
+                            submit, cross_attention, trims_audio_context=self.engine.cross_in_first_row,
+                            feature_device=self.engine.device if self.engine.device.type == "cuda" else None)
 
     async def start(self) -> None:
         self.scheduler.start()

@@ -638,3 +638,13 @@ def test_window_with_known_features_is_not_encoded_again(engine: TorchEngine, al
     assert_same(results[id(retry)], alone(spec))
     assert results[id(retry)].audio_features is features
     assert_same(results[id(other)], alone(Spec(6, GREEDY)))
+
+
+def test_windows_mels_are_stacked_where_the_engine_computes_them() -> None:
+    from app.scheduler.decode_loop import stack_on_one_device
+
+    cpu = torch.ones(80, 3000)
+    # "meta" stands in for the GPU: a long file's CPU features join the others' device
+    stacked = stack_on_one_device([cpu, torch.zeros(80, 3000, device="meta"), cpu])
+    assert stacked.device.type == "meta" and stacked.shape == (3, 80, 3000)
+    assert torch.equal(stack_on_one_device([cpu, cpu * 2]), torch.stack([cpu, cpu * 2]))

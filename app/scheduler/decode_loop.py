@@ -38,6 +38,13 @@ def first_fit(taken: list[bool], k: int, before: int | None = None) -> int | Non
     return None
 
 
+def stack_on_one_device(mels: list[Tensor]) -> Tensor:
+    """Stack windows' log-mels on the device most of them were computed on: long files' features
+    are computed on the CPU, the others' where the engine runs (ModelContext.feature_device)."""
+    device = next((m.device for m in mels if m.device.type != "cpu"), mels[0].device)
+    return torch.stack([m.to(device) for m in mels])
+
+
 def cross_runs(windows: list[tuple[int, int, int]]) -> list[tuple[int, int, int, int]]:
     """decode()'s cross_runs for windows (first row, rows, audio positions) in row order:
     adjacent windows with the same row count and audio length merge into one run."""
@@ -141,7 +148,7 @@ class DecodeLoop:
                 features = torch.cat([w.task.audio_features for w in same])  # type: ignore[arg-type]
                 self.engine.features_into_rows(features, rows)
             else:
-                features = self.engine.encode_into_rows(torch.stack([w.task.mel for w in same]), rows)
+                features = self.engine.encode_into_rows(stack_on_one_device([w.task.mel for w in same]), rows)
             for i, w in enumerate(same):
                 w.n_audio = features.shape[1]
                 if w.task.keep_audio_features:
