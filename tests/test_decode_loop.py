@@ -178,6 +178,9 @@ BATCHES = {
               Spec(3, BEAM, tokens(6, 900))],
     "mixed": [Spec(1, BEAM), Spec(2, GREEDY, tokens(3)), Spec(3, GREEDY_NO_TS),
               Spec(4, replace(BEAM, max_new_tokens=4), tokens(2))],
+    # beam windows of two sizes: their continuations are ranked per size, their reorders copied together
+    "beam-sizes": [Spec(1, replace(BEAM, beam_size=2)), Spec(2, BEAM, tokens(3)),
+                   Spec(3, replace(BEAM, beam_size=2, max_new_tokens=5), tokens(5, 900))],
 }
 
 
