@@ -108,8 +108,9 @@ class TorchEngine:
         if suppress != self.greedy_suppress:
             self.graphs.set_suppress(suppress)
             self.greedy_suppress = suppress
-        return self.graphs.greedy_chunk(to_device(tokens, self.device), to_device(positions, self.device),
-                                        to_device(done, self.device), remaining)
+        # host tensors: the graphs copy them into their static inputs (no second copy, and the
+        # chunk's kv bucket comes from positions without a device sync)
+        return self.graphs.greedy_chunk(tokens, positions, done, remaining)
 
     def encode_into_rows(self, mel: Tensor, rows: list[int]) -> Tensor:
         with torch.inference_mode():
@@ -124,11 +125,11 @@ class TorchEngine:
     def decode(self, tokens: Tensor, positions: Tensor, start: int, kv_len: int,
                uniform_position: bool = False, cross_runs: CrossRuns | None = None) -> Tensor:
         if self.graphs is not None and start == 0 and tokens.shape[1] == 1:
-            out = self.graphs.step(to_device(tokens, self.device), to_device(positions, self.device), kv_len)
+            out = self.graphs.step(tokens, positions, kv_len)  # copied into the graph's static inputs
             if out is not None:
                 return out[:, None]
         elif self.graphs is not None and start == 0 and kv_len == tokens.shape[1]:  # a prompt prefill
-            out = self.graphs.prefill(to_device(tokens, self.device), positions)
+            out = self.graphs.prefill(tokens, positions)
             if out is not None:
                 return out
         return self.runner.decode(to_device(tokens, self.device), to_device(positions, self.device), start, kv_len,
