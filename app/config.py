@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(5.0, ge=0)
     max_encode_batch: int = Field(8, ge=1)
     int8_cross_kv: bool = False
+    #: the encoder's and the cross-attention K/V's GEMMs in fp8 (GPUs of compute capability 8.9+)
+    fp8_encoder: bool = False
     #: torch intra-op threads on the CPU (0: torch's default, one per core)
     cpu_threads: int = Field(0, ge=0)
     cuda_graphs: bool = True
@@ -122,6 +124,7 @@ class Settings(BaseSettings):
             batch_wait_ms=self.batch_wait_ms,
             max_encode_batch=self.max_encode_batch,
             int8_cross_kv=self.int8_cross_kv,
+            fp8_encoder=self.fp8_encoder,
             cpu_threads=self.cpu_threads,
             cuda_graphs=self.cuda_graphs,
             warmup=self.warmup,

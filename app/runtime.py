@@ -45,6 +45,7 @@ class RuntimeOptions:
     batch_wait_ms: float = 5.0  # how long the idle scheduler waits to grow a first batch
     max_encode_batch: int = 8  # windows encoded together when joining a running batch
     int8_cross_kv: bool = False
+    fp8_encoder: bool = False  # the encoder's and cross-K/V GEMMs in fp8 (compute capability 8.9+)
     cuda_graphs: bool = True
     cpu_threads: int = 0  # the engine thread's torch intra-op threads (0: torch's default, physical cores)
     warmup: bool = True
@@ -151,5 +152,5 @@ def load_runtime(engine_dir: str | Path, options: RuntimeOptions, name: str | No
     confine_to_one_thread()
     engine = load_engine(engine_dir, device=options.device, compute_dtype=options.compute_dtype,
                          max_rows=options.max_batch_size, int8_cross_kv=options.int8_cross_kv,
-                         cuda_graphs=options.cuda_graphs)
+                         cuda_graphs=options.cuda_graphs, fp8_encoder=options.fp8_encoder)
     return ModelRuntime(name or engine_dir.name, engine, options)

@@ -75,7 +75,7 @@ class Ours:
 
 
 def build_ours(shape: str, max_rows: int, dtype: torch.dtype, int8_kv: bool, graphs: bool,
-               batch_buckets: tuple[int, ...], chunk_steps: int) -> Ours:
+               batch_buckets: tuple[int, ...], chunk_steps: int, fp8_encoder: bool = False) -> Ours:
     dims = dims_for(shape)
     config = config_for(shape, dims)
     with torch.device("cuda"):
@@ -84,7 +84,8 @@ def build_ours(shape: str, max_rows: int, dtype: torch.dtype, int8_kv: bool, gra
         model.encoder.positional_embedding.normal_(0, 0.02)
         model.decoder.positional_embedding.data.normal_(0, 0.02)
         model = model.to(dtype).eval()
-    engine = TorchEngine(Path("."), config, torch.device("cuda"), dtype, max_rows, int8_kv, model=model)
+    engine = TorchEngine(Path("."), config, torch.device("cuda"), dtype, max_rows, int8_kv, model=model,
+                         fp8_encoder=fp8_encoder)
     if graphs:
         engine.enable_cuda_graphs(chunk_steps=chunk_steps, batch_buckets=batch_buckets, kv_buckets=(128,))
     tokenizer = WhisperTokenizer(None, config.special_tokens, config.multilingual)  # type: ignore[arg-type]
@@ -325,6 +326,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--peers", default="hf,openai")
     p.add_argument("--int8-kv-shapes", default="large-v3")
+    p.add_argument("--fp8-shapes", default="large-v3", help="shapes also run with the fp8 encoder (GPUs of 8.9+)")
     p.add_argument("--chunk-steps", type=int, default=8)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--engines", default=None, help="engine dirs (comma-separated): also run the dev set")
@@ -353,7 +355,7 @@ def main() -> None:
 
 
 #: bench/gpu_accuracy.py's variants that the acceptance items read (GPU greedy is left out)
-DEV_SET_VARIANTS = "cuda fp16 defaults,int8-cross-kv,int8-weights,cpu fp32"
+DEV_SET_VARIANTS = "cuda fp16 defaults,int8-cross-kv,fp8-encoder,int8-weights,cpu fp32"
 
 
 def dev_set(args: argparse.Namespace) -> None:
@@ -387,11 +389,15 @@ def build_all(shape: str, batches: list[int], peer_batches: dict[str, list[int]]
     """Every implementation of one shape, loaded at once so their timings can be interleaved."""
     impls: list[Implementation] = []
     max_rows = max(batches)
-    variants = [("ours fp16", False)] + ([("ours fp16 + int8 cross-K/V", True)]
-                                          if shape in args.int8_kv_shapes.split(",") else [])
-    for label, int8_kv in variants:
+    variants = [("ours fp16", False, False)]
+    if shape in args.int8_kv_shapes.split(","):
+        variants.append(("ours fp16 + int8 cross-K/V", True, False))
+    if shape in args.fp8_shapes.split(","):
+        variants += [("ours fp16 + fp8 encoder", False, True), ("ours int8 cross-K/V + fp8 encoder", True, True)]
+    for label, int8_kv, fp8_encoder in variants:
         before = torch.cuda.memory_allocated()
-        ours = build_ours(shape, max_rows, torch.float16, int8_kv, True, tuple(batches), args.chunk_steps)
+        ours = build_ours(shape, max_rows, torch.float16, int8_kv, True, tuple(batches), args.chunk_steps,
+                          fp8_encoder)
         out: list[list[int]] = []
 
         def check(out: list[list[int]] = out) -> None:

@@ -1,4 +1,4 @@
-"""Real weights on the GPU: dev-set transcripts of fp16, int8 cross-K/V and int8 weights against
+"""Real weights on the GPU: dev-set transcripts of fp16, int8 cross-K/V, fp8 encoder GEMMs and int8 weights against
 CPU fp32, plus RTFx. Writes every transcript to JSON; WER is computed from that file with
 `python -m bench.gpu_accuracy --report FILE` (jiwer + whisper-normalizer are not on the GPU image).
 
@@ -109,6 +109,10 @@ async def main_async(args: argparse.Namespace) -> None:
             ("cuda fp16 greedy", engine_dir, TranscribeOptions.greedy(), RuntimeOptions(device="cuda", max_batch_size=64)),
             ("cuda fp16 int8-cross-kv defaults", engine_dir, TranscribeOptions(),
              RuntimeOptions(device="cuda", max_batch_size=64, int8_cross_kv=True)),
+            ("cuda fp8-encoder defaults", engine_dir, TranscribeOptions(),
+             RuntimeOptions(device="cuda", max_batch_size=64, fp8_encoder=True)),
+            ("cuda fp8-encoder int8-cross-kv defaults", engine_dir, TranscribeOptions(),
+             RuntimeOptions(device="cuda", max_batch_size=64, int8_cross_kv=True, fp8_encoder=True)),
             ("cuda int8-weights defaults", engine_dir,
              TranscribeOptions(),
              RuntimeOptions(device="cuda", max_batch_size=64)),

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from app.engine.fp8_gemm import FP8, Fp8Rows, quantize_rows_reference
 from app.engine.kernels import HAVE_TRITON
 from app.engine.pdl import launch_options
 
@@ -25,8 +26,8 @@ if HAVE_TRITON:
     from app.engine.pdl import enter_after_previous
 
     @triton.jit
-    def _add_layer_norm(x_ptr, y_ptr, w_ptr, b_ptr, sum_ptr, out_ptr, d, eps, BLOCK: tl.constexpr,
-                        PDL: tl.constexpr):
+    def _add_layer_norm(x_ptr, y_ptr, w_ptr, b_ptr, sum_ptr, out_ptr, scale_ptr, d, eps, BLOCK: tl.constexpr,
+                        FP8_OUT: tl.constexpr, PDL: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < d
@@ -41,7 +42,14 @@ if HAVE_TRITON:
         mean = tl.sum(s, axis=0) / d
         centred = tl.where(mask, s - mean, 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / d + eps)
-        tl.store(out_ptr + row * d + cols, (centred * rstd * w + b).to(x.dtype), mask=mask)
+        normed = centred * rstd * w + b
+        if FP8_OUT:  # e4m3 with one scale per row (app.engine.fp8_gemm's quantize_rows)
+            normed = tl.where(mask, normed, 0.0)
+            scale = tl.maximum(tl.max(tl.abs(normed), axis=0) / 448.0, 1e-12)
+            tl.store(scale_ptr + row, scale)
+            tl.store(out_ptr + row * d + cols, (normed / scale).to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(out_ptr + row * d + cols, normed.to(x.dtype), mask=mask)
 
 
 def can_fuse(x: Tensor) -> bool:
@@ -53,13 +61,31 @@ def add_layer_norm(x: Tensor, y: Tensor, norm: nn.LayerNorm) -> tuple[Tensor, Te
     if not (can_fuse(x) and x.shape == y.shape and norm.weight is not None and norm.bias is not None):
         total = x + y
         return total, norm(total)
-    d = x.shape[-1]
-    x, y = x.contiguous(), y.contiguous()
-    total, out = torch.empty_like(x), torch.empty_like(x)
-    _add_layer_norm[(x.numel() // d,)](x, y, norm.weight, norm.bias, total, out, d, norm.eps,
-                                       BLOCK=triton.next_power_of_2(d), num_warps=4 if d <= 1024 else 8,
-                                       **launch_options(x.device))
+    total, out, _ = _launch(x, y, norm, fp8=False)
     return total, out
+
+
+def add_layer_norm_fp8(x: Tensor, y: Tensor, norm: nn.LayerNorm) -> tuple[Tensor, Fp8Rows]:
+    """(x + y, norm(x + y) in e4m3 with one scale per row): the normalised rows ready for an fp8
+    GEMM (app.engine.fp8_gemm), in the same kernel on CUDA."""
+    if not (can_fuse(x) and x.shape == y.shape and norm.weight is not None and norm.bias is not None):
+        total = x + y
+        return total, quantize_rows_reference(norm(total))
+    total, values, scale = _launch(x, y, norm, fp8=True)
+    return total, Fp8Rows(values.view(-1, x.shape[-1]), scale)
+
+
+def _launch(x: Tensor, y: Tensor, norm: nn.LayerNorm, fp8: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    d = x.shape[-1]
+    rows = x.numel() // d
+    x, y = x.contiguous(), y.contiguous()
+    total = torch.empty_like(x)
+    out = torch.empty_like(x, dtype=FP8) if fp8 else torch.empty_like(x)
+    scale = torch.empty(rows, 1, device=x.device, dtype=torch.float32) if fp8 else None
+    _add_layer_norm[(rows,)](x, y, norm.weight, norm.bias, total, out, scale, d, norm.eps,
+                             BLOCK=triton.next_power_of_2(d), FP8_OUT=fp8, num_warps=4 if d <= 1024 else 8,
+                             **launch_options(x.device))
+    return total, out, scale
 
 
 def reference_add_layer_norm(x: Tensor, y: Tensor, norm: nn.LayerNorm) -> tuple[Tensor, Tensor]:

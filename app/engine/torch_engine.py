@@ -11,8 +11,15 @@ from torch import Tensor
 
 from app.engine.config import EngineConfig, build_hint, load_engine_config
 from app.engine.cuda_graphs import GraphedDecoder, prompt_lengths
+from app.engine.fp8_gemm import fp8_supported
 from app.engine.host_copy import to_device
-from app.engine.torch_model import CrossRuns, DecoderCache, WhisperModel, WhisperRunner
+from app.engine.torch_model import (
+    CrossRuns,
+    DecoderCache,
+    WhisperModel,
+    WhisperRunner,
+    enable_fp8_audio_gemms,
+)
 from app.errors import EngineError
 
 log = logging.getLogger(__name__)
@@ -68,7 +75,7 @@ class TorchEngine:
 
     def __init__(self, engine_dir: Path, config: EngineConfig, device: torch.device, dtype: torch.dtype,
                  max_rows: int, int8_cross_kv: bool = False, model: WhisperModel | None = None,
-                 cpu_packed_gemm: bool = True) -> None:
+                 cpu_packed_gemm: bool = True, fp8_encoder: bool = False) -> None:
         self.engine_dir = engine_dir
         self.config = config
         self.device = device
@@ -76,6 +83,12 @@ class TorchEngine:
         self.max_rows = max_rows
         # `model` lets benchmarks run random weights of real shapes without an engine directory
         self.model = model if model is not None else load_model(engine_dir, config, device, dtype)
+        self.fp8_encoder = fp8_encoder and fp8_supported(device)
+        if self.fp8_encoder:
+            enable_fp8_audio_gemms(self.model, dtype)
+        elif fp8_encoder:
+            log.warning("fp8 encoder GEMMs need a CUDA GPU of compute capability 8.9+ (Ada, Hopper); "
+                        "%s runs them in %s", device, dtype)
         cache = DecoderCache(config.dims, max_rows, device, dtype,
                              cross_dtype=torch.int8 if int8_cross_kv else None)
         self.runner = WhisperRunner(self.model, cache)
@@ -151,7 +164,8 @@ DEFAULT_MAX_ROWS = {"cpu": 160, "cuda": 32}
 
 
 def load_engine(engine_dir: str | Path, *, device: str = "auto", compute_dtype: str | None = None,
-                max_rows: int | None = None, int8_cross_kv: bool = False, cuda_graphs: bool = True) -> TorchEngine:
+                max_rows: int | None = None, int8_cross_kv: bool = False, cuda_graphs: bool = True,
+                fp8_encoder: bool = False) -> TorchEngine:
     engine_dir = Path(engine_dir)
     config = load_engine_config(engine_dir)
     if config.backend == "trtllm":
@@ -163,7 +177,7 @@ def load_engine(engine_dir: str | Path, *, device: str = "auto", compute_dtype: 
     max_rows = max_rows or DEFAULT_MAX_ROWS.get(dev.type, 32)
     if dev.type == "cpu" and dtype != torch.float32:
         log.warning("compute dtype %s on CPU is slow; float32 is recommended", dtype)
-    engine = TorchEngine(engine_dir, config, dev, dtype, max_rows, int8_cross_kv)
+    engine = TorchEngine(engine_dir, config, dev, dtype, max_rows, int8_cross_kv, fp8_encoder=fp8_encoder)
     if cuda_graphs:
         engine.enable_cuda_graphs()
     return engine

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 import mmap
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,8 @@ from app.engine.cpu_gemm import (
     pack_weight,
     packed_linear,
 )
-from app.engine.fused_norm import add_layer_norm
+from app.engine.fp8_gemm import Fp8Linear, Fp8Rows, fp8_linear, quantize_rows
+from app.engine.fused_norm import add_layer_norm, add_layer_norm_fp8
 from app.engine.host_copy import device_tensor
 from app.engine.kernels import can_write_kv, decode_attention, write_kv_into
 from app.engine.logits_gemm import can_logits_fp32, logits_fp32
@@ -123,11 +125,22 @@ class FeedForward(nn.Module):
         return x + self.mlp(self.mlp_ln(x))
 
 
+@dataclass(frozen=True)
+class EncoderFp8Weights:
+    """An encoder block's four GEMMs in e4m3 (enable_fp8_audio_gemms)."""
+
+    qkv: Fp8Linear
+    out: Fp8Linear
+    mlp1: Fp8Linear
+    mlp2: Fp8Linear
+
+
 class EncoderBlock(FeedForward):
     def __init__(self, d: int, n_head: int, ffn: int, int8: bool) -> None:
         super().__init__(d, ffn, int8)
         self.attn_ln = nn.LayerNorm(d)
         self.attn = SelfAttention(d, n_head, int8)
+        self.fp8: EncoderFp8Weights | None = None  # not a buffer: state_dict() stays the engine's
 
     def forward(self, x: Tensor, normed: Tensor, next_norm: nn.LayerNorm) -> tuple[Tensor, Tensor]:
         """(x, attn_ln(x)) -> (x', next_norm(x')): each residual add runs with the LayerNorm after
@@ -137,6 +150,22 @@ class EncoderBlock(FeedForward):
         a = attention(heads(q), heads(k), heads(v), repeated_shape=True)
         x, normed = add_layer_norm(x, self.attn.out(self.attn.merge_heads(a)), self.mlp_ln)
         return add_layer_norm(x, self.mlp(normed), next_norm)
+
+    def forward_fp8(self, x: Tensor, normed: Fp8Rows, next_norm: nn.LayerNorm,
+                    next_in_fp8: bool) -> tuple[Tensor, Fp8Rows | Tensor]:
+        """forward() with fp8 GEMMs: the normalised rows come and go in e4m3 (the last block's
+        output, for ln_post, in the activation dtype); the residual stream x stays in its dtype."""
+        w = self.fp8
+        assert w is not None
+        b, t, d = x.shape
+        heads = self.attn.split_heads
+        q, k, v = fp8_linear(normed, w.qkv, x.dtype).view(b, t, 3 * d).chunk(3, dim=-1)
+        a = attention(heads(q), heads(k), heads(v), repeated_shape=True)
+        attn_out = fp8_linear(quantize_rows(self.attn.merge_heads(a)), w.out, x.dtype).view(b, t, d)
+        x, normed = add_layer_norm_fp8(x, attn_out, self.mlp_ln)
+        hidden = quantize_rows(fp8_linear(normed, w.mlp1, x.dtype), gelu=True)
+        mlp_out = fp8_linear(hidden, w.mlp2, x.dtype).view(b, t, d)
+        return add_layer_norm_fp8(x, mlp_out, next_norm) if next_in_fp8 else add_layer_norm(x, mlp_out, next_norm)
 
 
 def following_norms(layers: list[nn.Module], final: nn.LayerNorm) -> list[nn.LayerNorm]:
@@ -163,9 +192,19 @@ class AudioEncoder(nn.Module):
         x = x + self.positional_embedding[: x.shape[1]]
         layers = list(self.layers)
         normed = layers[0].attn_ln(x)
+        if layers[0].fp8 is not None:
+            return self._layers_fp8(x, quantize_rows(normed), layers)
         for layer, next_norm in zip(layers, following_norms(layers, self.ln_post), strict=True):
             x, normed = layer(x, normed, next_norm)
         return normed
+
+    def _layers_fp8(self, x: Tensor, normed: Fp8Rows, layers: list[EncoderBlock]) -> Tensor:
+        out: Fp8Rows | Tensor = normed
+        for i, (layer, next_norm) in enumerate(zip(layers, following_norms(layers, self.ln_post), strict=True)):
+            assert isinstance(out, Fp8Rows)
+            x, out = layer.forward_fp8(x, out, next_norm, next_in_fp8=i + 1 < len(layers))
+        assert isinstance(out, Tensor)
+        return out
 
 
 class CrossAttention(nn.Module):
@@ -175,6 +214,7 @@ class CrossAttention(nn.Module):
         self.q = make_linear(d, d, True, int8)
         self.kv = make_linear(d, 2 * d, True, int8)
         self.out = make_linear(d, d, True, int8)
+        self.fp8_kv: Fp8Linear | None = None  # enable_fp8_audio_gemms
 
 
 class DecoderBlock(FeedForward):
@@ -204,6 +244,16 @@ class WhisperModel(nn.Module):
         self.dims = dims
         self.encoder = AudioEncoder(dims, int8)
         self.decoder = TextDecoder(dims, int8)
+
+
+def enable_fp8_audio_gemms(model: WhisperModel, dtype: torch.dtype) -> None:
+    """Run the encoder's GEMMs and the cross-attention K/V projection in fp8 (app.engine.fp8_gemm):
+    everything computed once per window. The decode steps keep their own GEMMs."""
+    for block in model.encoder.layers:
+        block.fp8 = EncoderFp8Weights(*(Fp8Linear.from_linear(m, dtype) for m in
+                                        (block.attn.qkv, block.attn.out, block.mlp1, block.mlp2)))
+    for layer in model.decoder.layers:
+        layer.cross.fp8_kv = Fp8Linear.from_linear(layer.cross.kv, dtype)
 
 
 def lazily_zeroed(*shape: int, dtype: torch.dtype) -> Tensor:
@@ -350,8 +400,15 @@ class WhisperRunner:
         # the rows as a tensor (the kernel's input, or an index): built once
         row_index = device_tensor(rows, audio_features.device) if fused or not consecutive else None
         index = slice(rows[0], rows[0] + b) if consecutive else row_index
-        for i, layer in enumerate(self.model.decoder.layers):
-            kv = layer.cross.kv(audio_features)  # [B, T, 2d]: K then V, heads inside each
+        layers = list(self.model.decoder.layers)
+        # fp8 projections quantise the encoder output once for every layer
+        audio_fp8 = quantize_rows(audio_features) if layers[0].cross.fp8_kv is not None else None
+        for i, layer in enumerate(layers):
+            fp8_kv = layer.cross.fp8_kv
+            if audio_fp8 is not None and fp8_kv is not None:
+                kv = fp8_linear(audio_fp8, fp8_kv, audio_features.dtype).view(b, t, 2 * d)
+            else:
+                kv = layer.cross.kv(audio_features)  # [B, T, 2d]: K then V, heads inside each
             if fused:
                 scales = (cache.cross_k_scale[i], cache.cross_v_scale[i]) if cache.quantized_cross else (None, None)
                 write_kv_into(kv, h, row_index, cache.cross_k[i], cache.cross_v[i], *scales)

@@ -1,0 +1,124 @@
+"""fp8 (e4m3) GEMMs for the audio side of the model: the encoder's layers and the cross-attention K/V.
+
+Why: at 64 windows the large-v3 encoder takes about a third of a 100-token batch on an H200, and
+its four GEMMs per layer run at ~710 TFLOP/s in fp16, close to what cuBLAS reaches. cuBLAS's fp8
+GEMM (torch._scaled_mm) runs the same shapes at 1,000-1,300 TFLOP/s on an H100.
+
+How: activations are quantised per row (one scale per audio position), weights per output
+channel, both symmetric onto e4m3's +-448; the GEMM applies both scales and the bias in its
+epilogue and writes the activation dtype. Each quantisation is one pass over the activation,
+done where a kernel already holds the whole row: the residual add + LayerNorm
+(app.engine.fused_norm) writes its normalised row in fp8, and the MLP's GELU is computed by the
+kernel that quantises its input.
+
+Accuracy: e4m3 keeps 3 mantissa bits, so each GEMM's output moves by ~4 % (relative L2 on
+random data) and some transcripts change: an option (WHISPER_FP8_ENCODER), off by default; its
+dev-set WER is in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from app.engine.kernels import HAVE_TRITON
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+#: smallest row scale: an all-zero row quantises to zeros instead of dividing by zero
+MIN_SCALE = 1e-12
+#: cuBLAS's fast fp8 accumulation (Hopper): 10-20 % faster on the encoder's shapes
+FAST_ACCUM = True
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _quantize_rows(x_ptr, q_ptr, scale_ptr, k, GELU: tl.constexpr, BLOCK: tl.constexpr):
+        """One program per row: optional exact GELU, then e4m3 values and the row's fp32 scale."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < k
+        x = tl.load(x_ptr + row * k + cols, mask=mask, other=0.0).to(tl.float32)
+        if GELU:
+            x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+        scale = tl.maximum(tl.max(tl.abs(x), axis=0) / 448.0, 1e-12)
+        tl.store(scale_ptr + row, scale)
+        tl.store(q_ptr + row * k + cols, (x / scale).to(q_ptr.dtype.element_ty), mask=mask)
+
+
+def fp8_supported(device: torch.device) -> bool:
+    """fp8 tensor cores (compute capability 8.9+: Ada, Hopper and later), Triton and _scaled_mm."""
+    if device.type != "cuda" or not HAVE_TRITON or not hasattr(torch, "_scaled_mm"):
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index) >= (8, 9)
+
+
+class Fp8Rows(NamedTuple):
+    """A 2-D activation in e4m3 with one float32 scale per row: x ~= values * scale."""
+
+    values: Tensor  # [M, k] float8_e4m3fn
+    scale: Tensor  # [M, 1] float32
+
+
+def quantize_rows_reference(x: Tensor, gelu: bool = False) -> Fp8Rows:
+    """torch version of the quantising kernel (any device): rows of x [..., k] -> Fp8Rows [M, k]."""
+    rows = x.reshape(-1, x.shape[-1]).float()
+    if gelu:
+        rows = F.gelu(rows)
+    scale = (rows.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(MIN_SCALE)
+    return Fp8Rows((rows / scale).to(FP8), scale)
+
+
+def quantize_rows(x: Tensor, gelu: bool = False) -> Fp8Rows:
+    """Rows of x [..., k] in e4m3 (after an exact GELU if asked): one kernel on CUDA."""
+    if not (HAVE_TRITON and x.is_cuda):
+        return quantize_rows_reference(x, gelu)
+    k = x.shape[-1]
+    x = x.reshape(-1, k).contiguous()
+    values = torch.empty(x.shape, device=x.device, dtype=FP8)
+    scale = torch.empty(x.shape[0], 1, device=x.device, dtype=torch.float32)
+    block = triton.next_power_of_2(k)
+    _quantize_rows[(x.shape[0],)](x, values, scale, k, GELU=gelu, BLOCK=block, num_warps=4 if block <= 2048 else 8)
+    return Fp8Rows(values, scale)
+
+
+def dense_weight(linear: nn.Module) -> Tensor:
+    """A linear layer's weight in float32: nn.Linear's as is, an int8 layer's dequantised."""
+    weight = linear.weight
+    if weight.dtype == torch.int8:
+        return weight.float() * linear.weight_scale.float()[:, None]
+    return weight.float()
+
+
+@dataclass(frozen=True)
+class Fp8Linear:
+    """A linear layer's weight in e4m3, one scale per output channel, laid out for _scaled_mm."""
+
+    weight_t: Tensor  # [k, n] float8_e4m3fn, column-major (the transpose of a row-major [n, k])
+    scale: Tensor  # [1, n] float32
+    bias: Tensor | None  # [n], the activation dtype
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, dtype: torch.dtype) -> Fp8Linear:
+        q = quantize_rows_reference(dense_weight(linear))
+        bias = linear.bias.detach().to(dtype) if linear.bias is not None else None
+        return cls(q.values.t(), q.scale.t().contiguous(), bias)
+
+
+def fp8_linear(x: Fp8Rows, weight: Fp8Linear, out_dtype: torch.dtype) -> Tensor:
+    """x @ W.T + bias with both scales applied in the GEMM: [M, k] -> [M, n] in out_dtype."""
+    if x.values.is_cuda:
+        return torch._scaled_mm(x.values, weight.weight_t, x.scale, weight.scale, bias=weight.bias,
+                                out_dtype=out_dtype, use_fast_accum=FAST_ACCUM)
+    # elsewhere (CPU tests): the same arithmetic on dequantised operands
+    out = (x.values.float() * x.scale) @ (weight.weight_t.float() * weight.scale)
+    if weight.bias is not None:
+        out = out + weight.bias.float()
+    return out.to(out_dtype)
