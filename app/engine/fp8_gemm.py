@@ -38,18 +38,51 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
+    try:  # the approximate (MUFU reciprocal) division: the GELU's one division needs no IEEE rounding
+        from triton.language.extra.cuda.libdevice import fast_dividef as divide
+    except ImportError:  # older Triton layouts
+
+        @triton.jit
+        def divide(a, b):
+            return a / b
+
     @triton.jit
-    def _quantize_rows(x_ptr, q_ptr, scale_ptr, k, GELU: tl.constexpr, BLOCK: tl.constexpr):
-        """One program per row: optional exact GELU, then e4m3 values and the row's fp32 scale."""
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK)
-        mask = cols < k
-        x = tl.load(x_ptr + row * k + cols, mask=mask, other=0.0).to(tl.float32)
-        if GELU:
-            x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    def gelu_erf(x):
+        """Exact (erf) GELU in float32, erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7, so the
+        GELU is within 1e-6 of torch's): one exp and one division, where libdevice's erf made the
+        quantising kernel compute-bound (1.29 ms against 0.45 without GELU, rows of 5,120, H200)."""
+        z = tl.abs(x) * 0.7071067811865476
+        t = divide(1.0, 1.0 + 0.3275911 * z)
+        poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+        erf_abs = 1.0 - poly * tl.exp(-z * z)
+        return 0.5 * x * (1.0 + tl.where(x < 0, -erf_abs, erf_abs))
+
+    @triton.jit
+    def store_fp8_row(q_ptr, scale_ptr, row, offsets, x, mask):
+        """Row x (float32, zeros where masked) as e4m3 values at q_ptr + offsets and its scale."""
         scale = tl.maximum(tl.max(tl.abs(x), axis=0) / 448.0, 1e-12)
         tl.store(scale_ptr + row, scale)
-        tl.store(q_ptr + row * k + cols, (x / scale).to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(q_ptr + offsets, (x * (1.0 / scale)).to(q_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _quantize_rows(x_ptr, q_ptr, scale_ptr, k, GELU: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr):
+        """One program per row: optional exact GELU, then e4m3 values and the row's fp32 scale.
+        The row is a power-of-two HEAD (<= k) plus a masked TAIL, so that widths like 5,120 are
+        4,096 + 1,024 instead of 8,192 lanes of which 3,072 would compute nothing."""
+        row = tl.program_id(0).to(tl.int64)
+        head_cols = tl.arange(0, HEAD)
+        tail_cols = HEAD + tl.arange(0, TAIL)
+        tail_mask = tail_cols < k
+        head = tl.load(x_ptr + row * k + head_cols).to(tl.float32)
+        tail = tl.load(x_ptr + row * k + tail_cols, mask=tail_mask, other=0.0).to(tl.float32)
+        if GELU:  # gelu(0) = 0: masked lanes stay out of the row's maximum
+            head = gelu_erf(head)
+            tail = gelu_erf(tail)
+        scale = tl.maximum(tl.maximum(tl.max(tl.abs(head), axis=0), tl.max(tl.abs(tail), axis=0)) / 448.0, 1e-12)
+        tl.store(scale_ptr + row, scale)
+        inverse = 1.0 / scale
+        tl.store(q_ptr + row * k + head_cols, (head * inverse).to(q_ptr.dtype.element_ty))
+        tl.store(q_ptr + row * k + tail_cols, (tail * inverse).to(q_ptr.dtype.element_ty), mask=tail_mask)
 
 
 def fp8_supported(device: torch.device) -> bool:
@@ -84,8 +117,10 @@ def quantize_rows(x: Tensor, gelu: bool = False) -> Fp8Rows:
     x = x.reshape(-1, k).contiguous()
     values = torch.empty(x.shape, device=x.device, dtype=FP8)
     scale = torch.empty(x.shape[0], 1, device=x.device, dtype=torch.float32)
-    block = triton.next_power_of_2(k)
-    _quantize_rows[(x.shape[0],)](x, values, scale, k, GELU=gelu, BLOCK=block, num_warps=4 if block <= 2048 else 8)
+    head = 1 << (k.bit_length() - 1)  # the largest power of two <= k
+    tail = max(16, triton.next_power_of_2(k - head))  # all masked when k is a power of two
+    _quantize_rows[(x.shape[0],)](x, values, scale, k, GELU=gelu, HEAD=head, TAIL=tail,
+                                  num_warps=4 if head <= 2048 else 8)
     return Fp8Rows(values, scale)
 
 

@@ -23,6 +23,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
+    from app.engine.fp8_gemm import store_fp8_row
     from app.engine.pdl import enter_after_previous
 
     @triton.jit
@@ -44,10 +45,7 @@ if HAVE_TRITON:
         rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / d + eps)
         normed = centred * rstd * w + b
         if FP8_OUT:  # e4m3 with one scale per row (app.engine.fp8_gemm's quantize_rows)
-            normed = tl.where(mask, normed, 0.0)
-            scale = tl.maximum(tl.max(tl.abs(normed), axis=0) / 448.0, 1e-12)
-            tl.store(scale_ptr + row, scale)
-            tl.store(out_ptr + row * d + cols, (normed / scale).to(out_ptr.dtype.element_ty), mask=mask)
+            store_fp8_row(out_ptr, scale_ptr, row, row * d + cols, tl.where(mask, normed, 0.0), mask)
         else:
             tl.store(out_ptr + row * d + cols, normed.to(x.dtype), mask=mask)
 
