@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 
@@ -651,3 +651,44 @@ def test_windows_mels_are_stacked_where_the_engine_computes_them() -> None:
     stacked = stack_on_one_device([cpu, torch.zeros(80, 3000, device="meta"), cpu])
     assert stacked.device.type == "meta" and stacked.shape == (3, 80, 3000)
     assert torch.equal(stack_on_one_device([cpu, cpu * 2]), torch.stack([cpu, cpu * 2]))
+
+
+def test_best_of_keeps_to_samples_under_the_repetition_threshold(engine: TorchEngine,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the fallback's compression-ratio threshold set, the loop ranks only the samples that
+    pass the check (app.decoding.repetition), and all of them when none does."""
+    import app.decoding.search as search_module
+    import app.scheduler.decode_loop as loop_module
+
+    sampled: list[tuple[list[list[int]], list[float]]] = []
+    real_best = search_module.SamplingSearch.best
+
+    def recording_best(self: search_module.SamplingSearch, acceptable: object = None) -> object:
+        sampled.append(([list(s) for s in self.sequences], list(self.sum_logprobs)))
+        return real_best(self, acceptable)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(search_module.SamplingSearch, "best", recording_best)
+    window = WindowOptions(temperature=1.0, best_of=4, max_new_tokens=6, without_timestamps=True)
+
+    def decode(options: WindowOptions) -> WindowResult:
+        loop = DecodeLoop(engine, TOKENIZER)
+        task = Spec(31, options).task()
+        return drain(loop, loop.admit([task]))[id(task)]
+
+    free = decode(window)
+    sequences, sums = sampled[-1]
+    assert len({tuple(s) for s in sequences}) > 1, "precondition: the samples differ"
+    assert free.tokens == max(sequences, key=lambda s: sums[sequences.index(s)] / max(len(s), 1))
+    # accept only the sample the free choice ranked last: the loop must return it
+    worst = min(sequences, key=lambda s: sums[sequences.index(s)] / max(len(s), 1))
+    asked: list[float] = []
+
+    def only_worst(tokenizer: object, threshold: float) -> Callable[[list[int]], bool]:
+        asked.append(threshold)
+        return lambda tokens: tokens == worst
+
+    monkeypatch.setattr(loop_module, "not_repetitive", only_worst)
+    assert decode(replace(window, compression_ratio_threshold=2.4)).tokens == worst
+    assert asked == [2.4]
+    monkeypatch.setattr(loop_module, "not_repetitive", lambda tokenizer, threshold: lambda tokens: False)
+    assert decode(replace(window, compression_ratio_threshold=2.4)).tokens == free.tokens

@@ -186,6 +186,28 @@ def test_sampling_picks_the_best_length_normalised_row() -> None:
     assert best.sum_logprob == pytest.approx(sums[2], abs=1e-4)
 
 
+def test_sampling_prefers_acceptable_rows_when_any_is() -> None:
+    # the fallback's repetition check: a loop often has the best mean log-prob of the samples
+    search = SamplingSearch(options(temperature=0.5, best_of=3), EOT, max_new_tokens=10)
+    search.sequences = [[7, 7, 7, 7], [1, 2], [3, 4, 5]]
+    search.sum_logprobs = [-0.4, -3.0, -2.4]  # means -0.1, -1.5, -0.8
+
+    def no_repeats(tokens: list[int]) -> bool:
+        return len(set(tokens)) == len(tokens)
+
+    assert search.best().tokens == [7, 7, 7, 7]
+    assert search.best(no_repeats).tokens == [3, 4, 5]  # the best of the acceptable rows
+    assert search.best(no_repeats).sum_logprob == -2.4
+    assert search.best(lambda tokens: False).tokens == [7, 7, 7, 7]  # none acceptable: all rows
+
+
+def test_one_row_ignores_acceptability() -> None:
+    search = SamplingSearch(options(temperature=0.0), EOT, max_new_tokens=10)
+    search.sequences = [[7, 7, 7]]
+    search.sum_logprobs = [-1.0]
+    assert search.best(lambda tokens: pytest.fail("a single row needs no check")).tokens == [7, 7, 7]
+
+
 # --- beam search -----------------------------------------------------------------------------------
 
 #: greedy takes 1 (p .55) then faces a three-way split; beam search finds 2 6 (p .45 x .99)

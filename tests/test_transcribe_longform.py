@@ -20,12 +20,12 @@ from app.audio.constants import HOP_LENGTH, N_FRAMES, SAMPLE_RATE
 from app.audio.features import log_mel_spectrogram, pad_or_trim
 from app.audio.vad import chunk_at_pauses
 from app.decoding.options import TranscribeOptions, WindowOptions
+from app.decoding.repetition import compression_ratio
 from app.decoding.results import TranscriptionResult
 from app.decoding.transcribe import (
     DecodeOutcome,
     ModelContext,
     Transcriber,
-    compression_ratio,
     decode_with_fallback,
     should_skip_window,
     split_by_timestamps,
@@ -522,7 +522,9 @@ def test_window_options_reach_the_engine() -> None:
     model = WindowModel(audio, {0: result([T(0), 40, T(2)])})
     window = WindowOptions(beam_size=2, patience=1.5, max_initial_timestamp=0.5)
     model.transcribe(audio, window=window, temperatures=(0.0,), word_timestamps=False)
-    assert [c.options for c in model.calls] == [replace(window, language="en", temperature=0.0)]
+    # the fallback's repetition threshold travels with the window (best-of sampling uses it)
+    expected = replace(window, language="en", temperature=0.0, compression_ratio_threshold=2.4)
+    assert [c.options for c in model.calls] == [expected]
 
 
 def test_trimmed_audio_context_encodes_the_audio_plus_padding() -> None:

@@ -31,6 +31,10 @@ class WindowOptions:
     #: None: the engine's default list (Whisper's "-1"); () disables; else explicit ids
     suppress_tokens: tuple[int, ...] | None = None
     max_new_tokens: int = 224
+    #: best-of sampling (temperature > 0) picks among the samples whose text compresses at or
+    #: under this ratio when any does: the fallback rejects the others as repetition loops, which
+    #: often have the best log-probability (TranscribeOptions.compression_ratio_threshold)
+    compression_ratio_threshold: float | None = None
 
     def with_temperature(self, temperature: float) -> WindowOptions:
         return replace(self, temperature=temperature)

@@ -7,6 +7,7 @@ hypothesis continues, so the loop can reorder the self-attention caches.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -117,12 +118,16 @@ class SamplingSearch:
                 self.done[0] = True
         return self.done[0]
 
-    def best(self) -> Candidate:
+    def best(self, acceptable: Callable[[list[int]], bool] | None = None) -> Candidate:
+        """The best-scoring row; among the `acceptable` rows when several were sampled and any is."""
         scores = [
             sequence_score(s, len(seq), self.length_penalty)
             for s, seq in zip(self.sum_logprobs, self.sequences, strict=True)
         ]
-        i = max(range(self.n_rows), key=scores.__getitem__)
+        rows = range(self.n_rows)
+        if acceptable is not None and self.n_rows > 1:
+            rows = [r for r in rows if acceptable(self.sequences[r])] or rows
+        i = max(rows, key=scores.__getitem__)
         return Candidate(self.sequences[i], self.sum_logprobs[i])
 
 

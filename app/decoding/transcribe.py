@@ -12,7 +12,6 @@ Everything model-specific is behind `submit` (decode one window, batched by the 
 from __future__ import annotations
 
 import asyncio
-import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
@@ -23,6 +22,7 @@ from torch import Tensor
 from app.audio.constants import HOP_LENGTH, N_FRAMES, SAMPLE_RATE
 from app.audio.features import log_mel_spectrogram, pad_or_trim
 from app.decoding.options import TranscribeOptions, WindowOptions
+from app.decoding.repetition import tokens_compression_ratio
 from app.decoding.results import Segment, TranscriptionResult, Word
 from app.decoding.tokenizer import WhisperTokenizer
 from app.decoding.window import WindowResult, WindowTask
@@ -43,11 +43,6 @@ SubmitFn = Callable[[WindowTask], Awaitable[WindowResult]]
 SegmentCallback = Callable[[Segment], Awaitable[None]]
 #: (audio_features, tokens) -> (alignment-head weights [H, T, 1500], logits [T, V])
 CrossAttentionFn = Callable[[Tensor, list[int]], Awaitable[tuple[Tensor, Tensor]]]
-
-
-def compression_ratio(text: str) -> float:
-    data = text.encode("utf-8")
-    return len(data) / len(zlib.compress(data)) if data else 0.0
 
 
 @dataclass
@@ -97,14 +92,17 @@ async def decode_with_fallback(ctx: ModelContext, mel: Tensor, previous: list[in
     features: Tensor | None = None
     for i, temperature in enumerate(options.temperatures):
         last = i == len(options.temperatures) - 1
-        result = await ctx.submit(WindowTask(mel, replace(window, temperature=temperature), previous,
+        # best-of sampling keeps to samples that pass the repetition check where any does
+        attempt = replace(window, temperature=temperature,
+                          compression_ratio_threshold=options.compression_ratio_threshold)
+        result = await ctx.submit(WindowTask(mel, attempt, previous,
                                              keep_audio_features=keep_features or not last,
                                              audio_features=features))
         features = result.audio_features
         if not keep_features:
             result = replace(result, audio_features=None)
-        text = ctx.tokenizer.decode(result.tokens).strip()
-        outcome = DecodeOutcome(result, result.avg_logprob, temperature, compression_ratio(text))
+        outcome = DecodeOutcome(result, result.avg_logprob, temperature,
+                                tokens_compression_ratio(ctx.tokenizer, result.tokens))
         attempts.append(outcome)
         if window.language is None and result.language is not None:
             window = replace(window, language=result.language)

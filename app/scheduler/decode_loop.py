@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from app.decoding.repetition import not_repetitive
 from app.decoding.rules import RowRules, apply_rules
 from app.decoding.search import (
     BeamSearch,
@@ -431,7 +432,11 @@ class DecodeLoop:
     def _finish(self, windows: list[ActiveWindow]) -> list[tuple[WindowTask, WindowResult]]:
         results = []
         for w in windows:
-            best = w.search.best()
+            threshold = w.task.options.compression_ratio_threshold
+            if isinstance(w.search, SamplingSearch) and threshold is not None:
+                best = w.search.best(not_repetitive(self.tokenizer, threshold))
+            else:
+                best = w.search.best()
             tokens = best.tokens
             results.append((w.task, WindowResult(
                 tokens=tokens,
