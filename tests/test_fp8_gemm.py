@@ -81,6 +81,9 @@ def test_fp8_linear_is_the_gemm_of_the_quantised_operands(int8_weights: bool) ->
         dense = layer.weight.detach()
     weight = Fp8Linear.from_linear(layer, torch.float32)
     assert weight.weight_t.shape == (48, 32) and weight.weight_t.stride() == (1, 48)  # column-major
+    # no autograd graph from the layer's parameters: it would keep float32 copies alive
+    assert all(t is not None and t.grad_fn is None and not t.requires_grad
+               for t in (weight.weight_t, weight.scale, weight.bias))
     x = torch.randn(10, 48)
     xq = quantize_rows(x)  # the CPU takes the reference
     got = fp8_linear(xq, weight, torch.float32)

@@ -125,10 +125,11 @@ def quantize_rows(x: Tensor, gelu: bool = False) -> Fp8Rows:
 
 
 def dense_weight(linear: nn.Module) -> Tensor:
-    """A linear layer's weight in float32: nn.Linear's as is, an int8 layer's dequantised."""
-    weight = linear.weight
+    """A linear layer's weight in float32: nn.Linear's as is, an int8 layer's dequantised.
+    Detached: an autograd graph from a Parameter would keep every intermediate alive."""
+    weight = linear.weight.detach()
     if weight.dtype == torch.int8:
-        return weight.float() * linear.weight_scale.float()[:, None]
+        return weight.float() * linear.weight_scale.detach().float()[:, None]
     return weight.float()
 
 
