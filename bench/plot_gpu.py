@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 # one colour per implementation in every panel
-COLORS = {"ours fp16": "tab:blue", "ours fp16 + int8 cross-K/V": "tab:cyan", "HF transformers": "tab:orange",
-          "openai-whisper": "tab:green"}
+COLORS = {"ours fp16": "tab:blue", "ours fp16 + int8 cross-K/V": "tab:cyan", "ours fp16 + fp8 encoder": "tab:purple",
+          "ours int8 cross-K/V + fp8 encoder": "tab:red", "HF transformers": "tab:orange", "openai-whisper": "tab:green"}
 
 def main() -> None:
     import matplotlib
@@ -32,7 +32,7 @@ def main() -> None:
         ax.set(title=shape, xscale="log", yscale="log", xlabel="batch size (windows)", ylabel="RTFx")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{data['gpu']}: RTFx vs batch size (fp16, N=100 tokens, random weights)")
+    fig.suptitle(f"{data['gpu']}: RTFx vs batch size (fp16 unless named, N=100 tokens, random weights)")
     fig.tight_layout()
     fig.savefig(target, dpi=110)
 
