@@ -83,12 +83,13 @@ class TorchEngine:
         self.max_rows = max_rows
         # `model` lets benchmarks run random weights of real shapes without an engine directory
         self.model = model if model is not None else load_model(engine_dir, config, device, dtype)
-        self.fp8_encoder = fp8_encoder and fp8_supported(device)
+        # fp8 GEMMs write the activation dtype: float16/bfloat16 (float32 keeps its own GEMMs)
+        self.fp8_encoder = fp8_encoder and fp8_supported(device) and dtype in (torch.float16, torch.bfloat16)
         if self.fp8_encoder:
             enable_fp8_audio_gemms(self.model, dtype)
         elif fp8_encoder:
-            log.warning("fp8 encoder GEMMs need a CUDA GPU of compute capability 8.9+ (Ada, Hopper); "
-                        "%s runs them in %s", device, dtype)
+            log.warning("fp8 encoder GEMMs need a CUDA GPU of compute capability 8.9+ (Ada, Hopper) "
+                        "and float16/bfloat16 compute; %s runs them in %s", device, dtype)
         cache = DecoderCache(config.dims, max_rows, device, dtype,
                              cross_dtype=torch.int8 if int8_cross_kv else None)
         self.runner = WhisperRunner(self.model, cache)
