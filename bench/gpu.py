@@ -8,9 +8,12 @@ a shape are loaded together and timed in turn at each batch size (ours, HF, open
 the next B), so drifts of the GPU's speed during a run hit every column alike.
 
 With --engines, the same command then transcribes the dev set with real weights (tiny.en, base)
-on the GPU (fp16, fp16 + int8 cross-K/V, int8 weights) and on the CPU (fp32), and prints WER,
-agreement with CPU fp32 and RTFx per variant (bench/gpu_accuracy.py; WER needs jiwer and
-whisper-normalizer, else it prints the command that computes it from the saved transcripts).
+on the GPU (fp16, fp16 + int8 cross-K/V, the fp8 encoder with and without int8 cross-K/V, int8
+weights) and on the CPU (fp32), and prints WER, agreement with CPU fp32 and RTFx per variant
+(bench/gpu_accuracy.py; WER needs jiwer and whisper-normalizer, else it prints the command that
+computes it from the saved transcripts). The random-weight table runs large-v3 also with int8
+cross-K/V (--int8-kv-shapes) and with the fp8 encoder (--fp8-shapes; GPUs of compute capability
+8.9+).
 
     python bench/gpu.py                       # full table (a few minutes on one H100/H200)
     python bench/gpu.py --engines engines/tiny.en,engines/base --json run.json   # + the dev set
