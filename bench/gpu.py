@@ -43,6 +43,7 @@ from app.decoding.tokenizer import WhisperTokenizer  # noqa: E402
 from app.decoding.window import WindowTask  # noqa: E402
 from app.engine.config import EngineConfig, ModelDims  # noqa: E402
 from app.engine.convert.tokenizer_info import expected_special_tokens  # noqa: E402
+from app.engine.fp8_gemm import fp8_supported  # noqa: E402
 from app.engine.torch_engine import TorchEngine  # noqa: E402
 from app.engine.torch_model import WhisperModel  # noqa: E402
 from app.scheduler.decode_loop import DecodeLoop  # noqa: E402
@@ -395,7 +396,7 @@ def build_all(shape: str, batches: list[int], peer_batches: dict[str, list[int]]
     variants = [("ours fp16", False, False)]
     if shape in args.int8_kv_shapes.split(","):
         variants.append(("ours fp16 + int8 cross-K/V", True, False))
-    if shape in args.fp8_shapes.split(","):
+    if shape in args.fp8_shapes.split(",") and fp8_supported(torch.device("cuda")):  # else they'd run fp16
         variants += [("ours fp16 + fp8 encoder", False, True), ("ours int8 cross-K/V + fp8 encoder", True, True)]
     for label, int8_kv, fp8_encoder in variants:
         before = torch.cuda.memory_allocated()
