@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.decoding.options import TranscribeOptions  # noqa: E402
 from app.engine.config import load_engine_config, save_engine_config  # noqa: E402
+from app.engine.fp8_gemm import fp8_supported  # noqa: E402
 from app.runtime import RuntimeOptions, load_runtime  # noqa: E402
 
 WARM_UP_CLIPS = 16
@@ -121,6 +122,9 @@ async def main_async(args: argparse.Namespace) -> None:
         ]
         for label, directory, options, runtime_options in variants:
             if args.only and not any(part in label for part in args.only.split(",")):
+                continue
+            if runtime_options.fp8_encoder and not fp8_supported(torch.device("cuda")):
+                print(f"{name} | {label}: skipped, this GPU has no fp8 (it would run fp16)", flush=True)
                 continue
             if label.startswith("cuda int8-weights"):
                 directory = int8_engine(engine_dir)  # built only when that variant runs
