@@ -181,4 +181,8 @@ def load_engine(engine_dir: str | Path, *, device: str = "auto", compute_dtype: 
     engine = TorchEngine(engine_dir, config, dev, dtype, max_rows, int8_cross_kv, fp8_encoder=fp8_encoder)
     if cuda_graphs:
         engine.enable_cuda_graphs()
+    # what actually runs (an option the device cannot honour was downgraded with a warning)
+    log.info("engine %s on %s: %s, %d rows, cross-K/V %s, encoder GEMMs %s, CUDA graphs %s", config.name, dev,
+             str(dtype).removeprefix("torch."), max_rows, "int8" if int8_cross_kv else "full precision",
+             "fp8" if engine.fp8_encoder else "full precision", "on" if engine.graphs is not None else "off")
     return engine
