@@ -151,12 +151,12 @@ class EncoderBlock(FeedForward):
         x, normed = add_layer_norm(x, self.attn.out(self.attn.merge_heads(a)), self.mlp_ln)
         return add_layer_norm(x, self.mlp(normed), next_norm)
 
-    def forward_fp8(self, x: Tensor, normed: Fp8Rows, next_norm: nn.LayerNorm,
-                    next_in_fp8: bool) -> tuple[Tensor, Fp8Rows | Tensor]:
-        """forward() with fp8 GEMMs: the normalised rows come and go in e4m3 (the last block's
-        output, for ln_post, in the activation dtype); the residual stream x stays in its dtype."""
+    def residuals_fp8(self, x: Tensor, normed: Fp8Rows) -> tuple[Tensor, Tensor]:
+        """forward() with fp8 GEMMs up to the block's last residual add: (x after the attention
+        half, the MLP's output). The caller adds them with the LayerNorm that follows, in e4m3 for
+        a next block, in the activation dtype for ln_post; the residual stream stays in its dtype."""
         w = self.fp8
-        assert w is not None
+        assert w is not None, "enable_fp8_audio_gemms() first"
         b, t, d = x.shape
         heads = self.attn.split_heads
         q, k, v = fp8_linear(normed, w.qkv, x.dtype).view(b, t, 3 * d).chunk(3, dim=-1)
@@ -164,8 +164,7 @@ class EncoderBlock(FeedForward):
         attn_out = fp8_linear(quantize_rows(self.attn.merge_heads(a)), w.out, x.dtype).view(b, t, d)
         x, normed = add_layer_norm_fp8(x, attn_out, self.mlp_ln)
         hidden = quantize_rows(fp8_linear(normed, w.mlp1, x.dtype), gelu=True)
-        mlp_out = fp8_linear(hidden, w.mlp2, x.dtype).view(b, t, d)
-        return add_layer_norm_fp8(x, mlp_out, next_norm) if next_in_fp8 else add_layer_norm(x, mlp_out, next_norm)
+        return x, fp8_linear(hidden, w.mlp2, x.dtype).view(b, t, d)
 
 
 def following_norms(layers: list[nn.Module], final: nn.LayerNorm) -> list[nn.LayerNorm]:
@@ -199,12 +198,10 @@ class AudioEncoder(nn.Module):
         return normed
 
     def _layers_fp8(self, x: Tensor, normed: Fp8Rows, layers: list[EncoderBlock]) -> Tensor:
-        out: Fp8Rows | Tensor = normed
-        for i, (layer, next_norm) in enumerate(zip(layers, following_norms(layers, self.ln_post), strict=True)):
-            assert isinstance(out, Fp8Rows)
-            x, out = layer.forward_fp8(x, out, next_norm, next_in_fp8=i + 1 < len(layers))
-        assert isinstance(out, Tensor)
-        return out
+        norms = following_norms(layers, self.ln_post)
+        for layer, next_norm in zip(layers[:-1], norms[:-1], strict=True):
+            x, normed = add_layer_norm_fp8(*layer.residuals_fp8(x, normed), next_norm)
+        return add_layer_norm(*layers[-1].residuals_fp8(x, normed), self.ln_post)[1]
 
 
 class CrossAttention(nn.Module):
