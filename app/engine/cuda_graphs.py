@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from app.engine.greedy_step import greedy_step
+from app.engine.host_copy import device_tensor
 from app.engine.torch_model import WhisperRunner
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ class GreedyChunkState:
         """Change the suppressed ids in place (graphs read the buffer; no recapture)."""
         self.suppress.zero_()
         if ids:
-            self.suppress[torch.tensor(ids, dtype=torch.long, device=self.suppress.device)] = float("-inf")
+            self.suppress[device_tensor(ids, self.suppress.device, torch.long)] = float("-inf")
 
 
 def chunk_length(remaining: list[int], chunk_steps: int) -> int:

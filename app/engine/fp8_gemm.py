@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from app.engine.convert.quantize import dequantize_rows
 from app.engine.kernels import HAVE_TRITON
 
 FP8 = torch.float8_e4m3fn
@@ -57,10 +58,18 @@ if HAVE_TRITON:
         erf_abs = 1.0 - poly * tl.exp(-z * z)
         return 0.5 * x * (1.0 + tl.where(x < 0, -erf_abs, erf_abs))
 
+    _FP8_MAX = tl.constexpr(FP8_MAX)
+    _MIN_SCALE = tl.constexpr(MIN_SCALE)
+
+    @triton.jit
+    def row_scale(absmax):
+        """A row's scale from its largest magnitude, as quantize_rows_reference computes it."""
+        return tl.maximum(absmax / _FP8_MAX, _MIN_SCALE)
+
     @triton.jit
     def store_fp8_row(q_ptr, scale_ptr, row, offsets, x, mask):
         """Row x (float32, zeros where masked) as e4m3 values at q_ptr + offsets and its scale."""
-        scale = tl.maximum(tl.max(tl.abs(x), axis=0) / 448.0, 1e-12)
+        scale = row_scale(tl.max(tl.abs(x), axis=0))
         tl.store(scale_ptr + row, scale)
         tl.store(q_ptr + offsets, (x * (1.0 / scale)).to(q_ptr.dtype.element_ty), mask=mask)
 
@@ -78,7 +87,7 @@ if HAVE_TRITON:
         if GELU:  # gelu(0) = 0: masked lanes stay out of the row's maximum
             head = gelu_erf(head)
             tail = gelu_erf(tail)
-        scale = tl.maximum(tl.maximum(tl.max(tl.abs(head), axis=0), tl.max(tl.abs(tail), axis=0)) / 448.0, 1e-12)
+        scale = row_scale(tl.maximum(tl.max(tl.abs(head), axis=0), tl.max(tl.abs(tail), axis=0)))
         tl.store(scale_ptr + row, scale)
         inverse = 1.0 / scale
         tl.store(q_ptr + row * k + head_cols, (head * inverse).to(q_ptr.dtype.element_ty))
@@ -129,7 +138,7 @@ def dense_weight(linear: nn.Module) -> Tensor:
     Detached: an autograd graph from a Parameter would keep every intermediate alive."""
     weight = linear.weight.detach()
     if weight.dtype == torch.int8:
-        return weight.float() * linear.weight_scale.detach().float()[:, None]
+        return dequantize_rows(weight, linear.weight_scale.detach())
     return weight.float()
 
 

@@ -54,9 +54,13 @@ def can_fuse(x: Tensor) -> bool:
     return HAVE_TRITON and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
 
 
+def _fuses(x: Tensor, y: Tensor, norm: nn.LayerNorm) -> bool:
+    return can_fuse(x) and x.shape == y.shape and norm.weight is not None and norm.bias is not None
+
+
 def add_layer_norm(x: Tensor, y: Tensor, norm: nn.LayerNorm) -> tuple[Tensor, Tensor]:
     """(x + y, norm(x + y)) for x, y [..., d]: one kernel on CUDA half precision, torch elsewhere."""
-    if not (can_fuse(x) and x.shape == y.shape and norm.weight is not None and norm.bias is not None):
+    if not _fuses(x, y, norm):
         total = x + y
         return total, norm(total)
     total, out, _ = _launch(x, y, norm, fp8=False)
@@ -66,7 +70,7 @@ def add_layer_norm(x: Tensor, y: Tensor, norm: nn.LayerNorm) -> tuple[Tensor, Te
 def add_layer_norm_fp8(x: Tensor, y: Tensor, norm: nn.LayerNorm) -> tuple[Tensor, Fp8Rows]:
     """(x + y, norm(x + y) in e4m3 with one scale per row): the normalised rows ready for an fp8
     GEMM (app.engine.fp8_gemm), in the same kernel on CUDA."""
-    if not (can_fuse(x) and x.shape == y.shape and norm.weight is not None and norm.bias is not None):
+    if not _fuses(x, y, norm):
         total = x + y
         return total, quantize_rows_reference(norm(total))
     total, values, scale = _launch(x, y, norm, fp8=True)
