@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from fakes import random_mel, random_model, tiny_config, tiny_dims
 from torch import nn
 
 from app.engine.fp8_gemm import (
@@ -27,7 +28,6 @@ from app.engine.fp8_gemm import (
 from app.engine.fused_norm import add_layer_norm_fp8, reference_add_layer_norm
 from app.engine.torch_engine import TorchEngine
 from app.engine.torch_model import Int8Linear, enable_fp8_audio_gemms, quantize_rows_int8
-from tests.fakes import random_mel, random_model, tiny_config, tiny_dims
 
 cuda_only = pytest.mark.skipif(not (torch.cuda.is_available() and fp8_supported(torch.device("cuda"))),
                                reason="needs a CUDA GPU with fp8 (compute capability 8.9+)")
