@@ -22,8 +22,8 @@ graph, stopping at its token budget, vs whole 8-step chunks), `tiles` (row_gemm.
 sixth session's 32 x 128 tiles everywhere), `greedy-step` (a graphed greedy step's token choice and
 bookkeeping in app.engine.greedy_step's kernel vs torch ops), `prefill-graph` (the prompt prefill
 replayed from a CUDA graph vs run eagerly), `dp4a-k` (int8 cross-K/V engines: scores by dp4a on
-int8 K words vs widening every key). `--int8-kv` builds int8 cross-K/V
-engines for any switch.
+int8 K words vs widening every key). `--int8-kv` builds int8 cross-K/V engines for any
+switch, `--fp8-encoder` engines with fp8 encoder GEMMs.
 """
 
 from __future__ import annotations
@@ -90,10 +90,11 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=100)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--int8-kv", action="store_true", help="int8 cross-K/V engines")
+    p.add_argument("--fp8-encoder", action="store_true", help="fp8 encoder GEMMs")
     args = p.parse_args()
     int8_kv = args.switch in ("int8-attention", "dp4a-k") or args.int8_kv
     print(f"{torch.cuda.get_device_name()}, switch {args.switch}, N={args.tokens}, "
-          f"cross-K/V {'int8' if int8_kv else 'fp16'}")
+          f"cross-K/V {'int8' if int8_kv else 'fp16'}, encoder {'fp8' if args.fp8_encoder else 'fp16'}")
     print("| shape | B | variant | ms per batch | tokens equal to 'off' |")
     print("|---|---|---|---|---|")
     for spec in args.shapes.split(","):
@@ -104,7 +105,8 @@ def main() -> None:
         variants = {"off": False, "on": True}
         for label, on in variants.items():
             with switch(args.switch, on):
-                engines[label] = build_ours(shape, batch, torch.float16, int8_kv, True, (1, batch), 8)
+                engines[label] = build_ours(shape, batch, torch.float16, int8_kv, True, (1, batch), 8,
+                                            args.fp8_encoder)
                 tokens[label] = run_ours(engines[label], mel, args.tokens)
         if args.switch == "int8-attention":  # the fp16 engine for reference
             engines["fp16 K/V"] = build_ours(shape, batch, torch.float16, False, True, (1, batch), 8)
