@@ -1,6 +1,6 @@
 """Where the GPU time goes: torch.profiler over one batch of bench/gpu.py's work unit.
 
-    python bench/gpu_profile.py --shape large-v3 --batch 64
+    python bench/gpu_profile.py --shape large-v3 --batch 64 [--int8-kv] [--fp8-encoder]
 """
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--tokens", type=int, default=100)
     p.add_argument("--int8-kv", action="store_true")
+    p.add_argument("--fp8-encoder", action="store_true", help="fp8 encoder GEMMs (compute capability 8.9+)")
     p.add_argument("--rows", type=int, default=22)
     args = p.parse_args()
-    ours = build_ours(args.shape, args.batch, torch.float16, args.int8_kv, True, (1, args.batch), 8)
+    ours = build_ours(args.shape, args.batch, torch.float16, args.int8_kv, True, (1, args.batch), 8,
+                      args.fp8_encoder)
     mel = torch.randn(args.batch, SHAPES[args.shape][0], 3000, device="cuda", dtype=torch.float16)
     run_ours(ours, mel, args.tokens)
     encoder_events = []
