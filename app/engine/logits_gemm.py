@@ -18,7 +18,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from app.engine.kernels import int8_to_fp16
+    from app.engine.kernels import load_widened
     from app.engine.pdl import enter_after_previous
 
     @triton.jit
@@ -26,18 +26,16 @@ if HAVE_TRITON:
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         """sum over k in [begin, end) of x[rows, k] w[cols, k], float32 [BM, BN]: the tile loop of
         this module's GEMM and app.engine.row_gemm's. int8 weights widen in registers by bit
-        assembly (kernels.int8_to_fp16): the plain conversion runs at a quarter of the FMA rate."""
+        assembly (kernels.load_widened): the plain conversion runs at a quarter of the FMA rate."""
         rk = tl.arange(0, BK)
         acc = tl.zeros([BM, BN], dtype=tl.float32)
         for k0 in range(begin, end, BK):
             kk = k0 + rk
             x = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :],
                         mask=(rows[:, None] < m) & (kk[None, :] < k), other=0.0)
-            w = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_wn + kk[None, :],
-                        mask=(cols[:, None] < n) & (kk[None, :] < k), other=0.0)
-            if w_ptr.dtype.element_ty == tl.int8:
-                w = int8_to_fp16(w)
-            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+            w = load_widened(w_ptr + cols[:, None].to(tl.int64) * stride_wn + kk[None, :],
+                             (cols[:, None] < n) & (kk[None, :] < k), x.dtype, w_ptr.dtype.element_ty == tl.int8)
+            acc = tl.dot(x, tl.trans(w), acc)
         return acc
 
     @triton.jit
