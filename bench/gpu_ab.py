@@ -12,6 +12,8 @@ Work unit as bench/gpu.py: B windows of 30 s, N = 100 tokens, random weights, fp
     python bench/gpu_ab.py greedy-step --shapes tiny.en:64,tiny.en:1,large-v3:64
     python bench/gpu_ab.py prefill-graph --shapes large-v3:64,large-v3:1,tiny.en:1
     python bench/gpu_ab.py dp4a-k --shapes large-v3:64,large-v3:1,small:64,tiny.en:64
+    python bench/gpu_ab.py prefill-int8 --shapes large-v3:64,large-v3:1,tiny.en:64 --fp8-encoder
+    python bench/gpu_ab.py fold-norms --shapes large-v3:64,large-v3:1,tiny.en:64 --int8-kv --fp8-encoder
 
 Switches: `pdl` (programmatic dependent launch, WHISPER_PDL), `kv-write` (cross-K/V written by
 kernels.write_kv_into vs torch's permuted copy), `int8-attention` (int8 cross-K/V engines: the
@@ -22,7 +24,11 @@ graph, stopping at its token budget, vs whole 8-step chunks), `tiles` (row_gemm.
 sixth session's 32 x 128 tiles everywhere), `greedy-step` (a graphed greedy step's token choice and
 bookkeeping in app.engine.greedy_step's kernel vs torch ops), `prefill-graph` (the prompt prefill
 replayed from a CUDA graph vs run eagerly), `dp4a-k` (int8 cross-K/V engines: scores by dp4a on
-int8 K words vs widening every key). `--int8-kv` builds int8 cross-K/V engines for any
+int8 K words vs widening every key), `fold-norms` (decode steps with the LayerNorms applied inside
+the GEMMs, residual adds and the self-attention K/V append in their epilogues, app.engine.norm_fold,
+vs separate add + LayerNorm and append kernels), `prefill-int8` (int8 cross-K/V engines: a prompt
+prefill's cross-attention reads the int8 K/V in kernels.decode_attention vs dequantising them for
+SDPA). `--int8-kv` builds int8 cross-K/V engines for any
 switch, `--fp8-encoder` engines with fp8 encoder GEMMs.
 """
 
@@ -45,7 +51,9 @@ import app.engine.cuda_graphs as cuda_graphs  # noqa: E402
 import app.engine.greedy_step as greedy_step  # noqa: E402
 import app.engine.kernels as kernels  # noqa: E402
 import app.engine.row_gemm as row_gemm  # noqa: E402
+import app.engine.torch_engine as torch_engine  # noqa: E402
 import app.engine.torch_model as torch_model  # noqa: E402
+from app.engine.attention import attention  # noqa: E402
 from bench.gpu import SHAPES, build_ours, run_ours, timed  # noqa: E402
 
 # the int8 decode-attention config before the seventh session (H200 sweep in docs/benchmarks.md)
@@ -56,6 +64,15 @@ INT8_BEFORE = kernels.KernelConfig(block=64, num_warps=2, num_stages=3, use_dot=
 _can_write_kv = torch_model.can_write_kv
 _int8_config = kernels.int8_config
 _greedy_chunk = cuda_graphs.GraphedDecoder.greedy_chunk
+_decode_attention = kernels.decode_attention
+
+
+def dequantised_prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options: object) -> torch.Tensor:
+    """Before `prefill-int8`: a prompt's int8 cross-K/V dequantised, then SDPA (no cuDNN plans)."""
+    k_scale, v_scale = options.get("k_scale"), options.get("v_scale")
+    if q.shape[2] > 1 and isinstance(k_scale, torch.Tensor) and isinstance(v_scale, torch.Tensor):
+        return attention(q, k.to(q.dtype) * k_scale, v.to(q.dtype) * v_scale)
+    return _decode_attention(q, k, v, **options)  # type: ignore[arg-type]
 
 #: Each switch's "off" state (on is the shipped default).
 OFF: dict[str, Callable[[], contextlib.AbstractContextManager[object]]] = {
@@ -75,6 +92,8 @@ OFF: dict[str, Callable[[], contextlib.AbstractContextManager[object]]] = {
     "greedy-step": lambda: mock.patch.object(cuda_graphs, "greedy_step", greedy_step.greedy_step_reference),
     "prefill-graph": lambda: mock.patch.object(
         cuda_graphs.GraphedDecoder, "prefill", lambda self, tokens, positions: None),
+    "prefill-int8": lambda: mock.patch.object(torch_model, "decode_attention", dequantised_prompt_attention),
+    "fold-norms": lambda: mock.patch.object(torch_engine, "fold_decoder_norms", lambda decoder: False),
 }
 
 
@@ -92,7 +111,7 @@ def main() -> None:
     p.add_argument("--int8-kv", action="store_true", help="int8 cross-K/V engines")
     p.add_argument("--fp8-encoder", action="store_true", help="fp8 encoder GEMMs")
     args = p.parse_args()
-    int8_kv = args.switch in ("int8-attention", "dp4a-k") or args.int8_kv
+    int8_kv = args.switch in ("int8-attention", "dp4a-k", "prefill-int8") or args.int8_kv
     print(f"{torch.cuda.get_device_name()}, switch {args.switch}, N={args.tokens}, "
           f"cross-K/V {'int8' if int8_kv else 'fp16'}, encoder {'fp8' if args.fp8_encoder else 'fp16'}")
     print("| shape | B | variant | ms per batch | tokens equal to 'off' |")

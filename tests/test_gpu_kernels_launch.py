@@ -64,3 +64,38 @@ def test_int8_scores_by_dp4a_match_widened_keys(batch: int, heads: int, splits: 
                                config=replace(config, dp4a_k=False))
     assert config.dp4a_k
     assert (by_dp4a.float() - widened.float()).abs().max().item() <= 2e-3
+
+
+def test_prompt_queries_on_the_cpu_take_the_reference() -> None:
+    from app.engine.kernels import _reference, decode_attention
+    from app.engine.torch_model import quantize_rows_int8
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 3, 5, 64)
+    k8, ks = quantize_rows_int8(torch.randn(2, 3, 40, 64))
+    v8, vs = quantize_rows_int8(torch.randn(2, 3, 40, 64))
+    got = decode_attention(q, k8, v8, k_scale=ks, v_scale=vs)
+    assert got.shape == (2, 3, 5, 64)
+    assert torch.equal(got, _reference(q, k8, v8, ks, vs, None))
+
+
+@cuda_only
+@pytest.mark.parametrize(("batch", "queries"), [(64, 4), (1, 3), (3, 20), (2, 70)])
+def test_prompt_queries_attend_to_int8_keys_in_one_kernel(batch: int, queries: int) -> None:
+    """A prefill's queries (up to 16 per pass) against int8 cross-K/V: the dequantised reference,
+    within fp16 rounding; more than MAX_PREFILL_QUERIES take the reference itself."""
+    from app.engine.kernels import _reference, decode_attention
+    from app.engine.torch_model import quantize_rows_int8
+
+    torch.manual_seed(0)
+    heads = 20
+    q = torch.randn(batch, heads, queries, 64, device="cuda", dtype=torch.float16)
+    cache_k = torch.randn(batch + 1, heads, 1500, 64, device="cuda", dtype=torch.float16)
+    cache_k[:, :, :8] *= 4
+    k8, ks = quantize_rows_int8(cache_k)
+    v8, vs = quantize_rows_int8(torch.randn_like(cache_k))
+    rows = slice(1, batch + 1)
+    got = decode_attention(q, k8[rows], v8[rows], k_scale=ks[rows], v_scale=vs[rows])
+    expected = _reference(q.float(), k8[rows], v8[rows], ks[rows].float(), vs[rows].float(), None)
+    assert got.shape == q.shape
+    torch.testing.assert_close(got.float(), expected, rtol=0, atol=5e-3 * expected.abs().max().item())

@@ -20,11 +20,16 @@ from torch import Tensor
 
 from app.engine.pdl import HAVE_TRITON, launch_options
 
+# Queries per (row, head) the tensor-core kernel takes in one pass (a prompt prefill's; decode: 1)
+_MAX_QUERIES = 16
+
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
     from app.engine.pdl import enter_after_previous
+
+    MAX_QUERIES = tl.constexpr(_MAX_QUERIES)
 
     # 16-bit fixed point for dp4a's second operand: 256 * 127 + 127 < 2^15, and one word's
     # 4 * 127 * Q16_LIMIT, summed over 16 words of a 64-wide head, stays far inside int32
@@ -91,14 +96,15 @@ if HAVE_TRITON:
         stride_kb, stride_kh, stride_kt,
         stride_vb, stride_vh, stride_vt,
         stride_sb, stride_sh,
-        n_keys, keys_per_split, n_splits, sm_scale,
+        n_keys, keys_per_split, n_splits, sm_scale, n_queries, stride_qt, stride_ot,
         HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_LEN: tl.constexpr,
         NORMALIZE: tl.constexpr, PDL: tl.constexpr, FAST_INT8: tl.constexpr,
     ):
-        # The single query is padded to a 16-row tile so both products run on tensor cores
-        # (tl.dot); rows 1..15 are zeros and are never stored. Compute is nearly free here:
-        # what matters is streaming K/V at full bandwidth.
-        QROWS: tl.constexpr = 16
+        # The queries (one in a decode step, up to QROWS in a prompt prefill; more than one only
+        # with NORMALIZE) fill a 16-row tile so both products run on tensor cores (tl.dot); the
+        # rows past them are zeros and are never stored. Compute is nearly free here: what matters
+        # is streaming K/V at full bandwidth.
+        QROWS: tl.constexpr = MAX_QUERIES
         enter_after_previous(PDL)
         b = tl.program_id(0)
         h = tl.program_id(1)
@@ -107,7 +113,8 @@ if HAVE_TRITON:
         begin, end = _split_keys(len_ptr, n_keys, keys_per_split, HAS_LEN)
         d = tl.arange(0, HEAD_DIM)
         r = tl.arange(0, QROWS)
-        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + r[:, None] * 0 + d[None, :], mask=r[:, None] == 0, other=0.0)
+        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + r[:, None] * stride_qt + d[None, :],
+                    mask=r[:, None] < n_queries, other=0.0)
         q = (q.to(tl.float32) * sm_scale).to(tl.float16)
         m_i = tl.full([QROWS], -float("inf"), dtype=tl.float32)
         l_i = tl.zeros([QROWS], dtype=tl.float32)
@@ -136,7 +143,8 @@ if HAVE_TRITON:
         first = r == 0
         if NORMALIZE:  # the only split: the output itself, no combine kernel
             out = (acc / l_i[:, None]).to(o_ptr.dtype.element_ty)
-            tl.store(o_ptr + b * stride_ob + h * stride_oh + r[:, None] * 0 + d[None, :], out, mask=first[:, None])
+            tl.store(o_ptr + b * stride_ob + h * stride_oh + r[:, None] * stride_ot + d[None, :], out,
+                     mask=r[:, None] < n_queries)
         else:
             row = (b * n_heads + h) * n_splits + split
             tl.store(m_ptr + row + r * 0, m_i, mask=first)
@@ -333,20 +341,42 @@ def int8_config(pairs: int) -> KernelConfig:
     return INT8_CONFIG if pairs >= INT8_MANY_PAIRS else INT8_FEW_PAIRS_CONFIG
 
 
+#: Prompt queries above which a prefill's int8 cross-attention reads dequantised K/V instead (each
+#: pass of the kernel reads the int8 K/V once for up to _MAX_QUERIES queries)
+MAX_PREFILL_QUERIES = 64
+
+
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, k_scale: Tensor | None = None,
                      v_scale: Tensor | None = None, lengths: Tensor | None = None,
                      config: KernelConfig | None = None) -> Tensor:
-    """q [B, H, 1, dh]; k, v [B, H, T, dh] (fp16/bf16/fp32, or int8 with scales [B, H, T, 1]);
-    lengths [B]: keys per row (None: all T). Returns [B, H, 1, dh] in q's dtype."""
+    """q [B, H, TQ, dh]; k, v [B, H, T, dh] (fp16/bf16/fp32, or int8 with scales [B, H, T, 1]);
+    lengths [B]: keys per row (None: all T). Returns [B, H, TQ, dh] in q's dtype.
+
+    Every query attends to all keys (no causal mask): one query per row in a decode step, several
+    only without lengths (a prompt's cross-attention), read in passes of _MAX_QUERIES."""
+    tq, dh = q.shape[2:]
+    if not (HAVE_TRITON and q.is_cuda and dh & (dh - 1) == 0 and k.stride(3) == 1
+            and (tq == 1 or (lengths is None and tq <= MAX_PREFILL_QUERIES))):
+        return _reference(q, k, v, k_scale, v_scale, lengths)
+    if tq > 1:
+        # tensor-core tiles of up to _MAX_QUERIES query rows, whole key ranges (no combine pass)
+        config = replace(config or KernelConfig(), use_dot=True, min_splits=1, programs_per_sm=0)
+        return torch.cat([_attend(q[:, :, i : i + _MAX_QUERIES], k, v, k_scale, v_scale, None, config)
+                          for i in range(0, tq, _MAX_QUERIES)], dim=2)
+    return _attend(q, k, v, k_scale, v_scale, lengths, config)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, k_scale: Tensor | None, v_scale: Tensor | None,
+            lengths: Tensor | None, config: KernelConfig | None) -> Tensor:
+    """decode_attention for at most _MAX_QUERIES queries (more than one: config uses tl.dot and
+    splits no keys)."""
     b, h, tq, dh = q.shape
     n_keys = k.shape[2]
-    if not (HAVE_TRITON and q.is_cuda and tq == 1 and dh & (dh - 1) == 0 and k.stride(3) == 1):
-        return _reference(q, k, v, k_scale, v_scale, lengths)
     device = q.device.index or 0
     if device not in _SM_COUNT:
         _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
     if config is None and k_scale is None and lengths is None and q.dtype != torch.float32 \
-            and b * h >= _SM_COUNT[device]:
+            and b * h >= _SM_COUNT[device] and tq == 1:
         # fp16/bf16 K/V read whole (cross-attention) with a (row, head) pair per SM or more:
         # cuDNN's kernel reads them faster than ours (bench/gpu_attention.py, H100: 54 vs 61 us
         # at B=64 x 6 heads, 47 vs 57 us at B=16 x 20 heads, 103 vs 109 us at B=64 x 12 heads).
@@ -359,7 +389,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, k_scale: Tensor | None 
     splits = max(config.min_splits, _splits(b, h, n_keys, block, _SM_COUNT[device], config.programs_per_sm))
     keys_per_split = math.ceil(math.ceil(n_keys / splits) / block) * block
     splits = math.ceil(n_keys / keys_per_split)
-    out = torch.empty(b, h, 1, dh, device=q.device, dtype=q.dtype)
+    out = torch.empty(b, h, tq, dh, device=q.device, dtype=q.dtype)
     normalize = splits == 1
     if normalize:  # the partial kernel writes `out` directly
         m = l_ = acc = out
@@ -382,7 +412,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, k_scale: Tensor | None 
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         ks.stride(0) if has_scale else 0, ks.stride(1) if has_scale else 0,
-        n_keys, keys_per_split, splits, 1.0 / math.sqrt(dh),
+        n_keys, keys_per_split, splits, 1.0 / math.sqrt(dh), *((tq, q.stride(2), out.stride(2)) if config.use_dot else ()),
         HEAD_DIM=dh, BLOCK=block, HAS_SCALE=has_scale, HAS_LEN=lengths is not None, NORMALIZE=normalize,
         FAST_INT8=v.dtype == torch.int8 and config.fast_int8,
         num_warps=config.num_warps, num_stages=config.num_stages, **options, **launch_options(q.device),

@@ -23,20 +23,28 @@ if HAVE_TRITON:
 
     @triton.jit
     def dot_weight_rows(x_ptr, w_ptr, rows, cols, m, n, k, stride_xm, stride_wn, begin, end,
-                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        """sum over k in [begin, end) of x[rows, k] w[cols, k], float32 [BM, BN]: the tile loop of
-        this module's GEMM and app.engine.row_gemm's. int8 weights widen in registers by bit
-        assembly (kernels.load_widened): the plain conversion runs at a quarter of the FMA rate."""
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ROW_STATS: tl.constexpr = False):
+        """(sum over k in [begin, end) of x[rows, k] w[cols, k] as float32 [BM, BN], and with
+        ROW_STATS the sums of x[rows, k] and of its squares, float32 [BM] each, else zeros): the
+        tile loop of this module's GEMM and app.engine.row_gemm's. int8 weights widen in registers
+        by bit assembly (kernels.load_widened): the plain conversion runs at a quarter of the FMA
+        rate."""
         rk = tl.arange(0, BK)
         acc = tl.zeros([BM, BN], dtype=tl.float32)
+        row_sum = tl.zeros([BM], dtype=tl.float32)
+        row_sum_sq = tl.zeros([BM], dtype=tl.float32)
         for k0 in range(begin, end, BK):
             kk = k0 + rk
             x = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :],
                         mask=(rows[:, None] < m) & (kk[None, :] < k), other=0.0)
+            if ROW_STATS:  # the input rows' LayerNorm statistics, from the tiles the product reads anyway
+                xf = x.to(tl.float32)
+                row_sum += tl.sum(xf, axis=1)
+                row_sum_sq += tl.sum(xf * xf, axis=1)
             w = load_widened(w_ptr + cols[:, None].to(tl.int64) * stride_wn + kk[None, :],
                              (cols[:, None] < n) & (kk[None, :] < k), x.dtype, w_ptr.dtype.element_ty == tl.int8)
             acc = tl.dot(x, tl.trans(w), acc)
-        return acc
+        return acc, row_sum, row_sum_sq
 
     @triton.jit
     def scale_columns(acc, s_ptr, cols, n):
@@ -53,7 +61,7 @@ if HAVE_TRITON:
         vocab = tl.program_id(0) * BN + tl.arange(0, BN)
         # no weight prefetch: a large vocabulary's embedding (133 MB for large-v3) would not fit in L2
         enter_after_previous(PDL)
-        acc = dot_weight_rows(x_ptr, w_ptr, rows, vocab, m, n_vocab, k, stride_xm, stride_wv, 0, k, BM, BN, BK)
+        acc, _, _ = dot_weight_rows(x_ptr, w_ptr, rows, vocab, m, n_vocab, k, stride_xm, stride_wv, 0, k, BM, BN, BK)
         if HAS_SCALE:  # int8 embedding: one scale per token
             acc = scale_columns(acc, s_ptr, vocab, n_vocab)
         tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + vocab[None, :], acc,

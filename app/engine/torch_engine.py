@@ -13,6 +13,7 @@ from app.engine.config import EngineConfig, build_hint, load_engine_config
 from app.engine.cuda_graphs import GraphedDecoder, prompt_lengths
 from app.engine.fp8_gemm import fp8_supported
 from app.engine.host_copy import to_device
+from app.engine.norm_fold import fold_decoder_norms
 from app.engine.torch_model import (
     CrossRuns,
     DecoderCache,
@@ -90,6 +91,9 @@ class TorchEngine:
         elif fp8_encoder:
             log.warning("fp8 encoder GEMMs need a CUDA GPU of compute capability 8.9+ (Ada, Hopper) "
                         "and float16/bfloat16 compute; %s runs them in %s", device, dtype)
+        if device.type == "cuda":
+            # decode steps apply the LayerNorms inside their GEMMs (float weights; a no-op for int8)
+            fold_decoder_norms(self.model.decoder)
         cache = DecoderCache(config.dims, max_rows, device, dtype,
                              cross_dtype=torch.int8 if int8_cross_kv else None)
         self.runner = WhisperRunner(self.model, cache)

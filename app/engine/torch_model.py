@@ -34,7 +34,8 @@ from app.engine.fused_norm import add_layer_norm, add_layer_norm_fp8
 from app.engine.host_copy import device_tensor
 from app.engine.kernels import can_write_kv, decode_attention, write_kv_into
 from app.engine.logits_gemm import can_logits_fp32, logits_fp32
-from app.engine.row_gemm import step_linear
+from app.engine.norm_fold import can_fold_step, norm_linear, residual_linear
+from app.engine.row_gemm import KvAppend, step_linear
 
 # (row offset in the batch, rows, g, audio positions): rows [offset, offset + rows) form windows
 # of g rows each (beams or samples of one window) whose cross-attention K/V live in each window's
@@ -441,6 +442,13 @@ class WhisperRunner:
         rows need no copy of them); rows outside every run (holes in the batch) get zeros.
         """
         b, h, t, dh = cq.shape
+        c = self.cache
+        if runs is None and c.quantized_cross and cq.is_cuda:
+            # a prompt prefill: the int8 K/V read as they are (dequantising every layer's K/V for a
+            # few queries took ~40 ms of a large-v3 batch of 64 windows on an H200)
+            rows = slice(start, start + b)
+            return decode_attention(cq, c.cross_k[layer, rows], c.cross_v[layer, rows],
+                                    k_scale=c.cross_k_scale[layer, rows], v_scale=c.cross_v_scale[layer, rows])
         if runs is None:
             return attention(cq, *self._cross_kv(layer, start, start + b))
         out: Tensor | None = None
@@ -487,6 +495,8 @@ class WhisperRunner:
         if not fused and not (uniform_position and t == 1):
             keys = torch.arange(kv_len, device=tokens.device)
             mask = (keys[None, None, :] <= pos[:, :, None])[:, None]  # [B, 1, T, kv_len]
+        if fused and can_fold_step(dec, x):
+            return self._decode_folded(x, pos[:, 0], lengths, start, end, kv_len)
         layers = list(dec.layers)
         # Each sub-layer's residual add and the next sub-layer's LayerNorm run as one kernel on
         # the GPU (app.engine.fused_norm); `normed` is the normalised residual stream x.
@@ -525,6 +535,29 @@ class WhisperRunner:
             x, normed = add_layer_norm(x, step_linear(cross.out, attn.merge_heads(a)), layer.mlp_ln)
             x, normed = add_layer_norm(x, layer.step_mlp(normed), next_norm)
         return self.logits(normed)
+
+    def _decode_folded(self, x: Tensor, positions: Tensor, lengths: Tensor | None, start: int, end: int,
+                       kv_len: int) -> Tensor:
+        """A GPU decode step of rows [start, end), one token each, with the LayerNorms folded into
+        the GEMMs (app.engine.norm_fold): x [B, 1, d] is the residual stream, updated in place."""
+        dec = self.model.decoder
+        cache = self.cache
+        x = x.contiguous()
+        d = x.shape[-1]
+        for i, layer in enumerate(dec.layers):
+            attn, cross = layer.attn, layer.cross
+            ck, cv = cache.self_k[i, start:end], cache.self_v[i, start:end]
+            # K/V written into the cache; the embedding sum (layer 0) has no statistics yet
+            qkv = norm_linear(attn.qkv, x, append=KvAppend(ck, cv, positions), stats_ready=i > 0)
+            a = decode_attention(attn.split_heads(qkv[..., :d]), ck[:, :, :kv_len], cv[:, :, :kv_len], lengths=lengths)
+            residual_linear(attn.out, attn.merge_heads(a), x)
+            cq = attn.split_heads(norm_linear(cross.q, x))
+            scales = {"k_scale": cache.cross_k_scale[i, start:end], "v_scale": cache.cross_v_scale[i, start:end]} \
+                if cache.quantized_cross else {}
+            a = decode_attention(cq, cache.cross_k[i, start:end], cache.cross_v[i, start:end], **scales)
+            residual_linear(cross.out, attn.merge_heads(a), x)
+            residual_linear(layer.mlp2, norm_linear(layer.mlp1, x, gelu=True), x)
+        return self.logits(dec.ln(x))
 
     @torch.inference_mode()
     def cross_attention_weights(self, tokens: Tensor, audio_features: Tensor,

@@ -1,0 +1,150 @@
+"""Decoder LayerNorms folded into the next linear layer (app.engine.norm_fold): the folded model is
+the same function on every path, and on the GPU a decode step applies the norms inside its GEMMs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fakes import random_model, tiny_dims
+from torch import nn
+
+from app.engine.norm_fold import can_fold_step, fold_decoder_norms
+from app.engine.row_gemm import KvAppend, RowNorm, TileConfig, row_linear
+from app.engine.torch_model import DecoderCache, WhisperModel, WhisperRunner
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def with_random_norms(model: WhisperModel, seed: int = 3) -> WhisperModel:
+    """Non-trivial LayerNorm scales and shifts (random_model leaves them at 1 and 0)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.decoder.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.weight.copy_(0.5 + torch.rand(module.weight.shape, generator=generator))
+                module.bias.copy_(0.3 * torch.randn(module.bias.shape, generator=generator))
+    return model
+
+
+def runner_for(model: WhisperModel, rows: int, device: str = "cpu",
+               dtype: torch.dtype = torch.float32) -> WhisperRunner:
+    runner = WhisperRunner(model, DecoderCache(model.dims, rows, torch.device(device), dtype))
+    features = torch.randn(rows, model.dims.n_audio_ctx, model.dims.n_audio_state,
+                           generator=torch.Generator().manual_seed(7)).to(device, dtype)
+    runner.write_cross_kv(features, list(range(rows)))
+    return runner
+
+
+def decode_three_steps(runner: WhisperRunner, rows: int, device: str = "cpu") -> list[torch.Tensor]:
+    """Logits of a 3-token prompt prefill, then of two single-token steps. The tokens are fixed, so
+    two runners see the same inputs even where a near-tie would make their argmax differ."""
+    prompt = torch.tensor([[1, 2, 3]] * rows, device=device)
+    positions = torch.zeros(rows, dtype=torch.long, device=device)
+    out = [runner.decode(prompt, positions, 0, 3)]
+    for step in range(2):
+        token = torch.arange(rows, device=device)[:, None] * 7 + 100 + step
+        out.append(runner.decode(token, positions + 3 + step, 0, 4 + step))
+    return out
+
+
+def test_the_folded_model_computes_the_same_logits() -> None:
+    model = with_random_norms(random_model(0))
+    folded = copy.deepcopy(model)
+    assert fold_decoder_norms(folded.decoder)
+    with torch.inference_mode():
+        expected = decode_three_steps(runner_for(model, 3), 3)
+        got = decode_three_steps(runner_for(folded, 3), 3)
+    for e, g in zip(expected, got, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-3 * e.abs().max().item())
+
+
+def test_folding_leaves_identity_norms_and_the_weight_sums() -> None:
+    model = with_random_norms(random_model(0))
+    assert fold_decoder_norms(model.decoder)
+    assert model.decoder.norms_folded
+    for layer in model.decoder.layers:
+        for norm, linear in ((layer.attn_ln, layer.attn.qkv), (layer.cross_ln, layer.cross.q),
+                             (layer.mlp_ln, layer.mlp1)):
+            assert torch.equal(norm.weight, torch.ones_like(norm.weight))
+            assert torch.equal(norm.bias, torch.zeros_like(norm.bias))
+            assert torch.equal(linear.row_norm.weight_sum, linear.weight.float().sum(dim=1))
+            assert linear.row_norm.eps == norm.eps
+    # the final norm feeds the tied output projection, which is also the token embedding
+    assert not torch.equal(model.decoder.ln.weight, torch.ones_like(model.decoder.ln.weight))
+
+
+def test_int8_decoders_are_left_unfolded() -> None:
+    model = WhisperModel(tiny_dims(), int8=True)
+    before = copy.deepcopy(model.state_dict())
+    assert not fold_decoder_norms(model.decoder)
+    assert not getattr(model.decoder, "norms_folded", False)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name])
+
+
+def test_cpu_steps_never_take_the_folded_kernels() -> None:
+    model = random_model(0)
+    fold_decoder_norms(model.decoder)
+    assert not can_fold_step(model.decoder, torch.randn(2, 1, model.dims.n_text_state))
+
+
+@cuda_only
+@pytest.mark.parametrize("rows", [1, 17, 64])
+def test_norm_residual_and_append_kernels_match_torch(rows: int) -> None:
+    torch.manual_seed(0)
+    d, heads, n_ctx = 1280, 20, 448
+    dev, half = "cuda", torch.float16
+    x = (torch.randn(rows, 1, d, device=dev) * 4 + 1).to(half)
+    norm = nn.LayerNorm(d).to(dev)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_(0, 0.3)
+    weight = (torch.randn(3 * d, d, device=dev) * d**-0.5).to(half)
+    bias = torch.randn(3 * d, device=dev).to(half)
+    expected = F.linear(norm(x.float()), weight.float(), bias.float())
+    folded = (weight.float() * norm.weight[None, :]).to(half)
+    folded_bias = (bias.float() + weight.float() @ norm.bias).to(half)
+    k_cache = torch.zeros(rows, heads, n_ctx, d // heads, device=dev, dtype=half)
+    v_cache = torch.zeros_like(k_cache)
+    positions = torch.randint(0, n_ctx, (rows,), device=dev)
+    got = row_linear(x, folded, folded_bias, norm=RowNorm(folded.float().sum(dim=1), norm.eps),
+                     append=KvAppend(k_cache, v_cache, positions))
+    torch.testing.assert_close(got.float(), expected, rtol=1e-2, atol=1e-2)
+    for r in range(rows):
+        torch.testing.assert_close(k_cache[r, :, positions[r]].reshape(-1), got[r, 0, d:2 * d])
+        torch.testing.assert_close(v_cache[r, :, positions[r]].reshape(-1), got[r, 0, 2 * d:])
+    assert int((k_cache != 0).sum()) <= rows * d
+    residual = torch.randn(rows, 1, d, device=dev).to(half)
+    for n, k, split in ((d, d, 1), (d, 4 * d, 2)):
+        a = torch.randn(rows, 1, k, device=dev).to(half)
+        w = (torch.randn(n, k, device=dev) * k**-0.5).to(half)
+        b = torch.randn(n, device=dev).to(half)
+        stream = residual.clone()
+        out = row_linear(a, w, b, tiles=TileConfig(32, 128, split), residual=stream)
+        assert out.data_ptr() == stream.data_ptr()
+        torch.testing.assert_close(stream, residual + F.linear(a, w, b), rtol=2e-3, atol=2e-3)
+
+
+@cuda_only
+@pytest.mark.parametrize("rows", [1, 5])
+def test_folded_gpu_steps_match_the_unfolded_ones(rows: int) -> None:
+    model = with_random_norms(random_model(0)).to("cuda", torch.float16)
+    folded = copy.deepcopy(model)
+    assert fold_decoder_norms(folded.decoder)
+    with torch.inference_mode():
+        expected = decode_three_steps(runner_for(model, rows, "cuda", torch.float16), rows, "cuda")
+        runner = runner_for(folded, rows, "cuda", torch.float16)
+        assert can_fold_step(folded.decoder, torch.zeros(rows, 1, model.dims.n_text_state, device="cuda",
+                                                         dtype=torch.float16))
+        got = decode_three_steps(runner, rows, "cuda")
+    for e, g in zip(expected, got, strict=True):
+        tolerance = 2e-2 * e.abs().max().item()
+        torch.testing.assert_close(g, e, rtol=2e-2, atol=tolerance)
+        # the same next token, unless the unfolded step itself had a near-tie for it
+        e_last, g_last = e[:, -1], g[:, -1]
+        chosen, expected_best = g_last.argmax(-1), e_last.argmax(-1)
+        gap = e_last.gather(-1, expected_best[:, None]) - e_last.gather(-1, chosen[:, None])
+        assert bool(((chosen == expected_best) | (gap.squeeze(-1) <= tolerance)).all())
