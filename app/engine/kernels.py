@@ -53,16 +53,13 @@ if HAVE_TRITON:
             "}", "=r,=r,r", [x], dtype=tl.float16, is_pure=True, pack=4)
 
     @triton.jit
-    def widen(x, dtype: tl.constexpr, FAST_INT8: tl.constexpr):
-        """x in `dtype`: int8 through int8_to_fp16 (exact) when FAST_INT8, else a plain conversion."""
+    def load_widened(ptrs, mask, dtype: tl.constexpr, FAST_INT8: tl.constexpr):
+        """A K/V tile in `dtype`: int8 through int8_to_fp16 (exact) when FAST_INT8, else a plain
+        conversion."""
+        x = tl.load(ptrs, mask=mask, other=0)
         if FAST_INT8:
             return int8_to_fp16(x).to(dtype)
         return x.to(dtype)
-
-    @triton.jit
-    def load_widened(ptrs, mask, dtype: tl.constexpr, FAST_INT8: tl.constexpr):
-        """A K/V tile in `dtype` (see widen)."""
-        return widen(tl.load(ptrs, mask=mask, other=0), dtype, FAST_INT8)
 
     @triton.jit
     def dp4a(a, b, c):
@@ -164,7 +161,6 @@ if HAVE_TRITON:
         n_keys, keys_per_split, n_splits, sm_scale,
         HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_LEN: tl.constexpr,
         NORMALIZE: tl.constexpr, PDL: tl.constexpr, FAST_INT8: tl.constexpr, DP4A_K: tl.constexpr = False,
-        EARLY_V: tl.constexpr = False,
     ):
         # The same partial attention with CUDA-core multiply-adds instead of a padded tensor-core
         # tile: no layout conversion of the (int8) K/V tiles through shared memory.
@@ -191,11 +187,6 @@ if HAVE_TRITON:
         for start in range(begin, end, BLOCK):
             t = start + tl.arange(0, BLOCK)
             valid = t < end
-            if EARLY_V:  # V and its scales requested with K, so both streams are in flight at once
-                v_raw = tl.load(v_ptr + b * stride_vb + h * stride_vh + t[:, None] * stride_vt + d[None, :],
-                                mask=valid[:, None], other=0)
-                if HAS_SCALE:
-                    v_scale = tl.load(vs_ptr + b * stride_sb + h * stride_sh + t, mask=valid, other=0.0)
             if DP4A_K:
                 kw = tl.load(k_ptr + b * stride_kb + h * stride_kh + t[:, None] * stride_kt + w[None, :],
                              mask=valid[:, None], other=0)
@@ -212,15 +203,10 @@ if HAVE_TRITON:
             p = tl.exp(s - m_new)
             alpha = tl.exp(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, axis=0)
-            if EARLY_V:
-                if HAS_SCALE:
-                    p = p * v_scale.to(tl.float32)
-                v = widen(v_raw, tl.float32, FAST_INT8)
-            else:
-                if HAS_SCALE:
-                    p = p * tl.load(vs_ptr + b * stride_sb + h * stride_sh + t, mask=valid, other=0.0).to(tl.float32)
-                v = load_widened(v_ptr + b * stride_vb + h * stride_vh + t[:, None] * stride_vt + d[None, :],
-                                 valid[:, None], tl.float32, FAST_INT8)
+            if HAS_SCALE:
+                p = p * tl.load(vs_ptr + b * stride_sb + h * stride_sh + t, mask=valid, other=0.0).to(tl.float32)
+            v = load_widened(v_ptr + b * stride_vb + h * stride_vh + t[:, None] * stride_vt + d[None, :],
+                             valid[:, None], tl.float32, FAST_INT8)
             acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
             m_i = m_new
         if NORMALIZE:  # the only split: the output itself, no combine kernel
@@ -339,7 +325,6 @@ class KernelConfig:
     programs_per_sm: int = 2  # key splits until (rows x heads x splits) reaches this per SM
     fast_int8: bool = True  # int8 K/V widened by bit assembly (int8_to_fp16), not cvt instructions
     dp4a_k: bool = True  # int8 K: scores by dp4a on whole words, K never widened (CUDA-core kernel)
-    early_v: bool = False  # CUDA-core kernel: load V with K at the top of each key block
 
 
 # int8 K/V, widened by bit assembly, on CUDA cores: long key blocks where many (row, head) pairs
@@ -421,8 +406,6 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, k_scale: Tensor | None, v_scale: Te
     if dp4a_k:
         k = k.view(torch.int32)  # four int8 per word; strides in words
     options = {"DP4A_K": True} if dp4a_k else {}
-    if not config.use_dot and config.early_v:
-        options["EARLY_V"] = True
     partial[(b, h, splits)](
         q, k, v, ks, vs, lengths if lengths is not None else q, m, l_, acc, out,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
