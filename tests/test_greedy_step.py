@@ -77,3 +77,16 @@ def test_kernel_equals_the_reference(rows: int, vocab: int) -> None:
     for key in ("tokens", "out", "positions", "remaining", "done", "cursor"):
         assert torch.equal(got[key], expected[key]), key
     torch.testing.assert_close(got["sum_logprob"], expected["sum_logprob"], rtol=0, atol=1e-4)
+
+
+@cuda_only
+def test_kernel_keeps_the_first_index_of_a_tie_across_vocabulary_chunks() -> None:
+    state = make_state(6, 51866, "cuda")
+    top = state["logits"].max() + 1
+    state["logits"][5, 40000] = state["logits"][5, 100] = top  # different chunks, the later one first in memory order
+    state["logits"][4, 51865] = top  # the very last entry
+    got, expected = run(greedy_step, state), run(greedy_step_reference, state)
+    assert got["tokens"][5] == 100 and got["tokens"][4] == 51865
+    for key in ("tokens", "out", "done"):
+        assert torch.equal(got[key], expected[key]), key
+    torch.testing.assert_close(got["sum_logprob"], expected["sum_logprob"], rtol=0, atol=1e-4)

@@ -15,13 +15,11 @@ needs no setup and can be replayed inside CUDA graphs. Measured per GEMM (bench/
 5-50 % faster than cuBLAS for tiny.en and small, even for large-v3. int8 weight-only layers are
 read as int8 (half the bytes) with their per-row scale applied in the epilogue.
 
-The workspace and counters are shared per device: kernels on one stream run one after another,
-which is how the engine thread issues all of its GPU work.
+The partial sums and counters live in app.engine.workspace (one per device).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -31,6 +29,7 @@ from torch import Tensor, nn
 from app.engine.kernels import HAVE_TRITON
 from app.engine.logits_gemm import as_rows, streams_weight
 from app.engine.pdl import launch_options, line_elements
+from app.engine.workspace import WORKSPACE
 
 # Row statistics handed from a residual GEMM (write_stats) to the next GEMM's LayerNorm: sums of the
 # stored values and of their squares per _STAT_COLS-column group, float32 [2, _STAT_GROUPS,
@@ -192,42 +191,6 @@ def choose_tiles(n: int, k: int, m: int = MAX_ROWS) -> TileConfig:
     return TileConfig(block_n=32, block_k=256, split=1)
 
 
-class _Workspace:
-    """Per-device fp32 partial sums and arrival counters (counters are left at zero by the kernel).
-
-    A grown buffer replaces the old one for later calls but the old one is kept alive: CUDA graphs
-    captured earlier still write to it.
-    """
-
-    def __init__(self) -> None:
-        self.partials: dict[torch.device, Tensor] = {}
-        self.counters: dict[torch.device, Tensor] = {}
-        self.row_stats: dict[torch.device, Tensor] = {}
-        self.retired: list[Tensor] = []
-
-    def stats(self, device: torch.device) -> Tensor:
-        """The device's row-statistics buffer (see _STAT_COLS); never replaced, so graphs keep it."""
-        return self._at_least(self.row_stats, device, 2 * _STAT_GROUPS * _STAT_ROWS,
-                              lambda: torch.zeros(2 * _STAT_GROUPS * _STAT_ROWS, device=device, dtype=torch.float32))
-
-    def get(self, device: torch.device, partial_elems: int, blocks: int) -> tuple[Tensor, Tensor]:
-        partials = self._at_least(self.partials, device, partial_elems,
-                                  lambda: torch.empty(partial_elems, device=device, dtype=torch.float32))
-        counters = self._at_least(self.counters, device, blocks,
-                                  lambda: torch.zeros(max(blocks, 256), device=device, dtype=torch.int32))
-        return partials, counters
-
-    def _at_least(self, buffers: dict[torch.device, Tensor], device: torch.device, size: int,
-                  make: Callable[[], Tensor]) -> Tensor:
-        buffer = buffers.get(device)
-        if buffer is None or buffer.numel() < size:
-            if buffer is not None:
-                self.retired.append(buffer)
-            buffer = buffers[device] = make()
-        return buffer
-
-
-_WORKSPACE = _Workspace()
 
 
 def can_row_gemm(x: Tensor, weight: Tensor) -> bool:
@@ -285,8 +248,10 @@ def row_linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool = Fals
                          f"{_STAT_COLS * _STAT_GROUPS} columns and {_STAT_ROWS} rows")
     bm = max(16, triton.next_power_of_2(m))
     blocks = triton.cdiv(n, tiles.block_n)
-    partials, counters = _WORKSPACE.get(x.device, blocks * tiles.split * bm * tiles.block_n, blocks)
-    stats = _WORKSPACE.stats(x.device) if norm_in == _NORM_IN_STATS or write_stats else out
+    partials = WORKSPACE.get("row_gemm.partials", x.device, blocks * tiles.split * bm * tiles.block_n, torch.float32)
+    counters = WORKSPACE.get("row_gemm.counters", x.device, max(blocks, 256), torch.int32, zeroed=True)
+    stats = WORKSPACE.get("row_gemm.stats", x.device, 2 * _STAT_GROUPS * _STAT_ROWS, torch.float32, zeroed=True) \
+        if norm_in == _NORM_IN_STATS or write_stats else out
     k_per_split = triton.cdiv(triton.cdiv(k, tiles.split), tiles.block_k) * tiles.block_k
     caches = (append.k_cache, append.v_cache, append.positions) if append is not None else (out, out, out)
     if append is not None and (append.k_cache.stride() != append.v_cache.stride() or append.k_cache.stride(3) != 1

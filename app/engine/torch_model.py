@@ -483,10 +483,9 @@ class WhisperRunner:
         cache = self.cache
         b, t = tokens.shape
         end = start + b
-        steps = torch.arange(t, device=tokens.device)
-        pos = positions[:, None] + steps[None, :]  # [B, T]
+        # [B, T]; one token per row (a decode step) needs no kernel for it
+        pos = positions[:, None] if t == 1 else positions[:, None] + torch.arange(t, device=tokens.device)[None, :]
         x = dec.token_embedding(tokens) + dec.positional_embedding[pos]
-        rows = torch.arange(start, end, device=tokens.device)
         # One query token on the GPU: the Triton decode kernel reads only each row's filled
         # cache (no mask tensor) and splits long key ranges across SMs.
         fused = t == 1 and tokens.is_cuda
@@ -515,8 +514,9 @@ class WhisperRunner:
                 ck[start:end].scatter_(2, index, k)
                 cv[start:end].scatter_(2, index, v)
             else:
-                ck[rows[:, None], :, pos] = k.transpose(1, 2)
-                cv[rows[:, None], :, pos] = v.transpose(1, 2)
+                rows = torch.arange(start, end, device=tokens.device)[:, None]
+                ck[rows, :, pos] = k.transpose(1, 2)
+                cv[rows, :, pos] = v.transpose(1, 2)
             if fused:
                 a = decode_attention(q, ck[start:end, :, :kv_len], cv[start:end, :, :kv_len], lengths=lengths)
             else:
