@@ -12,6 +12,7 @@ Work unit as bench/gpu.py: B windows of 30 s, N = 100 tokens, random weights, fp
     python bench/gpu_ab.py greedy-step --shapes tiny.en:64,tiny.en:1,large-v3:64
     python bench/gpu_ab.py prefill-graph --shapes large-v3:64,large-v3:1,tiny.en:1
     python bench/gpu_ab.py dp4a-k --shapes large-v3:64,large-v3:1,small:64,tiny.en:64
+    python bench/gpu_ab.py self-attention --shapes large-v3:64,large-v3:1,tiny.en:64 --int8-kv --fp8-encoder
     python bench/gpu_ab.py greedy-chunks --shapes large-v3:64,large-v3:1,tiny.en:64 --int8-kv --fp8-encoder
     python bench/gpu_ab.py prefill-int8 --shapes large-v3:64,large-v3:1,tiny.en:64 --fp8-encoder
     python bench/gpu_ab.py fold-norms --shapes large-v3:64,large-v3:1,tiny.en:64 --int8-kv --fp8-encoder
@@ -30,7 +31,8 @@ the GEMMs, residual adds and the self-attention K/V append in their epilogues, a
 vs separate add + LayerNorm and append kernels), `prefill-int8` (int8 cross-K/V engines: a prompt
 prefill's cross-attention reads the int8 K/V in kernels.decode_attention vs dequantising them for
 SDPA), `greedy-chunks` (the greedy step kernel scans each row's vocabulary in
-greedy_step.CHUNKS programs vs one). `--int8-kv` builds int8 cross-K/V engines for any
+greedy_step.CHUNKS programs vs one), `self-attention` (decode self-attention tiles of
+kernels.self_attention_config vs 64-key blocks of 4 warps). `--int8-kv` builds int8 cross-K/V engines for any
 switch, `--fp8-encoder` engines with fp8 encoder GEMMs.
 """
 
@@ -94,6 +96,8 @@ OFF: dict[str, Callable[[], contextlib.AbstractContextManager[object]]] = {
     "greedy-step": lambda: mock.patch.object(cuda_graphs, "greedy_step", greedy_step.greedy_step_reference),
     "prefill-graph": lambda: mock.patch.object(
         cuda_graphs.GraphedDecoder, "prefill", lambda self, tokens, positions: None),
+    "self-attention": lambda: mock.patch.object(kernels, "self_attention_config",
+                                                lambda pairs: kernels.KernelConfig(block=64)),
     "greedy-chunks": lambda: mock.patch.object(greedy_step, "CHUNKS", 1),
     "prefill-int8": lambda: mock.patch.object(torch_model, "decode_attention", dequantised_prompt_attention),
     "fold-norms": lambda: mock.patch.object(torch_engine, "fold_decoder_norms", lambda decoder: False),

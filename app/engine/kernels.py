@@ -280,7 +280,7 @@ def can_write_kv(x: Tensor, quantize: bool) -> bool:
 
 
 def write_kv_into(kv: Tensor, heads: int, rows: Tensor, k: Tensor, v: Tensor, k_scale: Tensor | None = None,
-                  v_scale: Tensor | None = None) -> None:
+                  v_scale: Tensor | None = None, block_t: int = 32, num_warps: int = 4) -> None:
     """kv [B, T, 2d] (K then V, heads inside each) -> caches k, v [R, H, T', dh] at rows `rows`
     (int64 [B] on kv's device), positions [0, T), in one pass. With scales [R, H, T', 1] the values
     are stored as int8 with one fp16 scale per vector, as torch_model.quantize_rows_int8 computes.
@@ -295,12 +295,11 @@ def write_kv_into(kv: Tensor, heads: int, rows: Tensor, k: Tensor, v: Tensor, k_
     quantize = k_scale is not None
     ks = k_scale if k_scale is not None else k
     vs = v_scale if v_scale is not None else v
-    block_t = 32
     _write_kv[(b, triton.cdiv(t, block_t), heads)](
         kv, rows, k, v, ks, vs,
         kv.stride(0), kv.stride(1), k.stride(0), k.stride(1), k.stride(2),
         ks.stride(0) if quantize else 0, ks.stride(1) if quantize else 0,
-        t, D=d, HEAD_DIM=dh, BLOCK_T=block_t, QUANTIZE=quantize, num_warps=4,
+        t, D=d, HEAD_DIM=dh, BLOCK_T=block_t, QUANTIZE=quantize, num_warps=num_warps,
     )
 
 
@@ -335,6 +334,19 @@ class KernelConfig:
 INT8_CONFIG = KernelConfig(block=512, num_warps=4, num_stages=3, use_dot=False, programs_per_sm=2)
 INT8_FEW_PAIRS_CONFIG = replace(INT8_CONFIG, block=128)
 INT8_MANY_PAIRS = 64  # (row, head) pairs from which the long blocks win
+
+
+# Self-attention in a decode step (fp16/bf16 caches, each row's filled length, at most a few
+# hundred keys). From a CUDA-graph sweep of 24 tile shapes on an H200 (bench/results/
+# 2026-11-22-gpu-self-attention-write-kv-tiles-h200-session12.txt), 128-key cache, 4-104 keys
+# filled: B=64 x 20 heads one-warp programs on 16-key blocks 8.5 us (64-key blocks, 4 warps: 10.5);
+# B=1 x 20 128-key blocks, one pass with no combine kernel, 2.5 us (2.9).
+SELF_ATTENTION_MANY_PAIRS = KernelConfig(block=16, num_warps=1)
+SELF_ATTENTION_FEW_PAIRS = KernelConfig(block=128)
+
+
+def self_attention_config(pairs: int) -> KernelConfig:
+    return SELF_ATTENTION_MANY_PAIRS if pairs >= INT8_MANY_PAIRS else SELF_ATTENTION_FEW_PAIRS
 
 
 def int8_config(pairs: int) -> KernelConfig:
@@ -384,7 +396,8 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, k_scale: Tensor | None, v_scale: Te
         return torch.nn.functional.scaled_dot_product_attention(q, k, v)
     if config is None:
         # int8: CUDA-core multiply-adds read fastest (int8_config; bench/gpu_attention.py)
-        config = int8_config(b * h) if k_scale is not None else KernelConfig(block=128 if n_keys >= 1024 else 64)
+        config = int8_config(b * h) if k_scale is not None else \
+            self_attention_config(b * h) if lengths is not None else KernelConfig(block=128 if n_keys >= 1024 else 64)
     block = config.block
     splits = max(config.min_splits, _splits(b, h, n_keys, block, _SM_COUNT[device], config.programs_per_sm))
     keys_per_split = math.ceil(math.ceil(n_keys / splits) / block) * block
