@@ -32,7 +32,7 @@ from app.engine.cpu_gemm import (
 from app.engine.fp8_gemm import Fp8Linear, Fp8Rows, fp8_linear, quantize_rows
 from app.engine.fused_norm import add_layer_norm, add_layer_norm_fp8
 from app.engine.host_copy import device_tensor
-from app.engine.kernels import can_write_kv, decode_attention, write_kv_into
+from app.engine.kernels import MAX_PREFILL_QUERIES, can_write_kv, decode_attention, write_kv_into
 from app.engine.logits_gemm import can_logits_fp32, logits_fp32
 from app.engine.norm_fold import can_fold_step, norm_linear, residual_linear
 from app.engine.row_gemm import KvAppend, step_linear
@@ -443,7 +443,7 @@ class WhisperRunner:
         """
         b, h, t, dh = cq.shape
         c = self.cache
-        if runs is None and c.quantized_cross and cq.is_cuda:
+        if runs is None and c.quantized_cross and cq.is_cuda and t <= MAX_PREFILL_QUERIES:
             # a prompt prefill: the int8 K/V read as they are (dequantising every layer's K/V for a
             # few queries took ~40 ms of a large-v3 batch of 64 windows on an H200)
             rows = slice(start, start + b)
