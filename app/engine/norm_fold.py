@@ -4,10 +4,12 @@ end each sub-layer.
 A decoder layer's LayerNorm only feeds the linear layer after it. With the norm's scale g and shift
 b folded into that layer once (W' = W diag(g), bias' = bias + W b), LayerNorm(x) W^T + bias equals
 rstd * (x W'^T - mean * s) + bias' for each row, where mean and rstd are the row's statistics and
-s[n] = sum_k W'[n, k]. The row GEMM (app.engine.row_gemm) reads the raw rows x anyway, so it sums x
-and x^2 over the tiles it already loads and applies that correction in its epilogue; the sub-layers'
-last GEMMs add their output to the residual stream in theirs, and the QKV GEMM writes the step's
-self-attention K/V. A decoder layer then runs 8 kernels instead of 12 (large-v3: 128 fewer per step).
+s[n] = sum_k W'[n, k]. The row GEMM (app.engine.row_gemm) reads the raw rows x and applies that
+correction in its epilogue. The sub-layers' last GEMMs add their output to the residual stream in
+theirs and leave each row's partial sums of x and x^2 for the next GEMM (summing x^2 over the tiles
+inside the next GEMM's loop doubled its time: a second read of every tile); only layer 0, whose input
+is the embedding sum, gathers them in its loop. The QKV GEMM also writes the step's self-attention
+K/V. A decoder layer then runs 8 kernels instead of 12 (large-v3: 128 fewer per step).
 
 The folded model is the same function everywhere else: its LayerNorms keep unit scale and zero shift,
 so prompt prefills, word alignment and any other torch path compute exactly what they did. Only
