@@ -57,7 +57,6 @@ import app.engine.kernels as kernels  # noqa: E402
 import app.engine.row_gemm as row_gemm  # noqa: E402
 import app.engine.torch_engine as torch_engine  # noqa: E402
 import app.engine.torch_model as torch_model  # noqa: E402
-from app.engine.attention import attention  # noqa: E402
 from bench.gpu import SHAPES, build_ours, run_ours, timed  # noqa: E402
 
 # the int8 decode-attention config before the seventh session (H200 sweep in docs/benchmarks.md)
@@ -68,15 +67,6 @@ INT8_BEFORE = kernels.KernelConfig(block=64, num_warps=2, num_stages=3, use_dot=
 _can_write_kv = torch_model.can_write_kv
 _int8_config = kernels.int8_config
 _greedy_chunk = cuda_graphs.GraphedDecoder.greedy_chunk
-_decode_attention = kernels.decode_attention
-
-
-def dequantised_prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options: object) -> torch.Tensor:
-    """Before `prefill-int8`: a prompt's int8 cross-K/V dequantised, then SDPA (no cuDNN plans)."""
-    k_scale, v_scale = options.get("k_scale"), options.get("v_scale")
-    if q.shape[2] > 1 and isinstance(k_scale, torch.Tensor) and isinstance(v_scale, torch.Tensor):
-        return attention(q, k.to(q.dtype) * k_scale, v.to(q.dtype) * v_scale)
-    return _decode_attention(q, k, v, **options)  # type: ignore[arg-type]
 
 #: Each switch's "off" state (on is the shipped default).
 OFF: dict[str, Callable[[], contextlib.AbstractContextManager[object]]] = {
@@ -99,7 +89,8 @@ OFF: dict[str, Callable[[], contextlib.AbstractContextManager[object]]] = {
     "self-attention": lambda: mock.patch.object(kernels, "self_attention_config",
                                                 lambda pairs: kernels.KernelConfig(block=64)),
     "greedy-chunks": lambda: mock.patch.object(greedy_step, "CHUNKS", 1),
-    "prefill-int8": lambda: mock.patch.object(torch_model, "decode_attention", dequantised_prompt_attention),
+    # every prompt takes the dequantising path that prompts over MAX_PREFILL_QUERIES take
+    "prefill-int8": lambda: mock.patch.object(torch_model, "MAX_PREFILL_QUERIES", 0),
     "fold-norms": lambda: mock.patch.object(torch_engine, "fold_decoder_norms", lambda decoder: False),
 }
 

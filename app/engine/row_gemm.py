@@ -55,8 +55,8 @@ if HAVE_TRITON:
     NORM_IN_STATS = tl.constexpr(_NORM_IN_STATS)
 
     @triton.jit
-    def _finish(acc, block, rows, cols, m, n, s_ptr, b_ptr, out_ptr, stride_om, mean, rstd, wsum_ptr, res_ptr,
-                stride_rm, stats_ptr, kc_ptr, vc_ptr, pos_ptr, stride_cb, stride_ch, stride_ct, d_model,
+    def _finish(acc, block, rows, cols, m, n, s_ptr, b_ptr, out_ptr, stride_om, mean, rstd, wsum_ptr, stats_ptr,
+                kc_ptr, vc_ptr, pos_ptr, stride_cb, stride_ch, stride_ct, d_model,
                 BM: tl.constexpr, BN: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
                 GELU: tl.constexpr, NORM_IN: tl.constexpr, RESIDUAL: tl.constexpr, WRITE_STATS: tl.constexpr,
                 APPEND_KV: tl.constexpr, HEAD_DIM: tl.constexpr):
@@ -74,8 +74,8 @@ if HAVE_TRITON:
             acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
         inside = (rows[:, None] < m) & (cols[None, :] < n)
         out = acc.to(out_ptr.dtype.element_ty)
-        if RESIDUAL:  # x + linear(a), the sum rounded once more, as two separate ops would
-            res = tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :], mask=inside, other=0.0)
+        if RESIDUAL:  # out += linear(a) in place, the sum rounded once more, as two separate ops would
+            res = tl.load(out_ptr + rows[:, None] * stride_om + cols[None, :], mask=inside, other=0.0)
             out = (res.to(tl.float32) + out.to(tl.float32)).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], out, mask=inside)
         if WRITE_STATS:  # sums of the stored values and their squares per STAT_COLS-column group
@@ -98,9 +98,9 @@ if HAVE_TRITON:
                     tl.store(vc_ptr + dst, out, mask=rows[:, None] < m)
 
     @triton.jit
-    def _row_gemm(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr, count_ptr, wsum_ptr, res_ptr, stats_ptr, kc_ptr,
-                  vc_ptr, pos_ptr, m, n, k, stride_xm, stride_wn, stride_om, stride_rm, stride_cb, stride_ch,
-                  stride_ct, d_model, k_per_split, eps,
+    def _row_gemm(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr, count_ptr, wsum_ptr, stats_ptr, kc_ptr, vc_ptr,
+                  pos_ptr, m, n, k, stride_xm, stride_wn, stride_om, stride_cb, stride_ch, stride_ct, d_model,
+                  k_per_split, eps,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
                   HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, NORM_IN: tl.constexpr,
                   STAT_GROUPS: tl.constexpr, RESIDUAL: tl.constexpr, WRITE_STATS: tl.constexpr,
@@ -132,8 +132,8 @@ if HAVE_TRITON:
         mean = row_sum / k
         rstd = 1.0 / tl.sqrt(tl.maximum(row_sum_sq / k - mean * mean, 0.0) + eps)
         if SPLIT == 1:
-            _finish(acc, block, rows, cols, m, n, s_ptr, b_ptr, out_ptr, stride_om, mean, rstd, wsum_ptr, res_ptr,
-                    stride_rm, stats_ptr, kc_ptr, vc_ptr, pos_ptr, stride_cb, stride_ch, stride_ct, d_model,
+            _finish(acc, block, rows, cols, m, n, s_ptr, b_ptr, out_ptr, stride_om, mean, rstd, wsum_ptr, stats_ptr,
+                    kc_ptr, vc_ptr, pos_ptr, stride_cb, stride_ch, stride_ct, d_model,
                     BM, BN, HAS_SCALE, HAS_BIAS, GELU, NORM_IN != 0, RESIDUAL, WRITE_STATS, APPEND_KV, HEAD_DIM)
         else:
             tile = rows[:, None] * BN + tl.arange(0, BN)[None, :]
@@ -146,7 +146,7 @@ if HAVE_TRITON:
                     total += tl.load(part_ptr + (block * SPLIT + s) * BM * BN + tile, cache_modifier=".cg")
                 tl.atomic_xchg(count_ptr + block, 0)
                 _finish(total, block, rows, cols, m, n, s_ptr, b_ptr, out_ptr, stride_om, mean, rstd, wsum_ptr,
-                        res_ptr, stride_rm, stats_ptr, kc_ptr, vc_ptr, pos_ptr, stride_cb, stride_ch, stride_ct,
+                        stats_ptr, kc_ptr, vc_ptr, pos_ptr, stride_cb, stride_ch, stride_ct,
                         d_model, BM, BN, HAS_SCALE, HAS_BIAS, GELU, NORM_IN != 0, RESIDUAL, WRITE_STATS, APPEND_KV,
                         HEAD_DIM)
 
@@ -189,8 +189,6 @@ def choose_tiles(n: int, k: int, m: int = MAX_ROWS) -> TileConfig:
     if n == k and many_rows:  # projections: the 128-wide steps stay best at 64 rows
         return TileConfig(block_n=32, block_k=128, split=1)
     return TileConfig(block_n=32, block_k=256, split=1)
-
-
 
 
 def can_row_gemm(x: Tensor, weight: Tensor) -> bool:
@@ -260,8 +258,8 @@ def row_linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool = Fals
                          "of the column block, as the model width")
     _row_gemm[(blocks, tiles.split)](
         flat, weight, scale if scale is not None else weight, bias if bias is not None else weight, out,
-        partials, counters, norm.weight_sum if norm is not None else weight, out, stats, *caches,
-        m, n, k, flat.stride(0), weight.stride(0), out.stride(0), out.stride(0),
+        partials, counters, norm.weight_sum if norm is not None else weight, stats, *caches,
+        m, n, k, flat.stride(0), weight.stride(0), out.stride(0),
         *(append.k_cache.stride()[:3] if append is not None else (0, 0, 0)), n // 3, k_per_split,
         norm.eps if norm is not None else 0.0,
         BM=bm, BN=tiles.block_n, BK=tiles.block_k, SPLIT=tiles.split, HAS_SCALE=scale is not None,

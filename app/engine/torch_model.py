@@ -442,13 +442,10 @@ class WhisperRunner:
         rows need no copy of them); rows outside every run (holes in the batch) get zeros.
         """
         b, h, t, dh = cq.shape
-        c = self.cache
-        if runs is None and c.quantized_cross and cq.is_cuda and t <= MAX_PREFILL_QUERIES:
+        if runs is None and self.cache.quantized_cross and cq.is_cuda and t <= MAX_PREFILL_QUERIES:
             # a prompt prefill: the int8 K/V read as they are (dequantising every layer's K/V for a
             # few queries took ~40 ms of a large-v3 batch of 64 windows on an H200)
-            rows = slice(start, start + b)
-            return decode_attention(cq, c.cross_k[layer, rows], c.cross_v[layer, rows],
-                                    k_scale=c.cross_k_scale[layer, rows], v_scale=c.cross_v_scale[layer, rows])
+            return self._cross_attention_kernel(layer, cq, start)
         if runs is None:
             return attention(cq, *self._cross_kv(layer, start, start + b))
         out: Tensor | None = None
@@ -524,17 +521,22 @@ class WhisperRunner:
             x, normed = add_layer_norm(x, step_linear(attn.out, attn.merge_heads(a)), layer.cross_ln)
             cross = layer.cross
             cq = attn.split_heads(step_linear(cross.q, normed))
-            if fused and cache.quantized_cross:
-                a = decode_attention(cq, cache.cross_k[i, start:end], cache.cross_v[i, start:end],
-                                     k_scale=cache.cross_k_scale[i, start:end],
-                                     v_scale=cache.cross_v_scale[i, start:end])
-            elif fused:
-                a = decode_attention(cq, cache.cross_k[i, start:end], cache.cross_v[i, start:end])
+            if fused:
+                a = self._cross_attention_kernel(i, cq, start)
             else:
                 a = self._cross_attention(i, cq, start, cross_runs)
             x, normed = add_layer_norm(x, step_linear(cross.out, attn.merge_heads(a)), layer.mlp_ln)
             x, normed = add_layer_norm(x, layer.step_mlp(normed), next_norm)
         return self.logits(normed)
+
+    def _cross_attention_kernel(self, layer: int, cq: Tensor, start: int) -> Tensor:
+        """kernels.decode_attention of queries cq [B, H, T, dh] over the cached cross-K/V of rows
+        [start, start + B), int8 ones with their scales."""
+        c = self.cache
+        rows = slice(start, start + cq.shape[0])
+        scales = {"k_scale": c.cross_k_scale[layer, rows], "v_scale": c.cross_v_scale[layer, rows]} \
+            if c.quantized_cross else {}
+        return decode_attention(cq, c.cross_k[layer, rows], c.cross_v[layer, rows], **scales)
 
     def _decode_folded(self, x: Tensor, positions: Tensor, lengths: Tensor | None, start: int, end: int,
                        kv_len: int) -> Tensor:
@@ -551,10 +553,7 @@ class WhisperRunner:
             qkv = norm_linear(attn.qkv, x, append=KvAppend(ck, cv, positions), stats_ready=i > 0)
             a = decode_attention(attn.split_heads(qkv[..., :d]), ck[:, :, :kv_len], cv[:, :, :kv_len], lengths=lengths)
             residual_linear(attn.out, attn.merge_heads(a), x)
-            cq = attn.split_heads(norm_linear(cross.q, x))
-            scales = {"k_scale": cache.cross_k_scale[i, start:end], "v_scale": cache.cross_v_scale[i, start:end]} \
-                if cache.quantized_cross else {}
-            a = decode_attention(cq, cache.cross_k[i, start:end], cache.cross_v[i, start:end], **scales)
+            a = self._cross_attention_kernel(i, attn.split_heads(norm_linear(cross.q, x)), start)
             residual_linear(cross.out, attn.merge_heads(a), x)
             residual_linear(layer.mlp2, norm_linear(layer.mlp1, x, gelu=True), x)
         return self.logits(dec.ln(x))
