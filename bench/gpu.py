@@ -275,7 +275,7 @@ def smoke() -> None:
             diff = (got[index, :, :t].int() - ref.int()).abs()
             print(f"write_kv_into B={b} T={t} H={heads}: {int((diff > 0).sum())} of {diff.numel()} values "
                   f"differ (max {int(diff.max())}); scales equal: {torch.equal(got_scale[index, :, :t], ref_scale)}")
-            assert int(diff.max()) <= 1 and (diff > 0).float().mean().item() < 1e-3  # ties at .5 only
+            assert int(diff.max()) == 0  # the same arithmetic as the torch reference, bit for bit
         # the fp16 cache: the same kernel copies the values as they are
         kh = torch.zeros(shape, device="cuda", dtype=torch.float16)
         vh = torch.zeros_like(kh)

@@ -62,7 +62,7 @@ def test_gelu_quantisation_is_gelu_then_quantisation() -> None:
     torch.manual_seed(1)
     x = torch.randn(3, 5, 64)
     got = quantize_rows_reference(x, gelu=True)
-    expected = quantize_rows_reference(F.gelu(x))
+    expected = quantize_rows_reference(F.gelu(x, approximate="tanh"))
     assert torch.equal(got.values.float(), expected.values.float()) and torch.equal(got.scale, expected.scale)
     assert got.values.shape == (15, 64)  # leading dimensions flattened into rows
 
@@ -178,10 +178,11 @@ def test_quantising_kernel_matches_the_reference(rows: int, k: int, gelu: bool) 
     x = torch.randn(rows, k, device="cuda", dtype=torch.float16) * 3
     x[0] = 0.0
     got, ref = quantize_rows(x, gelu), quantize_rows_reference(x, gelu)
-    torch.testing.assert_close(got.scale, ref.scale, rtol=1e-6, atol=0)  # erf: libdevice vs torch
+    # GELU: the GPU's tanh instruction (relative error ~2^-11) against torch's tanh
+    torch.testing.assert_close(got.scale, ref.scale, rtol=1e-3 if gelu else 1e-6, atol=0)
     diff = (got.values.float() - ref.values.float()).abs()
-    # the same roundings except where a value sits on a tie (at most one e4m3 step apart)
-    assert (diff > 0).float().mean().item() < 1e-3
+    # the same roundings except where a value sits next to a rounding boundary (one e4m3 step apart)
+    assert (diff > 0).float().mean().item() < (2e-2 if gelu else 1e-3)
     assert bool((diff <= ref.values.float().abs() * E4M3_RELATIVE_STEP + 2.0**-9).all())
 
 

@@ -42,6 +42,26 @@ def test_write_kv_copies_head_major_into_the_given_rows(dtype: torch.dtype) -> N
 
 
 @cuda_only
+def test_int8_write_kv_is_the_torch_quantisation_bit_for_bit() -> None:
+    from app.engine.torch_model import quantize_rows_int8
+
+    torch.manual_seed(1)
+    b, t, heads, dh = 2, 1500, 20, 64
+    kv = torch.randn(b, t, 2 * heads * dh, device="cuda", dtype=torch.float16) * 3
+    kv[0, :5] = torch.randint(-4, 5, (5, 2 * heads * dh), device="cuda").half()  # exact ties at .5 steps
+    rows = torch.tensor([2, 0], device="cuda")
+    k = torch.zeros(3, heads, t, dh, device="cuda", dtype=torch.int8)
+    v = torch.zeros_like(k)
+    ks = torch.zeros(3, heads, t, 1, device="cuda", dtype=torch.float16)
+    vs = torch.zeros_like(ks)
+    write_kv_into(kv, heads, rows, k, v, ks, vs)
+    split = kv.view(b, t, 2, heads, dh).permute(2, 0, 3, 1, 4)
+    for got, got_scale, src in ((k, ks, split[0]), (v, vs, split[1])):
+        values, scale = quantize_rows_int8(src)
+        assert torch.equal(got[rows], values) and torch.equal(got_scale[rows], scale)
+
+
+@cuda_only
 @pytest.mark.parametrize(("batch", "heads", "splits"), [(64, 20, 1), (1, 20, 4), (5, 6, 2)])
 def test_int8_scores_by_dp4a_match_widened_keys(batch: int, heads: int, splits: int) -> None:
     """int8 K read as words and scored by dp4a against q in 16-bit fixed point gives the

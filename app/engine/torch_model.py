@@ -311,10 +311,11 @@ class DecoderCache:
 def quantize_rows_int8(x: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric int8 per vector along the last dim: returns (int8 values, scale in x's dtype).
 
-    Values are divided by the stored (rounded) scale, in float32, so dequantizing with that
-    scale is as exact as int8 allows; kernels.write_kv_into computes the same on the GPU."""
+    Values are multiplied by the float32 reciprocal of the stored (rounded) scale and rounded half
+    to even, so dequantizing with that scale is as exact as int8 allows; kernels.write_kv_into
+    computes the same, bit for bit, on the GPU."""
     scale = (x.float().abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / 127.0).to(x.dtype)
-    values = torch.round(x.float() / scale.float()).clamp_(-127, 127).to(torch.int8)
+    values = torch.round(x.float() * (1.0 / scale.float())).clamp_(-127, 127).to(torch.int8)
     return values, scale
 
 
