@@ -16,6 +16,7 @@ Work unit as bench/gpu.py: B windows of 30 s, N = 100 tokens, random weights, fp
     python bench/gpu_ab.py greedy-chunks --shapes large-v3:64,large-v3:1,tiny.en:64 --int8-kv --fp8-encoder
     python bench/gpu_ab.py prefill-int8 --shapes large-v3:64,large-v3:1,tiny.en:64 --fp8-encoder
     python bench/gpu_ab.py fold-norms --shapes large-v3:64,large-v3:1,tiny.en:64 --int8-kv --fp8-encoder
+    python bench/gpu_ab.py encoder-input --shapes large-v3:64,tiny.en:64 --int8-kv --fp8-encoder
 
 Switches: `pdl` (programmatic dependent launch, WHISPER_PDL), `kv-write` (cross-K/V written by
 kernels.write_kv_into vs torch's permuted copy), `int8-attention` (int8 cross-K/V engines: the
@@ -32,7 +33,8 @@ vs separate add + LayerNorm and append kernels), `prefill-int8` (int8 cross-K/V 
 prefill's cross-attention reads the int8 K/V in kernels.decode_attention vs dequantising them for
 SDPA), `greedy-chunks` (the greedy step kernel scans each row's vocabulary in
 greedy_step.CHUNKS programs vs one), `self-attention` (decode self-attention tiles of
-kernels.self_attention_config vs 64-key blocks of 4 warps). `--int8-kv` builds int8 cross-K/V engines for any
+kernels.self_attention_config vs 64-key blocks of 4 warps), `encoder-input` (the encoder's input stage
+in app.engine.encoder_input's kernels and its first LayerNorm in one kernel vs torch's ops). `--int8-kv` builds int8 cross-K/V engines for any
 switch, `--fp8-encoder` engines with fp8 encoder GEMMs.
 """
 
@@ -42,7 +44,7 @@ import argparse
 import contextlib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from unittest import mock
@@ -52,6 +54,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import app.engine.cuda_graphs as cuda_graphs  # noqa: E402
+import app.engine.encoder_input as encoder_input  # noqa: E402
 import app.engine.greedy_step as greedy_step  # noqa: E402
 import app.engine.kernels as kernels  # noqa: E402
 import app.engine.row_gemm as row_gemm  # noqa: E402
@@ -92,7 +95,16 @@ OFF: dict[str, Callable[[], contextlib.AbstractContextManager[object]]] = {
     # every prompt takes the dequantising path that prompts over MAX_PREFILL_QUERIES take
     "prefill-int8": lambda: mock.patch.object(torch_model, "MAX_PREFILL_QUERIES", 0),
     "fold-norms": lambda: mock.patch.object(torch_engine, "fold_decoder_norms", lambda decoder: False),
+    "encoder-input": lambda: _encoder_input_off(),
 }
+
+
+@contextlib.contextmanager
+def _encoder_input_off() -> Iterator[None]:
+    """torch's ops for the encoder's input stage, and its first LayerNorm then quantisation."""
+    with mock.patch.object(encoder_input, "can_fuse_input", lambda mel: False), \
+            mock.patch.object(torch_model, "layer_norm_fp8", lambda x, norm: torch_model.quantize_rows(norm(x))):
+        yield
 
 
 def switch(name: str, on: bool) -> contextlib.AbstractContextManager[object]:

@@ -25,7 +25,7 @@ from app.engine.fp8_gemm import (
     quantize_rows,
     quantize_rows_reference,
 )
-from app.engine.fused_norm import add_layer_norm_fp8, reference_add_layer_norm
+from app.engine.fused_norm import add_layer_norm_fp8, layer_norm_fp8, reference_add_layer_norm
 from app.engine.torch_engine import TorchEngine
 from app.engine.torch_model import Int8Linear, enable_fp8_audio_gemms, quantize_rows_int8
 
@@ -200,6 +200,20 @@ def test_fused_add_layer_norm_fp8_matches_the_reference(rows: int, d: int) -> No
     assert torch.equal(total, ref_total)
     restored = got.values.float() * got.scale
     assert relative_l2(restored.view_as(ref_normed), ref_normed) < 0.04  # fp8 rounding only
+
+
+@cuda_only
+@pytest.mark.parametrize(("rows", "d"), [(5, 384), (6000, 1280)])
+def test_layer_norm_fp8_is_the_quantised_layer_norm(rows: int, d: int) -> None:
+    torch.manual_seed(11)
+    norm = nn.LayerNorm(d, device="cuda", dtype=torch.float16)
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    x = torch.randn(rows, d, device="cuda", dtype=torch.float16) * 4
+    got, ref = layer_norm_fp8(x, norm), quantize_rows_reference(norm(x))
+    torch.testing.assert_close(got.scale, ref.scale, rtol=1e-3, atol=0)  # LayerNorm's reduction order
+    diff = (got.values.float() - ref.values.float()).abs()
+    assert bool((diff <= ref.values.float().abs() * E4M3_RELATIVE_STEP + 2.0**-9).all())
 
 
 @cuda_only

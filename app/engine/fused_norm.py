@@ -28,8 +28,8 @@ if HAVE_TRITON:
 
     @triton.jit
     def _add_layer_norm(x_ptr, y_ptr, w_ptr, b_ptr, sum_ptr, out_ptr, scale_ptr, n_rows, d, eps, BLOCK: tl.constexpr,
-                        ROWS: tl.constexpr, FP8_OUT: tl.constexpr, PDL: tl.constexpr):
-        # ROWS rows per program as one 2-D tile
+                        ROWS: tl.constexpr, ADD: tl.constexpr, FP8_OUT: tl.constexpr, PDL: tl.constexpr):
+        # ROWS rows per program as one 2-D tile; without ADD, LayerNorm(x) alone (y and the sum unused)
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK)
         col_ok = cols < d
@@ -40,9 +40,11 @@ if HAVE_TRITON:
         enter_after_previous(PDL)
         offsets = rows[:, None] * d + cols[None, :]
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
-        y = tl.load(y_ptr + offsets, mask=mask, other=0.0)
-        total = (x.to(tl.float32) + y.to(tl.float32)).to(x.dtype)  # the residual stream, rounded
-        tl.store(sum_ptr + offsets, total, mask=mask)
+        total = x
+        if ADD:
+            y = tl.load(y_ptr + offsets, mask=mask, other=0.0)
+            total = (x.to(tl.float32) + y.to(tl.float32)).to(x.dtype)  # the residual stream, rounded
+            tl.store(sum_ptr + offsets, total, mask=mask)
         s = total.to(tl.float32)
         mean = tl.sum(s, axis=1) / d
         centred = tl.where(mask, s - mean[:, None], 0.0)
@@ -87,17 +89,27 @@ def add_layer_norm_fp8(x: Tensor, y: Tensor, norm: nn.LayerNorm) -> tuple[Tensor
     return total, Fp8Rows(values.view(-1, x.shape[-1]), scale)
 
 
-def _launch(x: Tensor, y: Tensor, norm: nn.LayerNorm, fp8: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+def layer_norm_fp8(x: Tensor, norm: nn.LayerNorm) -> Fp8Rows:
+    """norm(x) in e4m3 with one scale per row, in one kernel on CUDA half precision."""
+    if not (can_fuse(x) and norm.weight is not None and norm.bias is not None):
+        return quantize_rows_reference(norm(x))
+    _, values, scale = _launch(x, None, norm, fp8=True)
+    return Fp8Rows(values.view(-1, x.shape[-1]), scale)
+
+
+def _launch(x: Tensor, y: Tensor | None, norm: nn.LayerNorm, fp8: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     d = x.shape[-1]
     rows = x.numel() // d
-    x, y = x.contiguous(), y.contiguous()
-    total = torch.empty_like(x)
+    x = x.contiguous()
+    y = y.contiguous() if y is not None else None
+    total = torch.empty_like(x) if y is not None else x
     out = torch.empty_like(x, dtype=FP8) if fp8 else torch.empty_like(x)
     scale = torch.empty(rows, 1, device=x.device, dtype=torch.float32) if fp8 else None
     per_program, warps = (2, 2) if rows >= MANY_ROWS else (1, 4 if d <= 1024 else 8)
     _add_layer_norm[(triton.cdiv(rows, per_program),)](
-        x, y, norm.weight, norm.bias, total, out, scale, rows, d, norm.eps, BLOCK=triton.next_power_of_2(d),
-        ROWS=per_program, FP8_OUT=fp8, num_warps=warps, **launch_options(x.device))
+        x, y if y is not None else x, norm.weight, norm.bias, total, out, scale, rows, d, norm.eps,
+        BLOCK=triton.next_power_of_2(d), ROWS=per_program, ADD=y is not None, FP8_OUT=fp8, num_warps=warps,
+        **launch_options(x.device))
     return total, out, scale
 
 

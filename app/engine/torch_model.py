@@ -29,8 +29,9 @@ from app.engine.cpu_gemm import (
     pack_weight,
     packed_linear,
 )
+from app.engine.encoder_input import encoder_input
 from app.engine.fp8_gemm import Fp8Linear, Fp8Rows, fp8_linear, quantize_rows
-from app.engine.fused_norm import add_layer_norm, add_layer_norm_fp8
+from app.engine.fused_norm import add_layer_norm, add_layer_norm_fp8, layer_norm_fp8
 from app.engine.host_copy import device_tensor
 from app.engine.kernels import MAX_PREFILL_QUERIES, can_write_kv, decode_attention, write_kv_into
 from app.engine.logits_gemm import can_logits_fp32, logits_fp32
@@ -187,13 +188,11 @@ class AudioEncoder(nn.Module):
         self.ln_post = nn.LayerNorm(d)
 
     def forward(self, mel: Tensor) -> Tensor:  # [B, n_mels, 3000] -> [B, 1500, d]
-        x = F.gelu(self.conv1(mel))
-        x = F.gelu(self.conv2(x)).transpose(1, 2)
-        x = x + self.positional_embedding[: x.shape[1]]
+        x = encoder_input(mel, self.conv1, self.conv2, self.positional_embedding)
         layers = list(self.layers)
-        normed = layers[0].attn_ln(x)
         if layers[0].fp8 is not None:
-            return self._layers_fp8(x, quantize_rows(normed), layers)
+            return self._layers_fp8(x, layer_norm_fp8(x, layers[0].attn_ln), layers)
+        normed = layers[0].attn_ln(x)
         for layer, next_norm in zip(layers, following_norms(layers, self.ln_post), strict=True):
             x, normed = layer(x, normed, next_norm)
         return normed
