@@ -70,7 +70,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _quantize_rows(x_ptr, q_ptr, scale_ptr, k, GELU: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr):
-        """One program per row: optional exact GELU, then e4m3 values and the row's fp32 scale.
+        """One program per row: optional GELU (tanh form), then e4m3 values and the row's fp32 scale.
         The row is a power-of-two HEAD (<= k) plus a masked TAIL, so that widths like 5,120 are
         4,096 + 1,024 instead of 8,192 lanes of which 3,072 would compute nothing."""
         row = tl.program_id(0).to(tl.int64)
