@@ -19,16 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from app.engine.fused_norm import can_fuse
 from app.engine.pdl import HAVE_TRITON
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def gelu_exact(x):
-        """torch's F.gelu (erf form), float32."""
-        return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    from app.engine.kernels import gelu_erf
 
     @triton.jit
     def _bias_gelu_(x_ptr, bias_ptr, channels, frames, BLOCK: tl.constexpr):
@@ -39,7 +37,7 @@ if HAVE_TRITON:
         ptrs = x_ptr + row * frames + t
         x = tl.load(ptrs, mask=valid, other=0.0)
         biased = (x.to(tl.float32) + tl.load(bias_ptr + row % channels).to(tl.float32)).to(x.dtype)
-        tl.store(ptrs, gelu_exact(biased.to(tl.float32)).to(x.dtype), mask=valid)
+        tl.store(ptrs, gelu_erf(biased.to(tl.float32)).to(x.dtype), mask=valid)
 
     @triton.jit
     def _frames_to_positions(c_ptr, bias_ptr, pos_ptr, x_ptr, channels, frames,
@@ -53,7 +51,7 @@ if HAVE_TRITON:
         tile = tl.load(c_ptr + b * channels * frames + c[:, None] * frames + t[None, :], mask=inside, other=0.0)
         bias = tl.load(bias_ptr + c, mask=c < channels, other=0.0).to(tl.float32)
         biased = (tile.to(tl.float32) + bias[:, None]).to(tile.dtype)
-        activated = tl.trans(gelu_exact(biased.to(tl.float32)).to(tile.dtype))  # [BLOCK_T, BLOCK_C]
+        activated = tl.trans(gelu_erf(biased.to(tl.float32)).to(tile.dtype))  # [BLOCK_T, BLOCK_C]
         outside = tl.trans(inside)
         pos = tl.load(pos_ptr + t[:, None] * channels + c[None, :], mask=outside, other=0.0)
         out = (activated.to(tl.float32) + pos.to(tl.float32)).to(tile.dtype)
@@ -61,7 +59,8 @@ if HAVE_TRITON:
 
 
 def can_fuse_input(mel: Tensor) -> bool:
-    return HAVE_TRITON and mel.is_cuda and mel.dtype in (torch.float16, torch.bfloat16)
+    """CUDA half precision with Triton: the fused norm kernel's condition."""
+    return can_fuse(mel)
 
 
 def encoder_input(mel: Tensor, conv1: nn.Conv1d, conv2: nn.Conv1d, positional_embedding: Tensor) -> Tensor:

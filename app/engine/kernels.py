@@ -63,6 +63,11 @@ if HAVE_TRITON:
         return x.to(dtype)
 
     @triton.jit
+    def gelu_erf(x):
+        """torch's F.gelu (erf form), float32."""
+        return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+
+    @triton.jit
     def dp4a(a, b, c):
         """c + the dot product of the four signed bytes of a and of b, per int32 element."""
         return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],

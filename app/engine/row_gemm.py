@@ -45,6 +45,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
+    from app.engine.kernels import gelu_erf
     from app.engine.logits_gemm import dot_weight_rows, scale_columns
     from app.engine.pdl import enter_after_previous, prefetch_weight_rows
 
@@ -71,7 +72,7 @@ if HAVE_TRITON:
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=cols < n, other=0.0).to(tl.float32)[None, :]
         if GELU:
-            acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+            acc = gelu_erf(acc)
         inside = (rows[:, None] < m) & (cols[None, :] < n)
         out = acc.to(out_ptr.dtype.element_ty)
         if RESIDUAL:  # out += linear(a) in place, the sum rounded once more, as two separate ops would
