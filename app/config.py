@@ -1,6 +1,7 @@
 """Service settings: every knob is an environment variable prefixed with ``WHISPER_``.
 
-Each field is documented in README.md's settings table; keep the two in step.
+Each field's `description` is its documentation: docs/configuration.md is generated from them
+(`python -m app.config_docs > docs/configuration.md`), and a test checks the page is current.
 """
 
 from __future__ import annotations
@@ -31,50 +32,151 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="WHISPER_", extra="ignore", frozen=True)
 
     # Models
-    engines_dir: Path = Path("engines")
-    models: CommaList = Field(default_factory=lambda: ["tiny.en"], min_length=1)
-    default_model: str | None = None
+    engines_dir: Path = Field(
+        Path("engines"), description="Directory holding one built engine per subdirectory."
+    )
+    models: CommaList = Field(
+        default_factory=lambda: ["tiny.en"],
+        min_length=1,
+        description="Comma-separated engine names to load and serve; all load at startup.",
+    )
+    default_model: str | None = Field(
+        None,
+        description="Model used when a request names none or `whisper-1`. "
+        "Unset: the first of `WHISPER_MODELS`.",
+    )
 
     # Runtime (mapped onto app.runtime.RuntimeOptions)
-    device: str = "auto"
-    compute_dtype: Literal["float32", "float16", "bfloat16"] | None = None
-    max_batch_size: int | None = Field(None, ge=1)  # None: 160 on CPU, 32 on CUDA
-    max_queue_windows: int = Field(1024, ge=1)
-    batch_wait_ms: float = Field(5.0, ge=0)
-    max_encode_batch: int = Field(8, ge=1)
-    int8_cross_kv: bool = False
-    #: the encoder's and the cross-attention K/V's GEMMs in fp8 (GPUs of compute capability 8.9+)
-    fp8_encoder: bool = False
-    #: torch intra-op threads on the CPU (0: torch's default, one per core)
-    cpu_threads: int = Field(0, ge=0)
-    cuda_graphs: bool = True
-    warmup: bool = True
+    device: str = Field(
+        "auto", description="`auto` (CUDA if available, else CPU), `cpu`, `cuda` or `cuda:N`."
+    )
+    compute_dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
+        None,
+        description="`float32`, `float16` or `bfloat16`. Unset: float16 on CUDA, float32 on CPU.",
+    )
+    max_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Decoder rows per step; beam hypotheses count as rows. "
+        "Unset: 160 on CPU, 32 on CUDA.",
+    )
+    max_queue_windows: int = Field(
+        1024,
+        ge=1,
+        description="30 s windows waiting or running before new requests get 503 `queue_full`.",
+    )
+    batch_wait_ms: float = Field(
+        5.0, ge=0, description="How long an idle scheduler waits for a first batch to grow."
+    )
+    max_encode_batch: int = Field(
+        8, ge=1, description="Windows encoded together when joining a running batch."
+    )
+    int8_cross_kv: bool = Field(
+        False,
+        description="Keep cross-attention K/V in int8: on a GPU, half the cache memory and "
+        "faster decoding of large batches, at nearly the same WER (docs/performance.md).",
+    )
+    fp8_encoder: bool = Field(
+        False,
+        description="Run the encoder's and the cross-attention K/V projection's GEMMs in fp8 "
+        "(e4m3) on GPUs of compute capability 8.9+ (Ada, Hopper) with float16/bfloat16 compute; "
+        "ignored with a warning elsewhere. Faster large batches, more weight memory, and some "
+        "transcripts change (docs/performance.md).",
+    )
+    cpu_threads: int = Field(
+        0,
+        ge=0,
+        description="Torch threads of each engine's decode-loop thread (0: one per physical "
+        "core); every other thread runs torch single-threaded. 1 avoids OpenMP stalls when "
+        "other processes share the cores.",
+    )
+    cuda_graphs: bool = Field(True, description="Capture the decode step in CUDA graphs (GPU).")
+    warmup: bool = Field(True, description="Run warm-up windows before reporting ready.")
 
     # Default decoding options for requests (clients cannot set these through OpenAI's API)
-    beam_size: int = Field(5, ge=1, le=16)
-    vad_long_form: bool = False
+    beam_size: int = Field(
+        5, ge=1, le=16, description="Beam size at temperature 0 (1: greedy decoding)."
+    )
+    vad_long_form: bool = Field(
+        False,
+        description="Long audio: cut at pauses and decode the chunks in parallel instead of "
+        "openai-whisper's sequential timestamp seeking.",
+    )
 
     # Limits and access
-    api_key: SecretStr | None = None
-    max_upload_mb: float = Field(25.0, gt=0)
-    max_audio_seconds: float = Field(7200.0, gt=0)
-    cors_origins: CommaList = Field(default_factory=list)
+    api_key: SecretStr | None = Field(
+        None,
+        description="If set, `/v1/*` requires `Authorization: Bearer <key>`; `/health`, "
+        "`/ready` and `/metrics` stay open.",
+    )
+    max_upload_mb: float = Field(
+        25.0, gt=0, description="Largest accepted upload, in MiB (OpenAI's limit)."
+    )
+    max_audio_seconds: float = Field(
+        7200.0, gt=0, description="Longest accepted audio, in seconds."
+    )
+    cors_origins: CommaList = Field(
+        default_factory=list,
+        description="Comma-separated origins allowed to call the API from a browser "
+        "(empty: no CORS).",
+    )
 
     # Realtime WebSocket sessions (/v1/realtime)
-    realtime_max_frame_bytes: int = Field(2 * 1024 * 1024, ge=1024)
-    realtime_max_session_s: float = Field(3600.0, gt=0)
-    realtime_max_buffer_s: float = Field(60.0, gt=0)
-    realtime_idle_timeout_s: float = Field(60.0, gt=0)
-    realtime_partial_interval_s: float = Field(0.25, ge=0)  # 0 turns partial transcripts off
-    realtime_partial_trim_audio: bool = True  # partials encode only the turn's audio (CPU engines)
-    realtime_max_partial_decodes: int = Field(16, ge=1)  # in flight, all sessions together
-    realtime_max_pending_events: int = Field(256, ge=1)
-    realtime_send_timeout_s: float = Field(10.0, gt=0)
+    realtime_max_frame_bytes: int = Field(
+        2 * 1024 * 1024,
+        ge=1024,
+        description="Largest WebSocket message accepted on `/v1/realtime`; bigger ones get a "
+        "`message_too_large` error event.",
+    )
+    realtime_max_session_s: float = Field(
+        3600.0,
+        gt=0,
+        description="Longest realtime session, in seconds, before it is closed "
+        "(`session_expired`).",
+    )
+    realtime_max_buffer_s: float = Field(
+        60.0,
+        gt=0,
+        description="Most audio one uncommitted buffer or open turn may hold, in seconds.",
+    )
+    realtime_idle_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Close a realtime session after this many seconds without a client message.",
+    )
+    realtime_partial_interval_s: float = Field(
+        0.25,
+        ge=0,
+        description="Seconds of new audio between partial transcripts of an open turn; "
+        "0 turns partials off.",
+    )
+    realtime_partial_trim_audio: bool = Field(
+        True,
+        description="Partial decodes encode only the open turn's audio instead of a 30 s "
+        "window: several times cheaper on a CPU. Finals always use whole windows; GPU engines "
+        "always decode whole windows.",
+    )
+    realtime_max_partial_decodes: int = Field(
+        16,
+        ge=1,
+        description="Partial decodes in flight across all realtime sessions; a session finding "
+        "none free skips that tick (1-2 on a small CPU).",
+    )
+    realtime_max_pending_events: int = Field(
+        256, ge=1, description="Events queued for a slow realtime client before it is dropped."
+    )
+    realtime_send_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds one send to a realtime client may take before it is dropped.",
+    )
 
     # Server
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
+    host: str = Field("127.0.0.1", description="Bind address (the Docker image sets `0.0.0.0`).")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
+        "info", description="`critical`, `error`, `warning`, `info`, `debug` or `trace`."
+    )
 
     @field_validator("models", "cors_origins", mode="before")
     @classmethod

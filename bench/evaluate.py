@@ -218,8 +218,11 @@ def run_driver(args: argparse.Namespace) -> None:
     print("\n".join(footer))
     if not args.no_save:
         common.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        stamp = started.strftime("%Y%m%d-%H%M%S")
-        path = common.RESULTS_DIR / f"{stamp}-evaluate.md"
+        # bench/results' one naming scheme: <date>-<what>-<hardware>.<ext>
+        what = f"evaluate-{args.model.replace('.', '-')}"
+        path = common.RESULTS_DIR / f"{started:%Y-%m-%d}-{what}-cpu-{os.cpu_count()}c.md"
+        if path.exists():  # a second run the same day keeps the first
+            path = path.with_name(f"{path.stem}-{started:%H%M%S}.md")
         path.write_text(table + "\n\n" + "\n\n".join(footer) + "\n")
         print(f"\nwrote {path.relative_to(common.REPO_ROOT)}")
 

@@ -24,7 +24,7 @@ decode-attention tile config of kernels.int8_config vs the one before it, with c
 instructions; the fp16 engine is timed too), `row-gemm` (decode-step linears in
 app.engine.row_gemm vs cuBLAS), `chunk-tail` (a window's last tokens decoded by the one-step
 graph, stopping at its token budget, vs whole 8-step chunks), `tiles` (row_gemm.choose_tiles vs the
-sixth session's 32 x 128 tiles everywhere), `greedy-step` (a graphed greedy step's token choice and
+earlier fixed 32 x 128 tiles everywhere), `greedy-step` (a graphed greedy step's token choice and
 bookkeeping in app.engine.greedy_step's kernel vs torch ops), `prefill-graph` (the prompt prefill
 replayed from a CUDA graph vs run eagerly), `dp4a-k` (int8 cross-K/V engines: scores by dp4a on
 int8 K words vs widening every key), `fold-norms` (decode steps with the LayerNorms applied inside
@@ -62,7 +62,7 @@ import app.engine.torch_engine as torch_engine  # noqa: E402
 import app.engine.torch_model as torch_model  # noqa: E402
 from bench.gpu import SHAPES, build_ours, run_ours, timed  # noqa: E402
 
-# the int8 decode-attention config before the seventh session (H200 sweep in docs/benchmarks.md)
+# the int8 decode-attention config before the tile sweep of `kernels.INT8_CONFIG`
 INT8_BEFORE = kernels.KernelConfig(block=64, num_warps=2, num_stages=3, use_dot=False, programs_per_sm=16,
                                    fast_int8=False)
 

@@ -1,6 +1,6 @@
 """Plot RTFx against batch size from a `bench/gpu.py --json` result: one panel per model shape.
 
-    python bench/plot_gpu.py bench/results/2026-11-21-gpu-bench-h200-run2.json docs/gpu_rtfx.png
+    python bench/plot_gpu.py bench/results/2026-11-22-gpu-bench-h200.json docs/gpu-rtfx-h200.png
 """
 
 from __future__ import annotations

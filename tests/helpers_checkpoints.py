@@ -73,7 +73,7 @@ def hf_state(hf_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def expected_engine_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
-    """Our engine's tensors, mapped straight from the HF weights (docs/weights.md table)."""
+    """Our engine's tensors, mapped straight from the HF weights (layout in docs/weights.md)."""
     sd = hf_state(hf_dir)
     out = {
         "encoder.conv1.weight": sd["encoder.conv1.weight"],

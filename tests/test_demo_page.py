@@ -171,7 +171,7 @@ async def test_demo_page_transcribes_the_fake_microphone(server: Server, tmp_pat
     png = base64.b64decode(shot["data"])
     (tmp_path / "demo.png").write_bytes(png)
     if os.environ.get("UPDATE_DEMO_SCREENSHOT") == "1":
-        # Opt-in: a test run should not rewrite a tracked file (the README's picture).
+        # Opt-in: a test run should not rewrite a tracked file (docs/realtime.md's picture).
         (REPO_ROOT / "docs" / "demo.png").write_bytes(png)
     text = " ".join(state.get("finals", []))
     score = wer(clip.text, text)

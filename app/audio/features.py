@@ -2,7 +2,7 @@
 
 Matching faster-whisper (not HF's WhisperFeatureExtractor) matters for transcript parity:
 the log floor is taken over the whole input, not per 30 s window, and the waveform is
-padded by only `padding` samples (see docs/weights.md, Gotchas 2). Runs on any torch
+padded by only `padding` samples (docs/weights.md, "Features"). Runs on any torch
 device, so the GPU can compute features for long files.
 """
 

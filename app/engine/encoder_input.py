@@ -4,7 +4,7 @@ torch runs it as conv1, bias add, GELU, conv2, bias add, GELU, transpose, positi
 output keeps the transposed layout), a copy to make it contiguous, LayerNorm and, for fp8 GEMMs,
 quantisation: ten passes over tensors of up to 64 windows x 1,280 channels x 3,000 frames, about
 5.7 ms of kernel time in a large-v3 batch of 64 windows on an H200 (0.7 ms here; 1-4 ms a batch
-end to end, docs/benchmarks.md). Here cuDNN runs the two convolutions without bias, one kernel
+end to end, python bench/gpu_ab.py encoder-input). Here cuDNN runs the two convolutions without bias, one kernel
 adds conv1's bias and applies GELU in place, and one kernel takes conv2's output through bias,
 GELU, the transpose and the positional add into the contiguous residual stream; the LayerNorm
 (fp8 rows where asked) is app.engine.fused_norm's kernel.

@@ -15,7 +15,7 @@ the quantising pass run at memory speed (large-v3, 64 windows, H200: 346 against
 
 Accuracy: e4m3 keeps 3 mantissa bits, so each GEMM's output moves by ~4 % (relative L2 on
 random data) and some transcripts change: an option (WHISPER_FP8_ENCODER), off by default; its
-dev-set WER is in docs/benchmarks.md.
+dev-set WER is in docs/performance.md.
 """
 
 from __future__ import annotations

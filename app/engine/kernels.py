@@ -302,7 +302,7 @@ def write_kv_into(kv: Tensor, heads: int, rows: Tensor, k: Tensor, v: Tensor, k_
     quantize = k_scale is not None
     ks = k_scale if k_scale is not None else k
     vs = v_scale if v_scale is not None else v
-    block_t = 32  # 16-128 positions, 2-8 warps: none faster (H200 sweep, twelfth session)
+    block_t = 32  # 16-128 positions, 2-8 warps: none faster (H200 sweep, 2026-11-22)
     _write_kv[(b, triton.cdiv(t, block_t), heads)](
         kv, rows, k, v, ks, vs,
         kv.stride(0), kv.stride(1), k.stride(0), k.stride(1), k.stride(2),
@@ -336,7 +336,7 @@ class KernelConfig:
 
 # int8 K/V, widened by bit assembly, on CUDA cores: long key blocks where many (row, head) pairs
 # share the GPU, short ones (more key splits) for one window. From CUDA-graph sweeps of 48 tile
-# shapes on an H200 (scratch of the seventh session, summarised in docs/benchmarks.md), 1,500 keys:
+# shapes on an H200 (2026-11-21; python bench/gpu_attention.py --int8-sweep), 1,500 keys:
 # B=64 x 20 heads 81 us (cuDNN on fp16 K/V 118), B=16 x 20 25 us (33), B=64 x 6 27 us (38),
 # B=1 x 20 5.0 us (5.3).
 INT8_CONFIG = KernelConfig(block=512, num_warps=4, num_stages=3, use_dot=False, programs_per_sm=2)
@@ -345,10 +345,9 @@ INT8_MANY_PAIRS = 64  # (row, head) pairs from which the long blocks win
 
 
 # Self-attention in a decode step (fp16/bf16 caches, each row's filled length, at most a few
-# hundred keys). From a CUDA-graph sweep of 24 tile shapes on an H200 (bench/results/
-# 2026-11-22-gpu-self-attention-write-kv-tiles-h200-session12.txt), 128-key cache, 4-104 keys
-# filled: B=64 x 20 heads one-warp programs on 16-key blocks 8.5 us (64-key blocks, 4 warps: 10.5);
-# B=1 x 20 128-key blocks, one pass with no combine kernel, 2.5 us (2.9).
+# hundred keys). From a CUDA-graph sweep of 24 tile shapes on an H200 (2026-11-22), 128-key
+# cache, 4-104 keys filled: B=64 x 20 heads one-warp programs on 16-key blocks 8.5 us (64-key
+# blocks, 4 warps: 10.5); B=1 x 20 128-key blocks, one pass with no combine kernel, 2.5 us (2.9).
 SELF_ATTENTION_MANY_PAIRS = KernelConfig(block=16, num_warps=1)
 SELF_ATTENTION_FEW_PAIRS = KernelConfig(block=128)
 

@@ -1,8 +1,8 @@
-"""TensorRT-LLM backend: same Engine interface, not runnable here.
+"""The `trtllm` backend name: reserved in the engine format, not implemented.
 
-TensorRT and TensorRT-LLM wheels on the package registry we can reach are stubs that download
-from an unreachable host, so this backend cannot be installed in this environment. The class
-exists so an engine config with backend "trtllm" fails with a clear message instead of a crash.
+This project has no TensorRT-LLM backend (`build_engines.py` only writes torch engines). An
+engine whose config.json names backend "trtllm" fails at load with BackendUnavailableError,
+which names the command that builds a torch engine, instead of crashing.
 """
 
 from __future__ import annotations

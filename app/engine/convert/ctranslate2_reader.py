@@ -1,4 +1,4 @@
-"""Reader for CTranslate2's `model.bin` (see docs/weights.md, section 2, for the grammar).
+"""Reader for CTranslate2's `model.bin` (docs/weights.md has the grammar).
 
 The file is walked once to build an index (name, shape, dtype, byte offset) without reading
 tensor data, so truncation and trailing bytes are reported before any work is done. Tensors

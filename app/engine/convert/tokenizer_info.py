@@ -1,8 +1,8 @@
 """Special token ids and default suppress lists of a Whisper vocabulary.
 
-Ids follow from the vocabulary size (docs/weights.md, gotcha 4) and are cross-checked against
-the tokenizer, so a tokenizer.json that belongs to another model is refused at build time
-instead of producing garbage at run time.
+Ids follow from the vocabulary size (docs/weights.md, "Special token ids") and are
+cross-checked against the tokenizer, so a tokenizer.json that belongs to another model is
+refused at build time instead of producing garbage at run time.
 """
 
 from __future__ import annotations
