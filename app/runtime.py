@@ -131,7 +131,13 @@ class ModelRuntime:
                           on_segment: SegmentCallback | None = None) -> TranscriptionResult:
         started = time.perf_counter()
         transcriber = Transcriber(self._context(next(_request_ids)))
-        result = await transcriber.transcribe(audio, options, on_segment=on_segment)
+        pending = metrics.PENDING_AUDIO_SECONDS.labels(self.name)
+        seconds = len(audio) / SAMPLE_RATE if record else 0.0
+        pending.inc(seconds)
+        try:
+            result = await transcriber.transcribe(audio, options, on_segment=on_segment)
+        finally:
+            pending.dec(seconds)
         if record and result.duration > 0:
             metrics.AUDIO_SECONDS.labels(self.name).inc(result.duration)
             metrics.REAL_TIME_FACTOR.labels(self.name).observe((time.perf_counter() - started) / result.duration)
