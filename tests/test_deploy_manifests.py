@@ -143,13 +143,12 @@ def test_rendered_manifests_validate_strictly(directory: str, tmp_path: Path) ->
         assert crd_errors(doc, schemas) == [], (doc["kind"], crd_errors(doc, schemas))
 
 
-def test_validation_is_strict() -> None:
+def test_validation_is_strict(tmp_path: Path) -> None:
     """The validators reject a misspelt field, so a pass above means something."""
     docs = render("overlays/cpu-tiny-en")
     deployment = next(d for d in docs if d["kind"] == "Deployment")
     deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbes"] = {}
-    bad = REPO_ROOT / ".pytest_cache" / "bad-deployment.yaml"
-    bad.parent.mkdir(exist_ok=True)
+    bad = tmp_path / "bad-deployment.yaml"
     bad.write_text(yaml.safe_dump(deployment))
     assert kubernetes_validate(bad).returncode != 0
     schemas = crd_schemas()

@@ -50,7 +50,8 @@ CLIENTS = 16
 MIN_REQUESTS = 200
 #: The drained replica gets SIGTERM after this many answers.
 SIGTERM_AFTER = 40
-LOAD_DEADLINE_S = 300
+#: A bound, not a target: on a free 2-core machine the load takes about a minute.
+LOAD_DEADLINE_S = 900
 SHORT_CLIPS = ("ljspeech-LJ001-0002", "ljspeech-LJ001-0008")  # < 2 s each
 STARTUP_TIMEOUT_S = 300
 
@@ -69,6 +70,8 @@ def replica_env(engines_dir: Path) -> dict[str, str]:
         WHISPER_MAX_BATCH_SIZE="5",
         WHISPER_MAX_QUEUE_WINDOWS="64",
         WHISPER_REALTIME_PARTIAL_INTERVAL_S="0",
+        # The sessions wait silently while the load runs.
+        WHISPER_REALTIME_IDLE_TIMEOUT_S="900",
         WHISPER_DRAIN_SECONDS="2",
         WHISPER_SHUTDOWN_GRACE_SECONDS="10",
         WHISPER_LOG_LEVEL="warning",
@@ -315,6 +318,7 @@ async def test_load_signals_rise_under_load_and_fall_to_zero(cluster: Cluster) -
     await load.run(requests=CLIENTS + 8)
     await sampler
     load.check(cluster.references)
+    print(f"load signals: peaks {peaks} over {len(load.answers)} answers")
     # 16 clients on 3 replicas of 5 decoder rows each: rows fill up, audio waits.
     assert peaks["whisper_pending_audio_seconds"] > 2.0, peaks
     assert peaks["whisper_saturation"] >= 0.5, peaks
