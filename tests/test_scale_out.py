@@ -50,7 +50,7 @@ CLIENTS = 16
 MIN_REQUESTS = 200
 #: The drained replica gets SIGTERM after this many answers.
 SIGTERM_AFTER = 40
-#: A bound, not a target: on a free 2-core machine the load takes about a minute.
+#: A bound, not a target (three CPU replicas share two cores here, with whatever else runs).
 LOAD_DEADLINE_S = 900
 SHORT_CLIPS = ("ljspeech-LJ001-0002", "ljspeech-LJ001-0008")  # < 2 s each
 STARTUP_TIMEOUT_S = 300
