@@ -23,6 +23,22 @@ REQUEST_LATENCY = Histogram(
 ERRORS = Counter("whisper_errors_total", "Errors returned to clients by type", ["type"], registry=REGISTRY)
 QUEUE_DEPTH = Gauge("whisper_queue_depth", "Windows waiting to be scheduled", ["model"], registry=REGISTRY)
 ACTIVE_SLOTS = Gauge("whisper_active_slots", "Decoder rows in the running batch", ["model"], registry=REGISTRY)
+# The autoscaling signals (docs/deploy.md gives the thresholds). A request's windows reach the
+# scheduler one at a time (each is prompted with the previous one's text), so its queue shows
+# one window per request; the backlog in audio seconds is the request-level measure of work.
+PENDING_AUDIO_SECONDS = Gauge(
+    "whisper_pending_audio_seconds",
+    "Seconds of audio accepted and not yet transcribed (waiting in the queue or being decoded)",
+    ["model"],
+    registry=REGISTRY,
+)
+SATURATION = Gauge(
+    "whisper_saturation",
+    "Load of this replica in 0-1: the larger of the fraction of decoder rows in use and the "
+    "fraction of the queue bound (WHISPER_MAX_QUEUE_WINDOWS) taken",
+    ["model"],
+    registry=REGISTRY,
+)
 BATCH_SIZE = Histogram(
     "whisper_batch_size", "Windows per decode step", ["model"], buckets=BATCH_BUCKETS, registry=REGISTRY
 )

@@ -86,6 +86,7 @@ class ModelRuntime:
             torch_threads=options.cpu_threads,
         )
         self.ready = False
+        self._pending_samples = 0  # audio accepted and not yet transcribed (load signal)
 
     def _context(self, request_id: object) -> ModelContext:
         async def submit(task: WindowTask) -> WindowResult:
@@ -131,7 +132,16 @@ class ModelRuntime:
                           on_segment: SegmentCallback | None = None) -> TranscriptionResult:
         started = time.perf_counter()
         transcriber = Transcriber(self._context(next(_request_ids)))
-        result = await transcriber.transcribe(audio, options, on_segment=on_segment)
+        # Counted in samples: a float sum of clip lengths would not return to exactly 0.
+        samples = len(audio) if record else 0
+        self._pending_samples += samples
+        pending = metrics.PENDING_AUDIO_SECONDS.labels(self.name)
+        pending.set(self._pending_samples / SAMPLE_RATE)
+        try:
+            result = await transcriber.transcribe(audio, options, on_segment=on_segment)
+        finally:
+            self._pending_samples -= samples
+            pending.set(self._pending_samples / SAMPLE_RATE)
         if record and result.duration > 0:
             metrics.AUDIO_SECONDS.labels(self.name).inc(result.duration)
             metrics.REAL_TIME_FACTOR.labels(self.name).observe((time.perf_counter() - started) / result.duration)

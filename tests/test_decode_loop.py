@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
@@ -26,6 +27,7 @@ from fakes import (
     torch_threads,
 )
 
+from app import metrics
 from app.decoding.options import WindowOptions
 from app.decoding.rules import RowRules, apply_rules
 from app.decoding.search import make_search, rows_needed
@@ -503,6 +505,26 @@ def test_submit_beyond_the_queue_bound_raises_queue_full() -> None:
     scheduler.stop_accepting()
     with pytest.raises(ShuttingDownError):
         scheduler.submit_nowait(labelled(4), "a")
+
+
+def saturation(model: str) -> float:
+    return metrics.REGISTRY.get_sample_value("whisper_saturation", {"model": model})
+
+
+def test_saturation_is_the_larger_of_rows_and_queue_in_use(stopper: list[Scheduler]) -> None:
+    loop = FakeLoop(rows=4)
+    scheduler = Scheduler(loop, model_name="saturation", max_queue_windows=4, batch_wait_ms=0)  # type: ignore[arg-type]
+    tickets = [scheduler.submit_nowait(labelled(i), f"r{i}") for i in range(3)]
+    assert saturation("saturation") == 0.75  # 3 of 4 queue places, no rows yet
+    scheduler._publish_rows(4)  # what the engine thread reports with every row taken
+    assert saturation("saturation") == 1.0
+    stopper.append(scheduler)
+    scheduler.start()
+    concurrent.futures.wait([t.future for t in tickets], timeout=10)
+    deadline = time.monotonic() + 10
+    while saturation("saturation") != 0.0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert saturation("saturation") == 0.0  # idle again: nothing queued, no rows in use
 
 
 def test_round_robin_across_requests(stopper: list[Scheduler]) -> None:

@@ -59,6 +59,7 @@ class Scheduler:
         self._stopping = False
         self._accepting = True
         self._in_flight: dict[int, Ticket] = {}
+        self._rows_fraction = 0.0  # decoder rows in use / rows, as of the last step
 
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -109,7 +110,7 @@ class Scheduler:
                 )
             self._queues.setdefault(request_id, deque()).append(ticket)
             self._queued += 1
-            metrics.QUEUE_DEPTH.labels(self.model_name).set(self._queued)
+            self._publish_queue()
             self._cond.notify_all()
         return ticket
 
@@ -122,7 +123,7 @@ class Scheduler:
                 self._queued -= 1
                 if not queue:
                     del self._queues[ticket.request_id]
-                metrics.QUEUE_DEPTH.labels(self.model_name).set(self._queued)
+                self._publish_queue()
 
     def run_in_engine_thread(self, fn: Callable[[], Any]) -> Future[Any]:
         """Run fn on the engine thread between steps (alignment passes, warm-up)."""
@@ -131,6 +132,20 @@ class Scheduler:
             self._jobs.append((fn, future))
             self._cond.notify_all()
         return future
+
+    # ---- load signals (app.metrics; what autoscalers read) -----------------------------------
+    def _publish_queue(self) -> None:
+        metrics.QUEUE_DEPTH.labels(self.model_name).set(self._queued)
+        self._publish_saturation()
+
+    def _publish_rows(self, rows: int) -> None:
+        metrics.ACTIVE_SLOTS.labels(self.model_name).set(rows)
+        self._rows_fraction = rows / max(1, len(self.decode_loop.owner))
+        self._publish_saturation()
+
+    def _publish_saturation(self) -> None:
+        queue_fraction = min(1.0, self._queued / self.max_queue_windows)
+        metrics.SATURATION.labels(self.model_name).set(max(self._rows_fraction, queue_fraction))
 
     # ---- engine thread ----------------------------------------------------------------------
     def _take_round_robin(self) -> list[Ticket]:
@@ -171,7 +186,7 @@ class Scheduler:
                     break
             if not progressed:
                 break
-        metrics.QUEUE_DEPTH.labels(self.model_name).set(self._queued)
+        self._publish_queue()
         return taken
 
     def _run(self) -> None:
@@ -221,7 +236,7 @@ class Scheduler:
             metrics.DECODE_STEP_SECONDS.labels(self.model_name).observe(time.perf_counter() - started)
             metrics.BATCH_SIZE.labels(self.model_name).observe(rows)
             metrics.TOKENS.labels(self.model_name).inc(rows)
-        metrics.ACTIVE_SLOTS.labels(self.model_name).set(loop.rows_in_use())
+        self._publish_rows(loop.rows_in_use())
         for task, result in done:
             ticket = self._in_flight.pop(id(task), None)
             metrics.WINDOWS.labels(self.model_name).inc()
