@@ -48,6 +48,12 @@ class Settings(BaseSettings):
     #: torch intra-op threads on the CPU (0: torch's default, one per core)
     cpu_threads: int = Field(0, ge=0)
     cuda_graphs: bool = True
+    cuda_trimmed_context: bool = Field(
+        False,
+        description="GPU engines decode realtime partials over the turn's audio plus 5 s of padding "
+        "instead of a whole 30 s window (the CPU always does): each row records its window's length "
+        "and the cross-attention reads only that. Off: every partial pays a full 30 s window on the GPU.",
+    )
     warmup: bool = True
 
     # Default decoding options for requests (clients cannot set these through OpenAI's API)
@@ -66,7 +72,7 @@ class Settings(BaseSettings):
     realtime_max_buffer_s: float = Field(60.0, gt=0)
     realtime_idle_timeout_s: float = Field(60.0, gt=0)
     realtime_partial_interval_s: float = Field(0.25, ge=0)  # 0 turns partial transcripts off
-    realtime_partial_trim_audio: bool = True  # partials encode only the turn's audio (CPU engines)
+    realtime_partial_trim_audio: bool = True  # partials encode the turn's audio (GPU: cuda_trimmed_context)
     realtime_max_partial_decodes: int = Field(16, ge=1)  # in flight, all sessions together
     realtime_max_pending_events: int = Field(256, ge=1)
     realtime_send_timeout_s: float = Field(10.0, gt=0)
@@ -127,6 +133,7 @@ class Settings(BaseSettings):
             fp8_encoder=self.fp8_encoder,
             cpu_threads=self.cpu_threads,
             cuda_graphs=self.cuda_graphs,
+            cuda_trimmed_context=self.cuda_trimmed_context,
             warmup=self.warmup,
         )
 
