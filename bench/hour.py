@@ -43,7 +43,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.concurrency import DEV_SET, Clip, load_clips, local_server, percentile  # noqa: E402
+from bench.concurrency import (  # noqa: E402
+    DEV_SET,
+    Clip,
+    ensure_loopback,
+    load_clips,
+    local_server,
+    percentile,
+)
 
 SAMPLE_RATE = 16_000
 GAP_S = 0.5
@@ -254,6 +261,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-batch-size", type=int, help="WHISPER_MAX_BATCH_SIZE of the servers")
     parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--server-log", type=Path, help="folder for the servers' output")
+    parser.add_argument(
+        "--url",
+        action="append",
+        default=[],
+        metavar="MODE=URL",
+        help="a running loopback server started with that mode's settings (e.g. vad=http://127.0.0.1:8001);"
+        " modes without one get their own server",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if not 0 < args.minutes <= MAX_MINUTES:
@@ -262,6 +277,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--modes: some of {', '.join(MODES)}")
     if any(not 0 <= n <= 256 for n in args.load):
         parser.error("--load: client counts between 0 and 256")
+    urls = {}
+    for item in args.url:
+        mode, sep, url = item.partition("=")
+        if not sep or mode not in MODES:
+            parser.error(f"--url takes MODE=URL with MODE one of {', '.join(MODES)}, got {item!r}")
+        urls[mode] = ensure_loopback(url)
+    args.url = urls
     return args
 
 
@@ -286,6 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with ExitStack() as stack:
         if args.server_log:
             args.server_log.mkdir(parents=True, exist_ok=True)
+        urls = {mode: url for mode, url in args.url.items() if mode in args.modes}
+        starting = [mode for mode in args.modes if mode not in urls]
         servers = [
             local_server(
                 ",".join(args.models),
@@ -293,10 +317,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 extra_env=server_env(mode, long, args),
                 log=args.server_log / f"hour-{mode}.log" if args.server_log else None,
             )
-            for mode in args.modes
+            for mode in starting
         ]
-        with ThreadPoolExecutor(len(servers)) as starting:  # both servers load at once
-            urls = dict(zip(args.modes, starting.map(stack.enter_context, servers), strict=True))
+        if servers:
+            with ThreadPoolExecutor(len(servers)) as pool:  # the servers load at once
+                urls.update(zip(starting, pool.map(stack.enter_context, servers), strict=True))
         print(HEADER)
         print("-" * len(HEADER))
         for model in args.models:
