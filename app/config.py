@@ -91,6 +91,13 @@ class Settings(BaseSettings):
         "other processes share the cores.",
     )
     cuda_graphs: bool = Field(True, description="Capture the decode step in CUDA graphs (GPU).")
+    cuda_trimmed_context: bool = Field(
+        False,
+        description="GPU engines decode realtime partials over the turn's audio plus 5 s of "
+        "padding instead of a whole 30 s window (the CPU always does): each row records its "
+        "window's length and the cross-attention reads only that. Off: every partial pays a full "
+        "30 s window on the GPU.",
+    )
     warmup: bool = Field(True, description="Run warm-up windows before reporting ready.")
 
     # Default decoding options for requests (clients cannot set these through OpenAI's API)
@@ -154,7 +161,7 @@ class Settings(BaseSettings):
         True,
         description="Partial decodes encode only the open turn's audio instead of a 30 s "
         "window: several times cheaper on a CPU. Finals always use whole windows; GPU engines "
-        "always decode whole windows.",
+        "do so only with `WHISPER_CUDA_TRIMMED_CONTEXT`.",
     )
     realtime_max_partial_decodes: int = Field(
         16,
@@ -229,6 +236,7 @@ class Settings(BaseSettings):
             fp8_encoder=self.fp8_encoder,
             cpu_threads=self.cpu_threads,
             cuda_graphs=self.cuda_graphs,
+            cuda_trimmed_context=self.cuda_trimmed_context,
             warmup=self.warmup,
         )
 

@@ -72,6 +72,7 @@ WEBSOCKET_AUDIO_SECONDS = Counter(
 PARTIAL_LATENCY = Histogram(
     "whisper_partial_latency_seconds",
     "Time from audio arrival to the partial transcript that covers it",
-    buckets=STEP_BUCKETS + (10.0,),
+    # tenths of a second up to 1 s and steps to 2.5 s: capacity is judged at a p95 of 1 s
+    buckets=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.25, 1.5, 2.0, 2.5, 5.0, 10.0),
     registry=REGISTRY,
 )

@@ -47,6 +47,8 @@ class RuntimeOptions:
     int8_cross_kv: bool = False
     fp8_encoder: bool = False  # the encoder's and cross-K/V GEMMs in fp8 (compute capability 8.9+)
     cuda_graphs: bool = True
+    # GPU engines decode windows shorter than 30 s (realtime partials' trimmed audio context)
+    cuda_trimmed_context: bool = False
     cpu_threads: int = 0  # the engine thread's torch intra-op threads (0: torch's default, physical cores)
     warmup: bool = True
 
@@ -100,7 +102,7 @@ class ModelRuntime:
             return await asyncio.wrap_future(future)
 
         return ModelContext(self.tokenizer, self.config.dims.n_mels, self.config.multilingual,
-                            submit, cross_attention, trims_audio_context=self.engine.cross_in_first_row,
+                            submit, cross_attention, trims_audio_context=self.engine.trims_audio_context,
                             feature_device=self.engine.device if self.engine.device.type == "cuda" else None)
 
     async def start(self) -> None:
@@ -162,5 +164,6 @@ def load_runtime(engine_dir: str | Path, options: RuntimeOptions, name: str | No
     confine_to_one_thread()
     engine = load_engine(engine_dir, device=options.device, compute_dtype=options.compute_dtype,
                          max_rows=options.max_batch_size, int8_cross_kv=options.int8_cross_kv,
-                         cuda_graphs=options.cuda_graphs, fp8_encoder=options.fp8_encoder)
+                         cuda_graphs=options.cuda_graphs, fp8_encoder=options.fp8_encoder,
+                         cuda_trimmed_context=options.cuda_trimmed_context)
     return ModelRuntime(name or engine_dir.name, engine, options)

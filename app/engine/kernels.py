@@ -360,6 +360,12 @@ def int8_config(pairs: int) -> KernelConfig:
     return INT8_CONFIG if pairs >= INT8_MANY_PAIRS else INT8_FEW_PAIRS_CONFIG
 
 
+def cross_lengths_config(n_keys: int) -> KernelConfig:
+    """fp16/bf16 cross-attention over each row's own number of audio positions (trimmed windows):
+    the tiles decode_attention uses for whole fp16 K/V where cuDNN does not take them."""
+    return KernelConfig(block=128 if n_keys >= 1024 else 64)
+
+
 #: Prompt queries above which a prefill's int8 cross-attention reads dequantised K/V instead (each
 #: pass of the kernel reads the int8 K/V once for up to _MAX_QUERIES queries)
 MAX_PREFILL_QUERIES = 64
@@ -371,16 +377,17 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, k_scale: Tensor | None 
     """q [B, H, TQ, dh]; k, v [B, H, T, dh] (fp16/bf16/fp32, or int8 with scales [B, H, T, 1]);
     lengths [B]: keys per row (None: all T). Returns [B, H, TQ, dh] in q's dtype.
 
-    Every query attends to all keys (no causal mask): one query per row in a decode step, several
-    only without lengths (a prompt's cross-attention), read in passes of _MAX_QUERIES."""
+    Every query attends to all keys of its row (no causal mask): one query per row in a decode
+    step, several in a prompt's cross-attention, read in passes of _MAX_QUERIES (every query of a
+    row sees the same `lengths[b]` keys: a trimmed window's audio positions)."""
     tq, dh = q.shape[2:]
     if not (HAVE_TRITON and q.is_cuda and dh & (dh - 1) == 0 and k.stride(3) == 1
-            and (tq == 1 or (lengths is None and tq <= MAX_PREFILL_QUERIES))):
+            and tq <= MAX_PREFILL_QUERIES):
         return _reference(q, k, v, k_scale, v_scale, lengths)
     if tq > 1:
         # tensor-core tiles of up to _MAX_QUERIES query rows, whole key ranges (no combine pass)
         config = replace(config or KernelConfig(), use_dot=True, min_splits=1, programs_per_sm=0)
-        return torch.cat([_attend(q[:, :, i : i + _MAX_QUERIES], k, v, k_scale, v_scale, None, config)
+        return torch.cat([_attend(q[:, :, i : i + _MAX_QUERIES], k, v, k_scale, v_scale, lengths, config)
                           for i in range(0, tq, _MAX_QUERIES)], dim=2)
     return _attend(q, k, v, k_scale, v_scale, lengths, config)
 

@@ -76,7 +76,8 @@ class TorchEngine:
 
     def __init__(self, engine_dir: Path, config: EngineConfig, device: torch.device, dtype: torch.dtype,
                  max_rows: int, int8_cross_kv: bool = False, model: WhisperModel | None = None,
-                 cpu_packed_gemm: bool = True, fp8_encoder: bool = False) -> None:
+                 cpu_packed_gemm: bool = True, fp8_encoder: bool = False,
+                 cuda_trimmed_context: bool = False) -> None:
         self.engine_dir = engine_dir
         self.config = config
         self.device = device
@@ -94,8 +95,14 @@ class TorchEngine:
         if device.type == "cuda":
             # decode steps apply the LayerNorms inside their GEMMs (float weights; a no-op for int8)
             fold_decoder_norms(self.model.decoder)
+        # Windows shorter than 30 s (a realtime partial's trimmed audio context): the CPU reads each
+        # window's K/V through cross_runs, which carry its length; the GPU's decode kernel and its
+        # CUDA graphs read one K/V range per row, so there each row records its own length
+        # (DecoderCache.cross_len), on request: those reads then skip cuDNN's attention kernel.
+        self.trims_audio_context = device.type == "cpu" or cuda_trimmed_context
         cache = DecoderCache(config.dims, max_rows, device, dtype,
-                             cross_dtype=torch.int8 if int8_cross_kv else None)
+                             cross_dtype=torch.int8 if int8_cross_kv else None,
+                             cross_lengths=device.type != "cpu" and cuda_trimmed_context)
         self.runner = WhisperRunner(self.model, cache)
         # On the CPU a window's cross-attention K/V are stored once, in its first row, and its
         # beams read them there (decode's cross_runs); the GPU's fused decode kernel reads K/V per
@@ -170,7 +177,7 @@ DEFAULT_MAX_ROWS = {"cpu": 160, "cuda": 32}
 
 def load_engine(engine_dir: str | Path, *, device: str = "auto", compute_dtype: str | None = None,
                 max_rows: int | None = None, int8_cross_kv: bool = False, cuda_graphs: bool = True,
-                fp8_encoder: bool = False) -> TorchEngine:
+                fp8_encoder: bool = False, cuda_trimmed_context: bool = False) -> TorchEngine:
     engine_dir = Path(engine_dir)
     config = load_engine_config(engine_dir)
     if config.backend == "trtllm":
@@ -182,11 +189,13 @@ def load_engine(engine_dir: str | Path, *, device: str = "auto", compute_dtype: 
     max_rows = max_rows or DEFAULT_MAX_ROWS.get(dev.type, 32)
     if dev.type == "cpu" and dtype != torch.float32:
         log.warning("compute dtype %s on CPU is slow; float32 is recommended", dtype)
-    engine = TorchEngine(engine_dir, config, dev, dtype, max_rows, int8_cross_kv, fp8_encoder=fp8_encoder)
+    engine = TorchEngine(engine_dir, config, dev, dtype, max_rows, int8_cross_kv, fp8_encoder=fp8_encoder,
+                         cuda_trimmed_context=cuda_trimmed_context)
     if cuda_graphs:
         engine.enable_cuda_graphs()
     # what actually runs (an option the device cannot honour was downgraded with a warning)
-    log.info("engine %s on %s: %s, %d rows, cross-K/V %s, encoder GEMMs %s, CUDA graphs %s", config.name, dev,
-             str(dtype).removeprefix("torch."), max_rows, "int8" if int8_cross_kv else "full precision",
-             "fp8" if engine.fp8_encoder else "full precision", "on" if engine.graphs is not None else "off")
+    log.info("engine %s on %s: %s, %d rows, cross-K/V %s, encoder GEMMs %s, CUDA graphs %s, trimmed audio "
+             "context %s", config.name, dev, str(dtype).removeprefix("torch."), max_rows,
+             "int8" if int8_cross_kv else "full precision", "fp8" if engine.fp8_encoder else "full precision",
+             "on" if engine.graphs is not None else "off", "on" if engine.trims_audio_context else "off")
     return engine

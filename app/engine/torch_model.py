@@ -14,6 +14,7 @@ import functools
 import math
 import mmap
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,13 @@ from app.engine.encoder_input import encoder_input
 from app.engine.fp8_gemm import Fp8Linear, Fp8Rows, fp8_linear, quantize_rows
 from app.engine.fused_norm import add_layer_norm, add_layer_norm_fp8, layer_norm_fp8
 from app.engine.host_copy import device_tensor
-from app.engine.kernels import MAX_PREFILL_QUERIES, can_write_kv, decode_attention, write_kv_into
+from app.engine.kernels import (
+    MAX_PREFILL_QUERIES,
+    can_write_kv,
+    cross_lengths_config,
+    decode_attention,
+    write_kv_into,
+)
 from app.engine.logits_gemm import can_logits_fp32, logits_fp32
 from app.engine.norm_fold import can_fold_step, norm_linear, residual_linear
 from app.engine.row_gemm import KvAppend, step_linear
@@ -267,7 +274,7 @@ class DecoderCache:
     """
 
     def __init__(self, dims: ModelDims, max_rows: int, device: torch.device, dtype: torch.dtype,
-                 cross_dtype: torch.dtype | None = None) -> None:
+                 cross_dtype: torch.dtype | None = None, cross_lengths: bool = False) -> None:
         h, dh = dims.n_text_head, dims.n_text_state // dims.n_text_head
         layers = dims.n_text_layer
         self.max_rows = max_rows
@@ -286,6 +293,12 @@ class DecoderCache:
         if self.quantized_cross:
             self.cross_k_scale = torch.ones(layers, max_rows, h, dims.n_audio_ctx, 1, device=device, dtype=dtype)
             self.cross_v_scale = torch.ones_like(self.cross_k_scale)
+        # Encoder positions each row's cross-K/V hold (n_audio_ctx for a 30 s window, fewer for a
+        # trimmed audio context): the GPU's cross-attention reads only those, so windows of any
+        # length share the rows and the CUDA graphs (which read this buffer when replayed).
+        self.cross_len: Tensor | None = None
+        if cross_lengths:
+            self.cross_len = torch.full((max_rows,), dims.n_audio_ctx, dtype=torch.int32, device=device)
 
     def tensors(self) -> list[Tensor]:
         out = [self.self_k, self.self_v, self.cross_k, self.cross_v]
@@ -305,6 +318,8 @@ class DecoderCache:
         if cross:
             for cache in self.tensors()[2:]:
                 cache[:, d] = cache[:, s]
+            if self.cross_len is not None:
+                self.cross_len[d] = self.cross_len[s]
 
 
 def quantize_rows_int8(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -401,6 +416,8 @@ class WhisperRunner:
         layers = list(self.model.decoder.layers)
         # fp8 projections quantise the encoder output once for every layer
         audio_fp8 = quantize_rows(audio_features) if layers[0].cross.fp8_kv is not None else None
+        if cache.cross_len is not None:
+            cache.cross_len[index] = t
         for i, layer in enumerate(layers):
             fp8_kv = layer.cross.fp8_kv
             if audio_fp8 is not None and fp8_kv is not None:
@@ -442,6 +459,10 @@ class WhisperRunner:
         rows need no copy of them); rows outside every run (holes in the batch) get zeros.
         """
         b, h, t, dh = cq.shape
+        if runs is None and cq.is_cuda and self.cache.cross_len is not None:
+            # rows may hold trimmed windows: only the kernel (or its masked reference) reads each
+            # row's own length
+            return self._cross_attention_kernel(layer, cq, start)
         if runs is None and self.cache.quantized_cross and cq.is_cuda and t <= MAX_PREFILL_QUERIES:
             # a prompt prefill: the int8 K/V read as they are (dequantising every layer's K/V for a
             # few queries took ~40 ms of a large-v3 batch of 64 windows on an H200)
@@ -534,9 +555,15 @@ class WhisperRunner:
         [start, start + B), int8 ones with their scales."""
         c = self.cache
         rows = slice(start, start + cq.shape[0])
-        scales = {"k_scale": c.cross_k_scale[layer, rows], "v_scale": c.cross_v_scale[layer, rows]} \
+        options: dict[str, Any] = {"k_scale": c.cross_k_scale[layer, rows], "v_scale": c.cross_v_scale[layer, rows]} \
             if c.quantized_cross else {}
-        return decode_attention(cq, c.cross_k[layer, rows], c.cross_v[layer, rows], **scales)
+        if c.cross_len is not None:
+            # each row's own positions (a trimmed window's fewer); fp16 K/V then take the kernel's
+            # long-key tiles instead of cuDNN's, which reads every position
+            options["lengths"] = c.cross_len[rows]
+            if not c.quantized_cross:
+                options["config"] = cross_lengths_config(c.cross_k.shape[3])
+        return decode_attention(cq, c.cross_k[layer, rows], c.cross_v[layer, rows], **options)
 
     def _decode_folded(self, x: Tensor, positions: Tensor, lengths: Tensor | None, start: int, end: int,
                        kv_len: int) -> Tensor:
