@@ -71,3 +71,9 @@ class QueueFullError(WhisperServeError):
 
 class ShuttingDownError(QueueFullError):
     code = "shutting_down"
+
+
+class AudioBudgetError(QueueFullError):
+    """The process-wide budget for decoded audio in memory is spent (WHISPER_AUDIO_MEMORY_BUDGET_MB)."""
+
+    code = "server_busy"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
@@ -15,6 +16,7 @@ from app.api.errors import CLIENT_CLOSED_REQUEST
 from app.api.forms import TranscriptionForm, build_transcribe_options
 from app.api.registry import ModelRegistry, Phase
 from app.api.upload import read_multipart_form
+from app.audio.budget import AudioBudget, AudioLease
 from app.audio.constants import SAMPLE_RATE
 from app.audio.decode import decode_audio
 from app.config import Settings
@@ -99,18 +101,33 @@ async def _transcribe(request: Request, task: Task) -> Response:
     if not file.data:
         raise InvalidRequestError("The uploaded file is empty.", param="file")
 
-    # Decoding is CPU work in C libraries (FFmpeg, soxr); keep it off the event loop.
-    audio = await asyncio.to_thread(
-        decode_audio, file.data, sample_rate=SAMPLE_RATE, max_duration_s=settings.max_audio_seconds
-    )
-    if form.stream:
-        return await stream_transcription(
-            request, model.runtime, audio, options, duration_limit_s=settings.max_audio_seconds
+    budget: AudioBudget = request.app.state.audio_budget
+    lease: AudioLease | None = budget.lease()
+    try:
+        # Decoding is CPU work in C libraries (FFmpeg, soxr); keep it off the event loop.
+        audio = await asyncio.to_thread(
+            decode_audio,
+            file.data,
+            sample_rate=SAMPLE_RATE,
+            max_duration_s=settings.max_audio_seconds,
+            hold=lease.hold,
         )
-    result = await cancel_on_disconnect(
-        request,
-        model.runtime.transcribe(audio, options, duration_limit_s=settings.max_audio_seconds),
-    )
+        del upload, file  # the compressed bytes are no longer needed
+        if form.stream:
+            response = await stream_transcription(
+                request, model.runtime, audio, options, duration_limit_s=settings.max_audio_seconds
+            )
+            # The stream holds the samples until it ends: give the memory back with them.
+            weakref.finalize(audio, lease.release)
+            lease = None
+            return response
+        result = await cancel_on_disconnect(
+            request,
+            model.runtime.transcribe(audio, options, duration_limit_s=settings.max_audio_seconds),
+        )
+    finally:
+        if lease is not None:
+            lease.release()
     # AUDIO_SECONDS and REAL_TIME_FACTOR are recorded by the runtime itself, so that every
     # entry point (REST, realtime, CLI) counts them once.
     body, media_type = render(result, form.response_format, form.timestamp_granularities)
