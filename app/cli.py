@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 import uvicorn
+from fastapi import FastAPI
 
 from app.config import Settings
 from app.engine.config import CONFIG_FILE
@@ -47,6 +48,36 @@ def ensure_bundled_engine(settings: Settings) -> None:
         sys.exit(result.returncode or 1)
 
 
+def build_server(app: FastAPI, settings: Settings) -> DrainingServer:
+    """uvicorn with the service's connection limits, log redaction and shutdown stages."""
+    limits = ConnectionLimits(
+        header_timeout_s=settings.http_header_timeout_s,
+        body_timeout_s=settings.http_body_timeout_s,
+        body_min_rate=settings.http_body_min_rate,
+        max_connections=settings.max_connections,
+    )
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        lifespan="on",
+        # One process owns the GPU and its batching scheduler; scale with replicas, not workers.
+        workers=1,
+        http=http_protocol(limits),
+        ws=ClosingWebSocketProtocol,
+        timeout_keep_alive=max(1, round(settings.http_keep_alive_timeout_s)),
+    )
+    log_redaction.install()
+    return DrainingServer(
+        config,
+        drain_s=settings.shutdown_drain_s,
+        grace_s=settings.shutdown_grace_s,
+        on_drain=lambda: begin_draining(app),
+        on_hard_stop=lambda: stop_now(app),
+    )
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="whisper-serve", description="Serve Whisper over an OpenAI-compatible API."
@@ -74,32 +105,7 @@ def serve(argv: Sequence[str] | None = None) -> None:
         ensure_bundled_engine(settings)
 
     app = create_app(settings)
-    limits = ConnectionLimits(
-        header_timeout_s=settings.http_header_timeout_s,
-        body_timeout_s=settings.http_body_timeout_s,
-        body_min_rate=settings.http_body_min_rate,
-        max_connections=settings.max_connections,
-    )
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        lifespan="on",
-        # One process owns the GPU and its batching scheduler; scale with replicas, not workers.
-        workers=1,
-        http=http_protocol(limits),
-        ws=ClosingWebSocketProtocol,
-        timeout_keep_alive=int(max(1, settings.http_keep_alive_timeout_s)),
-    )
-    log_redaction.install()
-    server = DrainingServer(
-        config,
-        drain_s=settings.shutdown_drain_s,
-        grace_s=settings.shutdown_grace_s,
-        on_drain=lambda: begin_draining(app),
-        on_hard_stop=lambda: stop_now(app),
-    )
+    server = build_server(app, settings)
     server.run()
     if not server.started:
         sys.exit(STARTUP_FAILURE)

@@ -262,15 +262,20 @@ async def _next_message(
     done, _ = await asyncio.wait(
         waits, timeout=max(0.0, deadline - now), return_when=asyncio.FIRST_COMPLETED
     )
+    if outbox.failed.done():
+        # Checked before any message that arrived meanwhile: a client flooding us while not
+        # reading always has one waiting, and must still be dropped now.
+        if not receive.done():
+            receive.cancel()
+        await asyncio.gather(receive, return_exceptions=True)
+        failure = outbox.failed.result()
+        if isinstance(failure, SlowClientError):
+            log.warning("realtime session %s dropped: %s", session.id, failure)
+            return Close(POLICY_VIOLATION, str(failure)[:120], drain=False)
+        return None  # the socket broke under the sender
     if receive not in done:
         receive.cancel()
         await asyncio.gather(receive, return_exceptions=True)
-        if outbox.failed.done():
-            failure = outbox.failed.result()
-            if isinstance(failure, SlowClientError):
-                log.warning("realtime session %s dropped: %s", session.id, failure)
-                return Close(POLICY_VIOLATION, str(failure)[:120], drain=False)
-            return None  # the socket broke under the sender
         if draining.done():
             return _CONTINUE  # closed with 1012 once its pending transcripts are out
         if loop.time() >= session_deadline:

@@ -156,9 +156,11 @@ class WindowedLogMel:
         window = torch.hann_window(N_FFT, periodic=True)
         spec = torch.stft(x, N_FFT, HOP_LENGTH, window=window, center=False, return_complex=True)
         power = torch.view_as_real(spec).square().sum(dim=-1)
-        return (mel_filters(self.n_mels, device=x.device, dtype=x.dtype) @ power).clamp(
-            min=_LOG_FLOOR
-        ).log10()
+        return (
+            (mel_filters(self.n_mels, device=x.device, dtype=x.dtype) @ power)
+            .clamp(min=_LOG_FLOOR)
+            .log10()
+        )
 
     def __getitem__(self, key: tuple[slice, slice]) -> torch.Tensor:
         rows, frames = key

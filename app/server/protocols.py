@@ -10,7 +10,10 @@ number of such connections may be open. These subclasses add, per connection:
 - a body deadline that grows with the bytes received: `body_timeout_s + received / min_rate`
   seconds after the headers (Apache's mod_reqtimeout rule), else 408 and close. It is not
   charged while uvicorn itself has paused reading because the app is behind;
-- a cap on open connections: one more is answered 503 (OpenAI's error shape) and closed.
+- a cap on open connections: one more is answered 503 (OpenAI's error shape) and closed;
+- a bounded lingering close: after a response sent before the request body was read (the app
+  marks it `Connection: close`), the write side is shut and whatever else arrives is thrown
+  away, unparsed, for at most `LINGER_S`; then the socket closes.
 
 The WebSocket protocol sends its close frame even when the client has stopped reading, and
 aborts a socket whose closing handshake does not finish within `CLOSE_TIMEOUT_S`: a plain
@@ -29,6 +32,11 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 
 #: Seconds a WebSocket close handshake may take before the socket is aborted.
 CLOSE_TIMEOUT_S = 2.0
+#: After answering a request whose body was not read (401, 413, 503...), how long the rest of
+#: the body is read and thrown away before the socket closes. Closing at once would make the
+#: kernel answer the client's next segments with a reset, which can destroy the response
+#: before the client reads it; lingering a bounded time is what nginx does (lingering_close).
+LINGER_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._body_started = self._body_checked = 0.0
         self._body_received = 0
         self._bytes_seen = False
+        self._lingering = False
 
     # -- connection -------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -97,6 +106,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return  # the rest of a refused request: thrown away unparsed
         if data:
             self._bytes_seen = True
         super().data_received(data)
@@ -114,6 +125,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._cancel_header_timer()
         super().on_headers_complete()
+        if self.cycle is not None and not isinstance(self.cycle.transport, _LingeringTransport):
+            self.cycle.transport = _LingeringTransport(self.transport, self)  # type: ignore[assignment]
         if self.cycle is not None and self.cycle.more_body and self._has_body():
             self._body_started = self._body_checked = self.loop.time()
             self._body_received = 0
@@ -188,13 +201,32 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             cycle.message_event.set()
         elif cycle is None and self._bytes_seen:
             self.transport.write(response)
-        self._cancel_timers()
-        self.transport.close()
+        self.linger_then_close()
 
     def _close_with(self, response: bytes) -> None:
-        self._cancel_timers()
         self.transport.write(response)
-        self.transport.close()
+        self.linger_then_close()
+
+    def linger_then_close(self) -> None:
+        """Shut the write side now, discard what still arrives, close after LINGER_S."""
+        self._cancel_timers()
+        transport = self.transport
+        if transport.is_closing() or self._lingering:
+            return
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        self._lingering = True
+        transport.write_eof()
+        self.flow.resume_reading()
+        self.loop.call_later(LINGER_S, transport.close)
+
+    def close_after_response(self) -> None:
+        """The app's response is out and the connection is not kept alive."""
+        if self.cycle is not None and self.cycle.more_body:
+            self.linger_then_close()  # the client may still be sending the body
+        else:
+            self.transport.close()
 
     def _cancel_header_timer(self) -> None:
         if self._header_timer is not None:
@@ -218,6 +250,20 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     @property
     def receiving_body(self) -> bool:
         return self.in_request and bool(self.cycle.more_body)
+
+
+class _LingeringTransport:
+    """The transport as uvicorn's request cycle sees it: its close() lingers (see module doc)."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: LimitedHttpProtocol) -> None:
+        self._transport = transport
+        self._protocol = protocol
+
+    def close(self) -> None:
+        self._protocol.close_after_response()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 class ClosingWebSocketProtocol(WebSocketsSansIOProtocol):
