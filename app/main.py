@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from app.api import demo, health, metrics, models, realtime, transcriptions
+from app.api import demo, health, metrics, models, openapi, realtime, transcriptions
 from app.api.errors import install_exception_handlers
 from app.api.middleware import CloseUnreadBodyMiddleware, RequestMetricsMiddleware
 from app.api.registry import ModelRegistry, Phase
@@ -142,6 +142,7 @@ def create_app(
     for module in (transcriptions, realtime, models, health, metrics, demo):
         app.include_router(module.router)
     demo.mount_static(app)
+    openapi.install(app)
     return app
 
 

@@ -29,45 +29,51 @@ log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/audio", tags=["audio"], dependencies=[Depends(require_api_key)])
 
+
 # The body is parsed by our streaming reader, not by FastAPI, so describe it for /docs by hand.
-_FORM_SCHEMA = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {
-                        "file": {"type": "string", "format": "binary"},
-                        "model": {"type": "string", "default": "whisper-1"},
-                        "language": {"type": "string"},
-                        "prompt": {"type": "string"},
-                        "response_format": {
-                            "type": "string",
-                            "enum": ["json", "text", "srt", "vtt", "verbose_json"],
-                            "default": "json",
-                        },
-                        "temperature": {"type": "number", "minimum": 0, "maximum": 1, "default": 0},
-                        "timestamp_granularities[]": {
-                            "type": "array",
-                            "items": {"type": "string", "enum": ["word", "segment"]},
-                        },
-                        "stream": {"type": "boolean", "default": False},
-                    },
-                }
-            }
+def _form_schema(*, streams: bool) -> dict:
+    properties: dict[str, object] = {
+        "file": {"type": "string", "format": "binary"},
+        "model": {"type": "string", "default": "whisper-1"},
+        "language": {"type": "string"},
+        "prompt": {"type": "string"},
+        "response_format": {
+            "type": "string",
+            "enum": ["json", "text", "srt", "vtt", "verbose_json"],
+            "default": "json",
+        },
+        "temperature": {"type": "number", "minimum": 0, "maximum": 1, "default": 0},
+        "timestamp_granularities[]": {
+            "type": "array",
+            "items": {"type": "string", "enum": ["word", "segment"]},
         },
     }
-}
+    if streams:  # translations cannot stream (check_streamable)
+        properties["stream"] = {"type": "boolean", "default": False}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {"type": "object", "required": ["file"], "properties": properties}
+                }
+            },
+        }
+    }
 
 
-@router.post("/transcriptions", openapi_extra=_FORM_SCHEMA, summary="Transcribe audio")
+@router.post(
+    "/transcriptions", openapi_extra=_form_schema(streams=True), summary="Transcribe audio"
+)
 async def create_transcription(request: Request) -> Response:
     return await _serve(request, task="transcribe")
 
 
-@router.post("/translations", openapi_extra=_FORM_SCHEMA, summary="Translate audio into English")
+@router.post(
+    "/translations",
+    openapi_extra=_form_schema(streams=False),
+    summary="Translate audio into English",
+)
 async def create_translation(request: Request) -> Response:
     return await _serve(request, task="translate")
 
