@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from app.config import Settings
 from app.engine.config import CONFIG_FILE
 from app.main import begin_draining, create_app, stop_now
-from app.server import log_redaction
+from app.server import log_redaction, memory
 from app.server.protocols import ClosingWebSocketProtocol, ConnectionLimits, http_protocol
 from app.server.server import DrainingServer
 
@@ -104,6 +104,7 @@ def serve(argv: Sequence[str] | None = None) -> None:
     if not args.no_build:
         ensure_bundled_engine(settings)
 
+    memory.limit_arenas()
     app = create_app(settings)
     server = build_server(app, settings)
     server.run()

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import weakref
 
+import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
@@ -23,6 +24,7 @@ from app.config import Settings
 from app.decoding.options import Task
 from app.errors import InvalidRequestError, ShuttingDownError
 from app.formats import render
+from app.server import memory
 from app.streaming.sse import check_streamable, stream_transcription
 
 log = logging.getLogger(__name__)
@@ -109,6 +111,7 @@ async def _transcribe(request: Request, task: Task) -> Response:
 
     budget: AudioBudget = request.app.state.audio_budget
     lease: AudioLease | None = budget.lease()
+    audio: np.ndarray | None = None
     try:
         # Decoding is CPU work in C libraries (FFmpeg, soxr); keep it off the event loop.
         audio = await asyncio.to_thread(
@@ -133,6 +136,9 @@ async def _transcribe(request: Request, task: Task) -> Response:
         )
     finally:
         if lease is not None:
+            if lease.held >= memory.TRIM_AFTER_BYTES:
+                audio = None  # the samples go before the trim
+                await asyncio.to_thread(memory.trim)  # give the samples' pages back
             lease.release()
     # AUDIO_SECONDS and REAL_TIME_FACTOR are recorded by the runtime itself, so that every
     # entry point (REST, realtime, CLI) counts them once.
