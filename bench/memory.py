@@ -104,7 +104,7 @@ async def measure(url: str, pid: int, data: bytes, concurrent: int, timeout: flo
         rows.append(("RSS after them (MiB)", f"{proc_status(pid, 'VmRSS'):.0f}"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
-        print(f"{key:<{width}}  {value}")
+        print(f"{key:<{width}}  {value}", flush=True)
 
 
 def main() -> None:

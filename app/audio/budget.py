@@ -61,10 +61,12 @@ class AudioLease:
         self.held = 0
 
     def hold(self, nbytes: int) -> None:
-        """Make the lease cover at least `nbytes` (it never shrinks before release)."""
+        """Make the lease cover `nbytes`: what the request holds now (more or less than before)."""
         if nbytes > self.held:
             self._budget._grow(nbytes - self.held)
-            self.held = nbytes
+        elif nbytes < self.held:
+            self._budget._shrink(self.held - nbytes)
+        self.held = nbytes
 
     def release(self) -> None:
         if self.held:

@@ -47,6 +47,8 @@ _HEADER_SLACK_S: float = 1.0
 # block by block instead of materialising the whole multi-channel file.
 _BLOCK_FRAMES: int = 1 << 18
 _PARAM = "file"
+#: Output samples allocated beyond the header's duration (resampler rounding, filter tail).
+_EXPECT_SLACK: int = 4096
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,9 @@ class _Collector:
         self._hold = hold
         self._blocks: list[np.ndarray] = []
         self._out_samples = 0
+        #: output preallocated from the header's duration (joining blocks would need twice
+        #: the memory at the end); blocks past its end, if the header was short, go to _blocks
+        self._buffer: np.ndarray | None = None
         self._resampler: StreamResampler | None = None
         self._rate = 0
         self._run_samples = 0  # input samples at the current rate
@@ -124,6 +129,18 @@ class _Collector:
     @property
     def empty(self) -> bool:
         return self._run_samples == 0 and self._done_s == 0.0
+
+    def expect(self, seconds: float) -> None:
+        """The header's duration: allocate the output once (charged to the budget first)."""
+        if self._buffer is not None or self._out_samples or not 0 < seconds < 1e6:
+            return
+        if self.max_duration_s is not None:
+            seconds = min(seconds, self.max_duration_s)
+        # + slack for the resampler's rounding and filter tail
+        capacity = int(np.ceil(seconds * self.target_rate)) + _EXPECT_SLACK
+        if self._hold is not None:
+            self._hold(capacity * 4)
+        self._buffer = np.empty(capacity, dtype=np.float32)
 
     def add(self, mono: np.ndarray, rate: int) -> None:
         if rate != self._rate:
@@ -141,11 +158,18 @@ class _Collector:
         self._append(self._resampler.process(mono))
 
     def _append(self, out: np.ndarray) -> None:
-        if out.size:
-            self._blocks.append(out)
-            self._out_samples += out.size
+        if not out.size:
+            return
+        start, end = self._out_samples, self._out_samples + out.size
+        buffer = self._buffer
+        if buffer is not None and not self._blocks and end <= len(buffer):
+            buffer[start:end] = out
+        else:
             if self._hold is not None:
-                self._hold(self._out_samples * out.itemsize)
+                held = len(buffer) if buffer is not None else 0
+                self._hold((held + sum(b.size for b in self._blocks) + out.size) * out.itemsize)
+            self._blocks.append(out)
+        self._out_samples = end
 
     def _flush(self) -> None:
         if self._resampler is not None:
@@ -155,6 +179,16 @@ class _Collector:
     def result(self) -> np.ndarray:
         self._flush()
         blocks, self._blocks = self._blocks, []
+        buffer, self._buffer = self._buffer, None
+        if buffer is not None:
+            filled = buffer[: self._out_samples - sum(b.size for b in blocks)]
+            if filled.size < len(buffer) // 2:
+                # the header promised far more than there was (a truncated file): keep only
+                # what was decoded, and charge only that
+                filled = filled.copy()
+                if self._hold is not None:
+                    self._hold((self._out_samples) * 4)
+            blocks.insert(0, filled)
         if not blocks:
             return np.zeros(0, np.float32)
         audio = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
@@ -191,6 +225,8 @@ def _decode_soundfile(src: _Source, out: _Collector) -> None:
             header_s = f.frames / f.samplerate
             if header_s > max_duration_s + _HEADER_SLACK_S:
                 raise _too_long(header_s, max_duration_s)
+        if f.samplerate > 0 and 0 < f.frames < 2**62:
+            out.expect(f.frames / f.samplerate)
         try:
             while True:
                 block = f.read(_BLOCK_FRAMES, dtype="float32", always_2d=True)
@@ -259,6 +295,7 @@ def _decode_av(src: _Source, out: _Collector) -> None:
             header_s = _av_header_duration(container, stream)
             if header_s > out.max_duration_s + _HEADER_SLACK_S:
                 raise _too_long(header_s, out.max_duration_s)
+        out.expect(_av_header_duration(container, stream))
         _decode_av_stream(container, stream, out)
 
 
@@ -328,8 +365,8 @@ def decode_audio(
         _decode_soundfile(src, collector)
     except _NotDecodable as sf_failure:
         try:
-            # A fresh collector: what libsndfile returned before failing may be garbage. The
-            # lease in `hold` already covers the bytes it held, so nothing is charged twice.
+            # A fresh collector: what libsndfile returned before failing may be garbage (it is
+            # dropped here, and the fresh collector's charges replace its own).
             collector = _Collector(sample_rate, max_duration_s, hold)
             _decode_av(src, collector)
         except _NotDecodable as av_failure:
