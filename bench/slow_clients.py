@@ -53,12 +53,13 @@ async def slow_connection(port: int, max_wait: float) -> float | None:
     writer.write(
         b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\n"
         b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n"
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
     )
     began = time.monotonic()
 
     async def trickle() -> None:
         while True:
-            writer.write(b"-")
+            writer.write(b"\0")  # the file's bytes, one a second
             await writer.drain()
             await asyncio.sleep(1.0)
 

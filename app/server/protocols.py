@@ -188,7 +188,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self.cut(BODY_TIMEOUT)
 
     # -- closing ------------------------------------------------------------------------------
-    def cut(self, response: bytes = SHUTTING_DOWN) -> None:
+    def cut(self, response: bytes = SHUTTING_DOWN, linger_s: float = LINGER_S) -> None:
         """End the connection now: answer `response` if nothing was answered yet, then close.
 
         The app, if it is still reading the body, sees the client disconnect.
@@ -201,14 +201,14 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             cycle.message_event.set()
         elif cycle is None and self._bytes_seen:
             self.transport.write(response)
-        self.linger_then_close()
+        self.linger_then_close(linger_s)
 
     def _close_with(self, response: bytes) -> None:
         self.transport.write(response)
         self.linger_then_close()
 
-    def linger_then_close(self) -> None:
-        """Shut the write side now, discard what still arrives, close after LINGER_S."""
+    def linger_then_close(self, linger_s: float = LINGER_S) -> None:
+        """Shut the write side now, discard what still arrives, close after `linger_s`."""
         self._cancel_timers()
         transport = self.transport
         if transport.is_closing() or self._lingering:
@@ -219,7 +219,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._lingering = True
         transport.write_eof()
         self.flow.resume_reading()
-        self.loop.call_later(LINGER_S, transport.close)
+        self.loop.call_later(linger_s, transport.close)
 
     def close_after_response(self) -> None:
         """The app's response is out and the connection is not kept alive."""
@@ -300,13 +300,13 @@ class ClosingWebSocketProtocol(WebSocketsSansIOProtocol):
         if not self.handshake_complete:
             super().shutdown()  # mid-handshake: nothing the app could close yet
 
-    def force_close(self) -> None:
-        """Close with 1012 (service restart) now; abort if unanswered."""
+    def force_close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+        """Close with 1012 (service restart) now; abort if still open after `timeout_s`."""
         if self.transport.is_closing():
             return
         self.writable.set()
         super().shutdown()
-        self.loop.call_later(CLOSE_TIMEOUT_S, self.transport.abort)
+        self.loop.call_later(timeout_s, self.transport.abort)
 
 
 def http_protocol(limits: ConnectionLimits) -> type[LimitedHttpProtocol]:

@@ -9,8 +9,9 @@ Here a signal starts:
    `shutting_down` with Retry-After; realtime sessions are closed with 1012 (service restart)
    once their pending transcripts are sent; in-flight requests go on;
 2. the grace period (`grace_s`): the listener is closed, in-flight requests may finish;
-3. the hard stop: what still runs is cancelled and answered 503, slow uploads are cut, the
-   remaining sockets are closed; the engines stop and the process exits with status 0.
+3. the hard stop, just before the grace period ends: what still runs is cancelled and
+   answered 503, slow uploads are cut, the remaining sockets are closed; the engines stop
+   and the process exits with status 0, within drain + grace of the signal.
 
 A second SIGINT (Ctrl+C twice) skips to the end, as in uvicorn.
 """
@@ -29,8 +30,11 @@ from app.server.protocols import ClosingWebSocketProtocol, LimitedHttpProtocol
 
 log = logging.getLogger("whisper_serve")
 
-#: Time between the hard stop and uvicorn cancelling what is left, for 503s to be written.
-HARD_STOP_FLUSH_S = 2.0
+#: The hard stop comes this long before the grace period ends, so that the 503s are written,
+#: the sockets closed and the engines stopped within drain + grace.
+HARD_STOP_MARGIN_S = 1.5
+#: How long cut connections linger (and WebSockets wait for their close) at the hard stop.
+HARD_STOP_LINGER_S = 0.5
 
 
 class DrainingServer(uvicorn.Server):
@@ -43,7 +47,8 @@ class DrainingServer(uvicorn.Server):
         on_drain: Callable[[], None],
         on_hard_stop: Callable[[], None],
     ) -> None:
-        config.timeout_graceful_shutdown = int(grace_s + HARD_STOP_FLUSH_S + 1)
+        # uvicorn cancels what is left when the grace period ends
+        config.timeout_graceful_shutdown = max(0.1, grace_s)  # type: ignore[assignment]
         super().__init__(config)
         self.drain_s = drain_s
         self.grace_s = grace_s
@@ -86,7 +91,9 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
     async def shutdown(self, sockets: list | None = None) -> None:
-        hard_stop = asyncio.get_running_loop().call_later(self.grace_s, self._hard_stop)
+        hard_stop = asyncio.get_running_loop().call_later(
+            max(0.0, self.grace_s - HARD_STOP_MARGIN_S), self._hard_stop
+        )
         try:
             await super().shutdown(sockets=sockets)
         finally:
@@ -99,7 +106,7 @@ class DrainingServer(uvicorn.Server):
         for connection in list(self.server_state.connections):
             if isinstance(connection, LimitedHttpProtocol):
                 if connection.receiving_body or not connection.in_request:
-                    connection.cut()
+                    connection.cut(linger_s=HARD_STOP_LINGER_S)
                 # else: the app answers 503 as its work is cancelled (on_hard_stop)
             elif isinstance(connection, ClosingWebSocketProtocol):
-                connection.force_close()
+                connection.force_close(HARD_STOP_LINGER_S)
