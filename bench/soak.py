@@ -46,7 +46,9 @@ def load_clips(limit: int) -> list[tuple[str, bytes]]:
     directory = DEV_SET if (DEV_SET / "manifest.tsv").is_file() else FIXTURES
     with (directory / "manifest.tsv").open(newline="") as f:
         rows = list(csv.DictReader(f, delimiter="\t"))[:limit]
-    return [(row["file"], (directory / row["file"]).read_bytes()) for row in rows]
+    # the dev set names the file `path`, tests/data `file`
+    paths = [directory / (row.get("path") or row["file"]) for row in rows]
+    return [(path.name, path.read_bytes()) for path in paths]
 
 
 def rss_mib(pid: int) -> float:
