@@ -42,27 +42,16 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve(
-    env: Mapping[str, str],
-    *,
-    output: IO[bytes] | None = None,
-    log: Path | None = None,
-    startup_timeout_s: float = 300.0,
-    stop_timeout_s: float = 60.0,
-    build: bool = False,
-) -> Iterator[ServerProcess]:
+def serve(env: Mapping[str, str], *, output: IO[bytes] | None = None, log: Path | None = None,
+          startup_timeout_s: float = 300.0, stop_timeout_s: float = 60.0,
+          build: bool = False) -> Iterator[ServerProcess]:
     """Start the service with `env`, yield once /ready answers 200, stop it on exit."""
     port = free_port()
     args = [sys.executable, "-m", "app.cli", "--host", "127.0.0.1", "--port", str(port)]
     if not build:
         args.append("--no-build")
-    process = subprocess.Popen(
-        args,
-        cwd=REPO_ROOT,
-        env=dict(env),
-        stdout=output,
-        stderr=subprocess.STDOUT if output is not None else None,
-    )
+    process = subprocess.Popen(args, cwd=REPO_ROOT, env=dict(env), stdout=output,
+                               stderr=subprocess.STDOUT if output is not None else None)
     server = ServerProcess(f"http://127.0.0.1:{port}", port, process)
 
     def tail() -> str:

@@ -47,9 +47,7 @@ class RuntimeOptions:
     int8_cross_kv: bool = False
     fp8_encoder: bool = False  # the encoder's and cross-K/V GEMMs in fp8 (compute capability 8.9+)
     cuda_graphs: bool = True
-    cpu_threads: int = (
-        0  # the engine thread's torch intra-op threads (0: torch's default, physical cores)
-    )
+    cpu_threads: int = 0  # the engine thread's torch intra-op threads (0: torch's default, physical cores)
     warmup: bool = True
 
 
@@ -60,11 +58,7 @@ class Runtime(Protocol):
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
     async def transcribe(
-        self,
-        audio: np.ndarray,
-        options: TranscribeOptions,
-        *,
-        duration_limit_s: float | None = None,
+        self, audio: np.ndarray, options: TranscribeOptions, *, duration_limit_s: float | None = None,
         on_segment: SegmentCallback | None = None,
     ) -> TranscriptionResult: ...
     def queue_depth(self) -> int: ...
@@ -104,24 +98,16 @@ class ModelRuntime:
             )
             return await asyncio.wrap_future(future)
 
-        return ModelContext(
-            self.tokenizer,
-            self.config.dims.n_mels,
-            self.config.multilingual,
-            submit,
-            cross_attention,
-            trims_audio_context=self.engine.cross_in_first_row,
-            feature_device=self.engine.device if self.engine.device.type == "cuda" else None,
-        )
+        return ModelContext(self.tokenizer, self.config.dims.n_mels, self.config.multilingual,
+                            submit, cross_attention, trims_audio_context=self.engine.cross_in_first_row,
+                            feature_device=self.engine.device if self.engine.device.type == "cuda" else None)
 
     async def start(self) -> None:
         self.scheduler.start()
         if self.options.warmup:
             started = time.perf_counter()
             # one short greedy and one beam window: builds kernels / allocator pools before traffic
-            noise = (np.random.default_rng(0).standard_normal(SAMPLE_RATE) * 0.01).astype(
-                np.float32
-            )
+            noise = (np.random.default_rng(0).standard_normal(SAMPLE_RATE) * 0.01).astype(np.float32)
             await self._transcribe(noise, TranscribeOptions.greedy(), record=False)
             await self._transcribe(noise, TranscribeOptions(), record=False)
             log.info("model %s warmed up in %.1f s", self.name, time.perf_counter() - started)
@@ -131,37 +117,24 @@ class ModelRuntime:
         self.ready = False
         await asyncio.to_thread(self.scheduler.stop)
 
-    async def transcribe(
-        self,
-        audio: np.ndarray,
-        options: TranscribeOptions,
-        *,
-        duration_limit_s: float | None = None,
-        on_segment: SegmentCallback | None = None,
-    ) -> TranscriptionResult:
+    async def transcribe(self, audio: np.ndarray, options: TranscribeOptions, *,
+                         duration_limit_s: float | None = None,
+                         on_segment: SegmentCallback | None = None) -> TranscriptionResult:
         duration = len(audio) / SAMPLE_RATE
         if duration_limit_s is not None and duration > duration_limit_s:
             raise AudioTooLongError(
-                f"Audio is {duration:.1f} s long; the limit is {duration_limit_s:.0f} s.",
-                param="file",
+                f"Audio is {duration:.1f} s long; the limit is {duration_limit_s:.0f} s.", param="file"
             )
         return await self._transcribe(audio, options, record=True, on_segment=on_segment)
 
-    async def _transcribe(
-        self,
-        audio: np.ndarray,
-        options: TranscribeOptions,
-        record: bool,
-        on_segment: SegmentCallback | None = None,
-    ) -> TranscriptionResult:
+    async def _transcribe(self, audio: np.ndarray, options: TranscribeOptions, record: bool,
+                          on_segment: SegmentCallback | None = None) -> TranscriptionResult:
         started = time.perf_counter()
         transcriber = Transcriber(self._context(next(_request_ids)))
         result = await transcriber.transcribe(audio, options, on_segment=on_segment)
         if record and result.duration > 0:
             metrics.AUDIO_SECONDS.labels(self.name).inc(result.duration)
-            metrics.REAL_TIME_FACTOR.labels(self.name).observe(
-                (time.perf_counter() - started) / result.duration
-            )
+            metrics.REAL_TIME_FACTOR.labels(self.name).observe((time.perf_counter() - started) / result.duration)
         return result
 
     def queue_depth(self) -> int:
@@ -171,21 +144,13 @@ class ModelRuntime:
         return self.scheduler.active_rows()
 
 
-def load_runtime(
-    engine_dir: str | Path, options: RuntimeOptions, name: str | None = None
-) -> ModelRuntime:
+def load_runtime(engine_dir: str | Path, options: RuntimeOptions, name: str | None = None) -> ModelRuntime:
     """Load an engine directory (raises app.errors.EngineError with a build hint)."""
     engine_dir = Path(engine_dir)
     # Only the engine's decode-loop thread runs torch multi-threaded (app.engine.threads): the
     # loading thread, and every helper thread after it, use one.
     confine_to_one_thread()
-    engine = load_engine(
-        engine_dir,
-        device=options.device,
-        compute_dtype=options.compute_dtype,
-        max_rows=options.max_batch_size,
-        int8_cross_kv=options.int8_cross_kv,
-        cuda_graphs=options.cuda_graphs,
-        fp8_encoder=options.fp8_encoder,
-    )
+    engine = load_engine(engine_dir, device=options.device, compute_dtype=options.compute_dtype,
+                         max_rows=options.max_batch_size, int8_cross_kv=options.int8_cross_kv,
+                         cuda_graphs=options.cuda_graphs, fp8_encoder=options.fp8_encoder)
     return ModelRuntime(name or engine_dir.name, engine, options)

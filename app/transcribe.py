@@ -24,13 +24,8 @@ def build_options(args: argparse.Namespace) -> TranscribeOptions:
     window = replace(options.window, task=args.task, language=args.language)
     if args.beam_size is not None:
         window = replace(window, beam_size=args.beam_size)
-    return replace(
-        options,
-        window=window,
-        word_timestamps=args.word_timestamps,
-        long_form="vad" if args.vad else "sequential",
-        initial_prompt=args.prompt,
-    )
+    return replace(options, window=window, word_timestamps=args.word_timestamps,
+                   long_form="vad" if args.vad else "sequential", initial_prompt=args.prompt)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,35 +38,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--language", default=None)
     p.add_argument("--task", choices=["transcribe", "translate"], default="transcribe")
     p.add_argument("--beam-size", type=int, default=None)
-    p.add_argument(
-        "--greedy", action="store_true", help="greedy, temperature 0, no fallback, no timestamps"
-    )
+    p.add_argument("--greedy", action="store_true", help="greedy, temperature 0, no fallback, no timestamps")
     p.add_argument("--word-timestamps", action="store_true")
-    p.add_argument(
-        "--vad", action="store_true", help="cut long audio at pauses and decode chunks together"
-    )
+    p.add_argument("--vad", action="store_true", help="cut long audio at pauses and decode chunks together")
     p.add_argument("--prompt", default=None, help="initial prompt")
-    p.add_argument(
-        "--max-batch-size",
-        type=int,
-        default=None,
-        help="decoder rows per step (default: the device's)",
-    )
+    p.add_argument("--max-batch-size", type=int, default=None, help="decoder rows per step (default: the device's)")
     return p.parse_args(argv)
 
 
 async def run(args: argparse.Namespace) -> int:
     from app.formats import render
 
-    runtime = load_runtime(
-        args.model_dir,
-        RuntimeOptions(
-            device=args.device,
-            compute_dtype=args.compute_dtype,
-            max_batch_size=args.max_batch_size,
-            warmup=False,
-        ),
-    )
+    runtime = load_runtime(args.model_dir, RuntimeOptions(device=args.device, compute_dtype=args.compute_dtype,
+                                                          max_batch_size=args.max_batch_size, warmup=False))
     await runtime.start()
     options = build_options(args)
     status = 0
@@ -92,13 +71,8 @@ async def run(args: argparse.Namespace) -> int:
             status = 1
             continue
         if args.format == "json":
-            obj = {
-                "file": str(path),
-                "text": result.text,
-                "language": result.language,
-                "duration": result.duration,
-                "segments": [asdict(s) for s in result.segments],
-            }
+            obj = {"file": str(path), "text": result.text, "language": result.language,
+                   "duration": result.duration, "segments": [asdict(s) for s in result.segments]}
             print(json.dumps(obj, ensure_ascii=False))
         elif args.format == "text":
             print(result.text)

@@ -27,9 +27,8 @@ class RowRules:
     max_initial_timestamp_index: int | None
 
 
-def apply_rules(
-    logits: Tensor, rows: list[RowRules], tokenizer: WhisperTokenizer, one_mask: bool | None = None
-) -> None:
+def apply_rules(logits: Tensor, rows: list[RowRules], tokenizer: WhisperTokenizer,
+                one_mask: bool | None = None) -> None:
     """Mask logits [R, V] in place (-inf) according to each row's rules.
 
     one_mask (default: on CUDA devices) builds the timestamp masks of all rows in one pass of
@@ -58,40 +57,28 @@ def apply_rules(
         _timestamp_rules_by_slices(logits, rows, tokenizer)
 
 
-def _timestamp_rules_in_one_pass(
-    logits: Tensor, rows: list[RowRules], tokenizer: WhisperTokenizer
-) -> None:
+def _timestamp_rules_in_one_pass(logits: Tensor, rows: list[RowRules], tokenizer: WhisperTokenizer) -> None:
     """Every row's grammar as id ranges, one mask for the whole batch, no gather or host sync
     (rows without timestamps get empty ranges and are never forced)."""
     neg_inf = float("-inf")
     device = logits.device
     no_ranges = [(0, 0)] * RANGES_PER_ROW
-    ranges = [
-        timestamp_ranges(row.sampled, row.max_initial_timestamp_index, tokenizer)
-        if row.timestamps
-        else no_ranges
-        for row in rows
-    ]
+    ranges = [timestamp_ranges(row.sampled, row.max_initial_timestamp_index, tokenizer) if row.timestamps
+              else no_ranges for row in rows]
     bounds = device_tensor([[bound for lo_hi in r for bound in lo_hi] for r in ranges], device)
     ids = torch.arange(logits.shape[-1], device=device)
-    logits.masked_fill_(
-        ((ids >= bounds[:, 0::2, None]) & (ids < bounds[:, 1::2, None])).any(dim=1), neg_inf
-    )
+    logits.masked_fill_(((ids >= bounds[:, 0::2, None]) & (ids < bounds[:, 1::2, None])).any(dim=1), neg_inf)
     force = _timestamps_win(logits, tokenizer.timestamp_begin)
     if not all(row.timestamps for row in rows):
         force &= device_tensor([row.timestamps for row in rows], device)
     logits[:, : tokenizer.timestamp_begin].masked_fill_(force[:, None], neg_inf)
 
 
-def _timestamp_rules_by_slices(
-    logits: Tensor, rows: list[RowRules], tokenizer: WhisperTokenizer
-) -> None:
+def _timestamp_rules_by_slices(logits: Tensor, rows: list[RowRules], tokenizer: WhisperTokenizer) -> None:
     neg_inf = float("-inf")
     ts_rows = [r for r, row in enumerate(rows) if row.timestamps]
     for r in ts_rows:
-        for lo, hi in timestamp_ranges(
-            rows[r].sampled, rows[r].max_initial_timestamp_index, tokenizer
-        ):
+        for lo, hi in timestamp_ranges(rows[r].sampled, rows[r].max_initial_timestamp_index, tokenizer):
             if hi > lo:
                 logits[r, lo:hi] = neg_inf
     idx = device_tensor(ts_rows, logits.device)
@@ -116,9 +103,8 @@ def _id_tensor(ids: tuple[int, ...], device: torch.device) -> Tensor:
 RANGES_PER_ROW = 4
 
 
-def timestamp_ranges(
-    seq: list[int], max_initial_index: int | None, tokenizer: WhisperTokenizer
-) -> list[tuple[int, int]]:
+def timestamp_ranges(seq: list[int], max_initial_index: int | None,
+                     tokenizer: WhisperTokenizer) -> list[tuple[int, int]]:
     """The id ranges [lo, hi) Whisper's timestamp grammar masks after `seq` (this row's sampled tokens)."""
     tb, eot, vocab_end = tokenizer.timestamp_begin, tokenizer.eot, 1 << 30
     out = [(tokenizer.no_timestamps, tokenizer.no_timestamps + 1)]

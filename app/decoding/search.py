@@ -38,9 +38,7 @@ def sample_rows(probs: Tensor, uniform: Tensor) -> Tensor:
     cdf = probs.cumsum(dim=-1)
     total = cdf[:, -1:]
     draw = uniform.to(device=cdf.device, dtype=cdf.dtype) * total
-    draw = torch.minimum(
-        draw, torch.nextafter(total, torch.zeros_like(total))
-    )  # stay below the total
+    draw = torch.minimum(draw, torch.nextafter(total, torch.zeros_like(total)))  # stay below the total
     return torch.searchsorted(cdf, draw, right=True).squeeze(1)
 
 
@@ -76,9 +74,7 @@ class SamplingSearch:
         self.sequences: list[list[int]] = [[] for _ in range(self.n_rows)]
         self.sum_logprobs = [0.0] * self.n_rows
         self.done = [False] * self.n_rows
-        self.generator = (
-            torch.Generator().manual_seed(SAMPLING_SEED) if self.temperature > 0 else None
-        )
+        self.generator = torch.Generator().manual_seed(SAMPLING_SEED) if self.temperature > 0 else None
 
     def row_histories(self) -> list[list[int]]:
         return self.sequences
@@ -88,9 +84,7 @@ class SamplingSearch:
         if self.temperature == 0:
             tokens = logits.argmax(dim=-1)
         else:
-            uniform = torch.rand(
-                self.n_rows, 1, generator=self.generator
-            )  # on the CPU: same draws on any device
+            uniform = torch.rand(self.n_rows, 1, generator=self.generator)  # on the CPU: same draws on any device
             tokens = sample_rows(torch.softmax(logits.float() / self.temperature, dim=-1), uniform)
         chosen = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
         next_tokens = tokens.tolist()
@@ -169,11 +163,8 @@ class BeamSearch:
         # no tuple of the whole history per candidate (~1 ms a step at 12 windows and 100 tokens).
         source_rows = [0] if self.first_step else range(k)
         self.first_step = False
-        candidates = [
-            (self.beams[r].sum_logprob + lp, r, tok)
-            for r in source_rows
-            for lp, tok in zip(top_lp[r], top_ids[r], strict=True)
-        ]
+        candidates = [(self.beams[r].sum_logprob + lp, r, tok)
+                      for r in source_rows for lp, tok in zip(top_lp[r], top_ids[r], strict=True)]
         candidates.sort(key=lambda c: c[0], reverse=True)  # stable: ties keep row, then rank order
         new_beams: list[Candidate] = []
         sources: list[int] = []

@@ -81,14 +81,9 @@ def trimmed_frames(content_frames: int) -> int:
     return min(N_FRAMES, -(-padded // quantum) * quantum)
 
 
-async def decode_with_fallback(
-    ctx: ModelContext,
-    mel: Tensor,
-    previous: list[int],
-    options: TranscribeOptions,
-    window: WindowOptions,
-    keep_features: bool,
-) -> DecodeOutcome:
+async def decode_with_fallback(ctx: ModelContext, mel: Tensor, previous: list[int],
+                               options: TranscribeOptions, window: WindowOptions,
+                               keep_features: bool) -> DecodeOutcome:
     """Decode a window at rising temperatures until it passes the quality thresholds."""
     attempts: list[DecodeOutcome] = []
     below_cr: list[DecodeOutcome] = []
@@ -99,29 +94,16 @@ async def decode_with_fallback(
     for i, temperature in enumerate(options.temperatures):
         last = i == len(options.temperatures) - 1
         # best-of sampling keeps to samples that pass the repetition check where any does
-        attempt = replace(
-            window,
-            temperature=temperature,
-            compression_ratio_threshold=options.compression_ratio_threshold,
-        )
-        result = await ctx.submit(
-            WindowTask(
-                mel,
-                attempt,
-                previous,
-                keep_audio_features=keep_features or not last,
-                audio_features=features,
-            )
-        )
+        attempt = replace(window, temperature=temperature,
+                          compression_ratio_threshold=options.compression_ratio_threshold)
+        result = await ctx.submit(WindowTask(mel, attempt, previous,
+                                             keep_audio_features=keep_features or not last,
+                                             audio_features=features))
         features = result.audio_features
         if not keep_features:
             result = replace(result, audio_features=None)
-        outcome = DecodeOutcome(
-            result,
-            result.avg_logprob,
-            temperature,
-            tokens_compression_ratio(ctx.tokenizer, result.tokens),
-        )
+        outcome = DecodeOutcome(result, result.avg_logprob, temperature,
+                                tokens_compression_ratio(ctx.tokenizer, result.tokens))
         attempts.append(outcome)
         if window.language is None and result.language is not None:
             window = replace(window, language=result.language)
@@ -131,17 +113,11 @@ async def decode_with_fallback(
                 needs_fallback = True  # too repetitive
             else:
                 below_cr.append(outcome)
-        if (
-            options.log_prob_threshold is not None
-            and outcome.avg_logprob < options.log_prob_threshold
-        ):
+        if options.log_prob_threshold is not None and outcome.avg_logprob < options.log_prob_threshold:
             needs_fallback = True
-        if (
-            options.no_speech_threshold is not None
-            and options.log_prob_threshold is not None
-            and result.no_speech_prob > options.no_speech_threshold
-            and outcome.avg_logprob < options.log_prob_threshold
-        ):
+        if (options.no_speech_threshold is not None and options.log_prob_threshold is not None
+                and result.no_speech_prob > options.no_speech_threshold
+                and outcome.avg_logprob < options.log_prob_threshold):
             needs_fallback = False  # silence: no temperature will help
         if not needs_fallback:
             return outcome
@@ -168,9 +144,8 @@ class RawSegment:
     words: list[Word] | None = None
 
 
-def split_by_timestamps(
-    tokens: list[int], tb: int, time_offset: float, segment_size: int, seek: int
-) -> tuple[list[RawSegment], int, bool]:
+def split_by_timestamps(tokens: list[int], tb: int, time_offset: float, segment_size: int,
+                        seek: int) -> tuple[list[RawSegment], int, bool]:
     """Cut a window's tokens into segments at timestamp pairs; return them and the next seek."""
     single_ending = len(tokens) >= 2 and tokens[-2] < tb <= tokens[-1]
     pairs = [i for i in range(1, len(tokens)) if tokens[i] >= tb and tokens[i - 1] >= tb]
@@ -207,7 +182,7 @@ def keep_tail(raw: list[RawSegment], tokens: list[int], tb: int, end_time: float
     """
     if not raw:
         return
-    tail = tokens[sum(len(r.tokens) for r in raw) :]
+    tail = tokens[sum(len(r.tokens) for r in raw):]
     if any(t < tb for t in tail):
         raw.append(RawSegment(raw[-1].seek, raw[-1].end, end_time, tail))
 
@@ -217,12 +192,8 @@ class Transcriber:
         self.ctx = ctx
         self.tokenizer = ctx.tokenizer
 
-    async def transcribe(
-        self,
-        audio: np.ndarray,
-        options: TranscribeOptions,
-        on_segment: SegmentCallback | None = None,
-    ) -> TranscriptionResult:
+    async def transcribe(self, audio: np.ndarray, options: TranscribeOptions,
+                         on_segment: SegmentCallback | None = None) -> TranscriptionResult:
         duration = len(audio) / SAMPLE_RATE
         # a long file's whole-file STFT would hold ~1.5 GB of GPU memory per 2 hours of audio
         device = self.ctx.feature_device if duration <= GPU_FEATURES_MAX_SECONDS else None
@@ -230,13 +201,10 @@ class Transcriber:
         if device is None and duration > EAGER_FEATURES_MAX_SECONDS:
             # window by window: the whole-file STFT's intermediates grow with the file (~1 GB
             # for 30 minutes), the windows' don't
-            mel = await asyncio.to_thread(
-                WindowedLogMel, audio, self.ctx.n_mels, padding=HOP_LENGTH
-            )
+            mel = await asyncio.to_thread(WindowedLogMel, audio, self.ctx.n_mels, padding=HOP_LENGTH)
         else:
-            mel = await asyncio.to_thread(
-                log_mel_spectrogram, audio, self.ctx.n_mels, padding=HOP_LENGTH, device=device
-            )
+            mel = await asyncio.to_thread(log_mel_spectrogram, audio, self.ctx.n_mels,
+                                          padding=HOP_LENGTH, device=device)
         window = options.window
         if not self.ctx.multilingual:
             window = replace(window, language="en")
@@ -245,26 +213,16 @@ class Transcriber:
             for segment in segments if on_segment is not None else ():
                 await on_segment(segment)  # chunks finish together: nothing to send earlier
         else:
-            segments, language, lang_prob = await self._transcribe_sequential(
-                mel, options, window, on_segment
-            )
+            segments, language, lang_prob = await self._transcribe_sequential(mel, options, window,
+                                                                              on_segment)
         text = "".join(s.text for s in segments).strip()
-        return TranscriptionResult(
-            text=text,
-            segments=segments,
-            language=language or "en",
-            duration=duration,
-            language_probability=lang_prob,
-            task=window.task,
-        )
+        return TranscriptionResult(text=text, segments=segments, language=language or "en",
+                                   duration=duration, language_probability=lang_prob,
+                                   task=window.task)
 
-    async def _transcribe_sequential(
-        self,
-        mel: Tensor | WindowedLogMel,
-        options: TranscribeOptions,
-        window: WindowOptions,
-        on_segment: SegmentCallback | None = None,
-    ) -> tuple[list[Segment], str | None, float | None]:
+    async def _transcribe_sequential(self, mel: Tensor | WindowedLogMel, options: TranscribeOptions, window: WindowOptions,
+                                     on_segment: SegmentCallback | None = None
+                                     ) -> tuple[list[Segment], str | None, float | None]:
         tok = self.tokenizer
         tb = tok.timestamp_begin
         content_frames = mel.shape[-1] - 1
@@ -283,14 +241,10 @@ class Transcriber:
             if options.trim_audio_context and self.ctx.trims_audio_context:
                 frames = trimmed_frames(segment_size)
             window_mel = pad_or_trim(mel[:, seek : seek + segment_size], frames)
-            previous = (
-                all_tokens[prompt_reset_since:]
-                if options.condition_on_previous_text or options.initial_prompt
-                else []
-            )
-            outcome = await decode_with_fallback(
-                self.ctx, window_mel, previous, options, window, options.word_timestamps
-            )
+            previous = all_tokens[prompt_reset_since:] if options.condition_on_previous_text or \
+                options.initial_prompt else []
+            outcome = await decode_with_fallback(self.ctx, window_mel, previous, options, window,
+                                                 options.word_timestamps)
             result = outcome.result
             if window.language is None and result.language is not None:
                 window = replace(window, language=result.language)
@@ -300,19 +254,14 @@ class Transcriber:
                 seek += segment_size
                 continue
             previous_seek = seek
-            raw, seek, single_ending = split_by_timestamps(
-                result.tokens, tb, time_offset, segment_size, seek
-            )
+            raw, seek, single_ending = split_by_timestamps(result.tokens, tb, time_offset, segment_size, seek)
             if content_frames - seek < MIN_TAIL_FRAMES:
                 if not single_ending:  # the text cut off at the last timestamp pair stays
-                    keep_tail(
-                        raw, result.tokens, tb, time_offset + segment_size / FRAMES_PER_SECOND
-                    )
+                    keep_tail(raw, result.tokens, tb, time_offset + segment_size / FRAMES_PER_SECOND)
                 seek = content_frames
             if options.word_timestamps and self.ctx.cross_attention is not None:
-                last_speech = await self._add_words(
-                    raw, result, window, segment_size, time_offset, last_speech, options
-                )
+                last_speech = await self._add_words(raw, result, window, segment_size, time_offset,
+                                                    last_speech, options)
                 if not single_ending and seek < content_frames:
                     last_end = next((s.words[-1].end for s in reversed(raw) if s.words), None)
                     if last_end is not None and last_end > time_offset:
@@ -325,22 +274,14 @@ class Transcriber:
                 segments.append(self._segment(len(segments), previous_seek, part, text, outcome))
                 if on_segment is not None:
                     await on_segment(segments[-1])
-            if (
-                not options.condition_on_previous_text
-                or outcome.temperature > options.prompt_reset_on_temperature
-            ):
+            if not options.condition_on_previous_text or outcome.temperature > options.prompt_reset_on_temperature:
                 prompt_reset_since = len(all_tokens)
             if seek <= previous_seek:  # guarantee progress even on degenerate timestamp output
                 seek = previous_seek + segment_size
         return segments, window.language, language_prob
 
-    async def _transcribe_vad(
-        self,
-        audio: np.ndarray,
-        mel: Tensor | WindowedLogMel,
-        options: TranscribeOptions,
-        window: WindowOptions,
-    ) -> tuple[list[Segment], str | None, float | None]:
+    async def _transcribe_vad(self, audio: np.ndarray, mel: Tensor | WindowedLogMel, options: TranscribeOptions,
+                              window: WindowOptions) -> tuple[list[Segment], str | None, float | None]:
         from app.audio.vad import chunk_at_pauses
 
         chunks = chunk_at_pauses(audio, max_chunk_s=N_FRAMES / FRAMES_PER_SECOND)
@@ -348,9 +289,7 @@ class Transcriber:
         if window.language is None and chunks:
             # detect once on the first chunk so every chunk is decoded in the same language
             first = self._chunk_mel(mel, chunks[0])
-            probe = await self.ctx.submit(
-                WindowTask(first, replace(window, beam_size=1, max_new_tokens=1))
-            )
+            probe = await self.ctx.submit(WindowTask(first, replace(window, beam_size=1, max_new_tokens=1)))
             window = replace(window, language=probe.language)
             if probe.language_probs and probe.language:
                 language_prob = probe.language_probs.get(probe.language)
@@ -358,9 +297,8 @@ class Transcriber:
 
         async def run_chunk(start: int, end: int) -> list[tuple[RawSegment, DecodeOutcome]]:
             chunk_mel = self._chunk_mel(mel, (start, end))
-            outcome = await decode_with_fallback(
-                self.ctx, chunk_mel, [], options, window, options.word_timestamps
-            )
+            outcome = await decode_with_fallback(self.ctx, chunk_mel, [], options, window,
+                                                 options.word_timestamps)
             if should_skip_window(outcome, options):
                 return []
             seek = start // HOP_LENGTH
@@ -389,9 +327,7 @@ class Transcriber:
         start, end = chunk[0] // HOP_LENGTH, chunk[1] // HOP_LENGTH
         return pad_or_trim(mel[:, start : min(end, start + N_FRAMES)], N_FRAMES)
 
-    def _segment(
-        self, index: int, seek: int, raw: RawSegment, text: str, outcome: DecodeOutcome
-    ) -> Segment:
+    def _segment(self, index: int, seek: int, raw: RawSegment, text: str, outcome: DecodeOutcome) -> Segment:
         return Segment(
             id=index,
             seek=seek,
@@ -406,18 +342,12 @@ class Transcriber:
             words=raw.words,
         )
 
-    async def _add_words(
-        self,
-        raw: list[RawSegment],
-        result: WindowResult,
-        window: WindowOptions,
-        segment_size: int,
-        time_offset: float,
-        last_speech: float,
-        options: TranscribeOptions,
-    ) -> float:
+    async def _add_words(self, raw: list[RawSegment], result: WindowResult, window: WindowOptions,
+                         segment_size: int, time_offset: float, last_speech: float,
+                         options: TranscribeOptions) -> float:
         from app.decoding.word_timing import assign_words
 
-        return await assign_words(
-            self.ctx, raw, result, window, segment_size, time_offset, last_speech, options
-        )
+        return await assign_words(self.ctx, raw, result, window, segment_size, time_offset,
+                                  last_speech, options)
+
+

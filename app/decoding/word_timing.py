@@ -14,16 +14,9 @@ if TYPE_CHECKING:
     from app.decoding.transcribe import ModelContext, RawSegment
 
 
-async def assign_words(
-    ctx: ModelContext,
-    raw: list[RawSegment],
-    result: WindowResult,
-    window: WindowOptions,
-    segment_size: int,
-    time_offset: float,
-    last_speech: float,
-    options: TranscribeOptions,
-) -> float:
+async def assign_words(ctx: ModelContext, raw: list[RawSegment], result: WindowResult, window: WindowOptions,
+                       segment_size: int, time_offset: float, last_speech: float,
+                       options: TranscribeOptions) -> float:
     """Attach words to each raw segment of one window (updating its bounds); return last speech end."""
     if not raw or result.audio_features is None or ctx.cross_attention is None:
         return last_speech
@@ -33,12 +26,8 @@ async def assign_words(
     # The alignment pass is async (it runs on the engine thread) but the alignment module calls
     # a plain function: run the one pass it will ask for (the whole window's text) up front.
     text_tokens = [[t for t in seg.tokens if t < ctx.tokenizer.eot] for seg in raw]
-    expected = [
-        *sot_sequence,
-        ctx.tokenizer.no_timestamps,
-        *[t for seg in text_tokens for t in seg],
-        ctx.tokenizer.eot,
-    ]
+    expected = [*sot_sequence, ctx.tokenizer.no_timestamps, *[t for seg in text_tokens for t in seg],
+                ctx.tokenizer.eot]
     weights, logits = await ctx.cross_attention(features, expected)
 
     def cross_attention(tokens: list[int]) -> tuple[Tensor, Tensor]:
@@ -63,3 +52,6 @@ async def assign_words(
         seg.words = words.words
         seg.start, seg.end = words.start, words.end
     return last
+
+
+

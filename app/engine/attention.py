@@ -19,14 +19,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 WITHOUT_PLANS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    attn_mask: Tensor | None = None,
-    *,
-    repeated_shape: bool = False,
-) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, *,
+              repeated_shape: bool = False) -> Tensor:
     """F.scaled_dot_product_attention; cuDNN only where `repeated_shape` says the shape comes
     from a small fixed set (encoder batches), so its per-shape plans are built once."""
     if repeated_shape or not q.is_cuda:

@@ -28,15 +28,9 @@ class Engine(Protocol):
         """Write cross-attention K/V of already encoded windows (features [B, positions, d]) into `rows`."""
         ...
 
-    def decode(
-        self,
-        tokens: Tensor,
-        positions: Tensor,
-        start: int,
-        kv_len: int,
-        uniform_position: bool = False,
-        cross_runs: list[tuple[int, int, int, int]] | None = None,
-    ) -> Tensor:
+    def decode(self, tokens: Tensor, positions: Tensor, start: int, kv_len: int,
+               uniform_position: bool = False,
+               cross_runs: list[tuple[int, int, int, int]] | None = None) -> Tensor:
         """Feed tokens [B, T] for rows [start, start+B) at `positions`; return float32 logits [B, T, V].
 
         cross_runs: (offset, rows, g, audio positions) runs of windows of g rows sharing
@@ -48,8 +42,7 @@ class Engine(Protocol):
         """Copy cached state between rows (compaction, beam reorder, replicas of one window)."""
         ...
 
-    def cross_attention_weights(
-        self, tokens: Tensor, audio_features: Tensor, heads: list[tuple[int, int]]
-    ) -> tuple[Tensor, Tensor]:
+    def cross_attention_weights(self, tokens: Tensor, audio_features: Tensor,
+                                heads: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
         """Alignment-head cross-attention weights for word timestamps."""
         ...

@@ -98,9 +98,7 @@ def load_engine_config(engine_dir: str | Path, *, verify_checksum: bool = False)
         raw = json.loads(config_path.read_text())
         config = EngineConfig.model_validate(raw)
     except (json.JSONDecodeError, ValidationError) as exc:
-        raise EngineError(
-            f"Engine config {config_path} is invalid: {exc}. {build_hint(engine_dir)}"
-        ) from exc
+        raise EngineError(f"Engine config {config_path} is invalid: {exc}. {build_hint(engine_dir)}") from exc
     if config.format_version != FORMAT_VERSION:
         raise EngineError(
             f"Engine {engine_dir} has format_version {config.format_version}, this service reads "
@@ -108,9 +106,7 @@ def load_engine_config(engine_dir: str | Path, *, verify_checksum: bool = False)
         )
     for name in (config.weights_file, config.tokenizer_file):
         if not (engine_dir / name).is_file():
-            raise EngineError(
-                f"Engine {engine_dir} is incomplete: {name} is missing. {build_hint(engine_dir)}"
-            )
+            raise EngineError(f"Engine {engine_dir} is incomplete: {name} is missing. {build_hint(engine_dir)}")
     if verify_checksum:
         from app.engine.checksum import sha256_file
 
@@ -124,6 +120,4 @@ def load_engine_config(engine_dir: str | Path, *, verify_checksum: bool = False)
 
 
 def save_engine_config(engine_dir: Path, config: EngineConfig) -> None:
-    (engine_dir / CONFIG_FILE).write_text(
-        json.dumps(config.model_dump(mode="json"), indent=2) + "\n"
-    )
+    (engine_dir / CONFIG_FILE).write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")

@@ -19,15 +19,11 @@ PACK_HINT_ROWS = 32
 
 
 def onednn_available() -> bool:
-    return bool(torch.backends.mkldnn.is_available()) and hasattr(
-        torch.ops.mkldnn, "_linear_pointwise"
-    )
+    return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def pack_weight(weight: Tensor) -> Tensor:
-    return torch.ops.mkldnn._reorder_linear_weight(
-        weight.detach().float().contiguous(), PACK_HINT_ROWS
-    )
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().float().contiguous(), PACK_HINT_ROWS)
 
 
 def packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None, gelu: bool = False) -> Tensor:
@@ -78,11 +74,8 @@ def fuse_feed_forward_gelu(root: nn.Module) -> int:
     count = 0
     for module in root.modules():
         mlp1 = getattr(module, "mlp1", None)
-        if (
-            isinstance(mlp1, PackedLinear)
-            and isinstance(getattr(module, "mlp_act", None), nn.GELU)
-            and module.mlp_act.approximate == "none"
-        ):
+        if isinstance(mlp1, PackedLinear) and isinstance(getattr(module, "mlp_act", None), nn.GELU) \
+                and module.mlp_act.approximate == "none":
             mlp1.gelu = True
             module.mlp_act = nn.Identity()
             count += 1

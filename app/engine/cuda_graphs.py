@@ -57,9 +57,7 @@ class GreedyChunkState:
     suppress: Tensor  # [V] additive mask (0 / -inf)
 
     @classmethod
-    def allocate(
-        cls, rows: int, steps: int, n_vocab: int, eot: int, device: torch.device | str
-    ) -> GreedyChunkState:
+    def allocate(cls, rows: int, steps: int, n_vocab: int, eot: int, device: torch.device | str) -> GreedyChunkState:
         return cls(
             tokens=torch.full((rows,), eot, dtype=torch.long, device=device),
             positions=torch.zeros(rows, dtype=torch.long, device=device),
@@ -83,41 +81,22 @@ def chunk_length(remaining: list[int], chunk_steps: int) -> int:
     return max(1, min(max(remaining), chunk_steps))
 
 
-def run_greedy_steps(
-    runner: WhisperRunner, state: GreedyChunkState, rows: int, kv: int, steps: int, eot: int
-) -> None:
+def run_greedy_steps(runner: WhisperRunner, state: GreedyChunkState, rows: int, kv: int, steps: int,
+                     eot: int) -> None:
     """`steps` greedy steps of rows [0, rows) from `state`, reading self-attention cache positions
     [0, kv): the body of the chunk graphs (and, eagerly, of their CPU test)."""
     for _ in range(steps):
         pos = state.positions[:rows].clamp(max=kv - 1)
         logits = runner.decode(state.tokens[:rows, None], pos, 0, kv)[:, -1]
-        greedy_step(
-            logits,
-            state.suppress,
-            state.tokens[:rows],
-            state.positions[:rows],
-            state.done[:rows],
-            state.remaining[:rows],
-            state.sum_logprob[:rows],
-            state.out[:rows],
-            state.cursor,
-            eot,
-        )
+        greedy_step(logits, state.suppress, state.tokens[:rows], state.positions[:rows], state.done[:rows],
+                    state.remaining[:rows], state.sum_logprob[:rows], state.out[:rows], state.cursor, eot)
         state.cursor += 1
 
 
 class GraphedDecoder:
-    def __init__(
-        self,
-        runner: WhisperRunner,
-        max_rows: int,
-        chunk_steps: int,
-        eot: int,
-        suppress_ids: list[int],
-        batch_buckets: tuple[int, ...] | None = None,
-        kv_buckets: tuple[int, ...] | None = None,
-        prefill_lengths: tuple[int, ...] = (),
-    ) -> None:
+    def __init__(self, runner: WhisperRunner, max_rows: int, chunk_steps: int, eot: int,
+                 suppress_ids: list[int], batch_buckets: tuple[int, ...] | None = None,
+                 kv_buckets: tuple[int, ...] | None = None, prefill_lengths: tuple[int, ...] = ()) -> None:
         self.runner = runner
         dims = runner.dims
         device = runner.cache.self_k.device
@@ -133,9 +112,8 @@ class GraphedDecoder:
         self.step_positions = torch.zeros(max_rows, dtype=torch.long, device=device)
         # prompt prefills of rows [0, B): every row fed from position 0 (never written)
         self.prefill_lengths = prefill_lengths
-        self.prefill_tokens = torch.full(
-            (max_rows, max(prefill_lengths, default=1)), eot, dtype=torch.long, device=device
-        )
+        self.prefill_tokens = torch.full((max_rows, max(prefill_lengths, default=1)), eot, dtype=torch.long,
+                                         device=device)
         self.prefill_positions = torch.zeros(max_rows, dtype=torch.long, device=device)
         self.state = GreedyChunkState.allocate(max_rows, chunk_steps, dims.n_vocab, eot, device)
         self.state.set_suppress(tuple(suppress_ids))
@@ -156,9 +134,8 @@ class GraphedDecoder:
     def _chunk_body(self, b: int, kv: int, steps: int) -> None:
         run_greedy_steps(self.runner, self.state, b, kv, steps, self.eot)
 
-    def _capture(
-        self, body: Callable[[], Tensor | None], reset: Callable[[], None] | None = None
-    ) -> tuple[torch.cuda.CUDAGraph, Tensor | None]:
+    def _capture(self, body: Callable[[], Tensor | None],
+                 reset: Callable[[], None] | None = None) -> tuple[torch.cuda.CUDAGraph, Tensor | None]:
         """Warm body up twice, then capture it; `reset` (outside the graph) runs before each."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -183,18 +160,13 @@ class GraphedDecoder:
                 for steps in sorted({self.chunk_steps, 1}):
                     self.chunk_graphs[(b, kv, steps)] = self._capture(
                         lambda b=b, kv=kv, steps=steps: self._chunk_body(b, kv, steps),
-                        reset=lambda b=b: self._reset_chunk_state(b),
-                    )[0]
+                        reset=lambda b=b: self._reset_chunk_state(b))[0]
             for t in self.prefill_lengths if b <= MAX_PREFILL_ROWS else ():
-                self.prefill_graphs[(b, t)] = self._capture(
-                    lambda b=b, t=t: self._prefill_body(b, t)
-                )  # type: ignore[assignment]
+                self.prefill_graphs[(b, t)] = self._capture(lambda b=b, t=t: self._prefill_body(b, t))  # type: ignore[assignment]
         torch.cuda.synchronize()
-        log.info(
-            "captured %d CUDA graphs in %.1f s",
-            len(self.step_graphs) + len(self.chunk_graphs) + len(self.prefill_graphs),
-            time.perf_counter() - started,
-        )
+        log.info("captured %d CUDA graphs in %.1f s",
+                 len(self.step_graphs) + len(self.chunk_graphs) + len(self.prefill_graphs),
+                 time.perf_counter() - started)
 
     def _reset_chunk_state(self, b: int) -> None:
         s = self.state
@@ -237,9 +209,8 @@ class GraphedDecoder:
         graph.replay()
         return out.clone()
 
-    def greedy_chunk(
-        self, tokens: Tensor, positions: Tensor, done: Tensor, remaining: list[int]
-    ) -> tuple[Tensor, Tensor, Tensor] | None:
+    def greedy_chunk(self, tokens: Tensor, positions: Tensor, done: Tensor,
+                     remaining: list[int]) -> tuple[Tensor, Tensor, Tensor] | None:
         """Greedy steps for rows [0, B) on the device, at most chunk_steps and no more than the
         largest of `remaining` (tokens each row may still emit; a row stops after its last one).
         Returns (tokens [B, steps], done [B], sum of log-probs [B]) or None when no captured bucket

@@ -40,34 +40,22 @@ if HAVE_TRITON:
         tl.store(ptrs, gelu_erf(biased.to(tl.float32)).to(x.dtype), mask=valid)
 
     @triton.jit
-    def _frames_to_positions(
-        c_ptr,
-        bias_ptr,
-        pos_ptr,
-        x_ptr,
-        channels,
-        frames,
-        BLOCK_C: tl.constexpr,
-        BLOCK_T: tl.constexpr,
-    ):
+    def _frames_to_positions(c_ptr, bias_ptr, pos_ptr, x_ptr, channels, frames,
+                             BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
         # c [B, C, T] -> x [B, T, C] = gelu(c + bias[:, None]).T + pos[:T]: a [BLOCK_C, BLOCK_T] tile
         # read along frames and written along channels
         b = tl.program_id(0).to(tl.int64)
         t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
         c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
         inside = (c[:, None] < channels) & (t[None, :] < frames)
-        tile = tl.load(
-            c_ptr + b * channels * frames + c[:, None] * frames + t[None, :], mask=inside, other=0.0
-        )
+        tile = tl.load(c_ptr + b * channels * frames + c[:, None] * frames + t[None, :], mask=inside, other=0.0)
         bias = tl.load(bias_ptr + c, mask=c < channels, other=0.0).to(tl.float32)
         biased = (tile.to(tl.float32) + bias[:, None]).to(tile.dtype)
         activated = tl.trans(gelu_erf(biased.to(tl.float32)).to(tile.dtype))  # [BLOCK_T, BLOCK_C]
         outside = tl.trans(inside)
         pos = tl.load(pos_ptr + t[:, None] * channels + c[None, :], mask=outside, other=0.0)
         out = (activated.to(tl.float32) + pos.to(tl.float32)).to(tile.dtype)
-        tl.store(
-            x_ptr + b * frames * channels + t[:, None] * channels + c[None, :], out, mask=outside
-        )
+        tl.store(x_ptr + b * frames * channels + t[:, None] * channels + c[None, :], out, mask=outside)
 
 
 def can_fuse_input(mel: Tensor) -> bool:
@@ -75,9 +63,7 @@ def can_fuse_input(mel: Tensor) -> bool:
     return can_fuse(mel)
 
 
-def encoder_input(
-    mel: Tensor, conv1: nn.Conv1d, conv2: nn.Conv1d, positional_embedding: Tensor
-) -> Tensor:
+def encoder_input(mel: Tensor, conv1: nn.Conv1d, conv2: nn.Conv1d, positional_embedding: Tensor) -> Tensor:
     """[B, n_mels, frames] log-mel -> the residual stream [B, frames / 2, d] entering the first block:
     gelu(conv2(gelu(conv1(mel)))) transposed, plus the positional embedding (contiguous on the GPU;
     elsewhere torch's ops as they are)."""
@@ -87,22 +73,12 @@ def encoder_input(
         return x + positional_embedding[: x.shape[1]]
     h = F.conv1d(mel, conv1.weight, None, conv1.stride, conv1.padding)
     b, channels, frames = h.shape
-    _bias_gelu_[(b * channels, triton.cdiv(frames, 1024))](
-        h, conv1.bias, channels, frames, BLOCK=1024, num_warps=4
-    )
+    _bias_gelu_[(b * channels, triton.cdiv(frames, 1024))](h, conv1.bias, channels, frames, BLOCK=1024,
+                                                          num_warps=4)
     c = F.conv1d(h, conv2.weight, None, conv2.stride, conv2.padding)
     frames = c.shape[2]
     x = torch.empty(b, frames, channels, device=c.device, dtype=c.dtype)
     block_c, block_t = 64, 64
     _frames_to_positions[(b, triton.cdiv(frames, block_t), triton.cdiv(channels, block_c))](
-        c,
-        conv2.bias,
-        positional_embedding,
-        x,
-        channels,
-        frames,
-        BLOCK_C=block_c,
-        BLOCK_T=block_t,
-        num_warps=4,
-    )
+        c, conv2.bias, positional_embedding, x, channels, frames, BLOCK_C=block_c, BLOCK_T=block_t, num_warps=4)
     return x

@@ -44,9 +44,8 @@ if HAVE_TRITON:
     @triton.jit
     def tanh_approx(x):
         """The GPU's tanh instruction (relative error ~2^-11), float32."""
-        return tl.inline_asm_elementwise(
-            "tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
-        )
+        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
 
     @triton.jit
     def gelu_tanh(x):
@@ -67,14 +66,10 @@ if HAVE_TRITON:
         scales at scale_ptr + rows (where row_ok)."""
         scale = row_scale(tl.max(tl.abs(x), axis=1))
         tl.store(scale_ptr + rows, scale, mask=row_ok)
-        tl.store(
-            q_ptr + offsets, (x * (1.0 / scale)[:, None]).to(q_ptr.dtype.element_ty), mask=mask
-        )
+        tl.store(q_ptr + offsets, (x * (1.0 / scale)[:, None]).to(q_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _quantize_rows(
-        x_ptr, q_ptr, scale_ptr, k, GELU: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr
-    ):
+    def _quantize_rows(x_ptr, q_ptr, scale_ptr, k, GELU: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr):
         """One program per row: optional GELU (tanh form), then e4m3 values and the row's fp32 scale.
         The row is a power-of-two HEAD (<= k) plus a masked TAIL, so that widths like 5,120 are
         4,096 + 1,024 instead of 8,192 lanes of which 3,072 would compute nothing."""
@@ -91,9 +86,7 @@ if HAVE_TRITON:
         tl.store(scale_ptr + row, scale)
         inverse = 1.0 / scale
         tl.store(q_ptr + row * k + head_cols, (head * inverse).to(q_ptr.dtype.element_ty))
-        tl.store(
-            q_ptr + row * k + tail_cols, (tail * inverse).to(q_ptr.dtype.element_ty), mask=tail_mask
-        )
+        tl.store(q_ptr + row * k + tail_cols, (tail * inverse).to(q_ptr.dtype.element_ty), mask=tail_mask)
 
 
 def fp8_supported(device: torch.device) -> bool:
@@ -163,15 +156,8 @@ class Fp8Linear:
 def fp8_linear(x: Fp8Rows, weight: Fp8Linear, out_dtype: torch.dtype) -> Tensor:
     """x @ W.T + bias with both scales applied in the GEMM: [M, k] -> [M, n] in out_dtype."""
     if x.values.is_cuda:
-        return torch._scaled_mm(
-            x.values,
-            weight.weight_t,
-            x.scale,
-            weight.scale,
-            bias=weight.bias,
-            out_dtype=out_dtype,
-            use_fast_accum=FAST_ACCUM,
-        )
+        return torch._scaled_mm(x.values, weight.weight_t, x.scale, weight.scale, bias=weight.bias,
+                                out_dtype=out_dtype, use_fast_accum=FAST_ACCUM)
     # elsewhere (CPU tests): the same arithmetic on dequantised operands
     out = (x.values.float() * x.scale) @ (weight.weight_t.float() * weight.scale)
     if weight.bias is not None:

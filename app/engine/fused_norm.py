@@ -28,23 +28,8 @@ if HAVE_TRITON:
     from app.engine.pdl import enter_after_previous
 
     @triton.jit
-    def _add_layer_norm(
-        x_ptr,
-        y_ptr,
-        w_ptr,
-        b_ptr,
-        sum_ptr,
-        out_ptr,
-        scale_ptr,
-        n_rows,
-        d,
-        eps,
-        BLOCK: tl.constexpr,
-        ROWS: tl.constexpr,
-        ADD: tl.constexpr,
-        FP8_OUT: tl.constexpr,
-        PDL: tl.constexpr,
-    ):
+    def _add_layer_norm(x_ptr, y_ptr, w_ptr, b_ptr, sum_ptr, out_ptr, scale_ptr, n_rows, d, eps, BLOCK: tl.constexpr,
+                        ROWS: tl.constexpr, ADD: tl.constexpr, FP8_OUT: tl.constexpr, PDL: tl.constexpr):
         # ROWS rows per program as one 2-D tile; without ADD, LayerNorm(x) alone (y and the sum unused)
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK)
@@ -59,9 +44,7 @@ if HAVE_TRITON:
         total = x
         if ADD:
             y = tl.load(y_ptr + offsets, mask=mask, other=0.0)
-            total = (x.to(tl.float32) + y.to(tl.float32)).to(
-                x.dtype
-            )  # the residual stream, rounded
+            total = (x.to(tl.float32) + y.to(tl.float32)).to(x.dtype)  # the residual stream, rounded
             tl.store(sum_ptr + offsets, total, mask=mask)
         s = total.to(tl.float32)
         mean = tl.sum(s, axis=1) / d
@@ -115,9 +98,7 @@ def layer_norm_fp8(x: Tensor, norm: nn.LayerNorm) -> Fp8Rows:
     return Fp8Rows(values.view(-1, x.shape[-1]), scale)
 
 
-def _launch(
-    x: Tensor, y: Tensor | None, norm: nn.LayerNorm, fp8: bool
-) -> tuple[Tensor, Tensor, Tensor | None]:
+def _launch(x: Tensor, y: Tensor | None, norm: nn.LayerNorm, fp8: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     d = x.shape[-1]
     rows = x.numel() // d
     x = x.contiguous()
@@ -127,23 +108,9 @@ def _launch(
     scale = torch.empty(rows, 1, device=x.device, dtype=torch.float32) if fp8 else None
     per_program, warps = (2, 2) if rows >= MANY_ROWS else (1, 4 if d <= 1024 else 8)
     _add_layer_norm[(triton.cdiv(rows, per_program),)](
-        x,
-        y if y is not None else x,
-        norm.weight,
-        norm.bias,
-        total,
-        out,
-        scale,
-        rows,
-        d,
-        norm.eps,
-        BLOCK=triton.next_power_of_2(d),
-        ROWS=per_program,
-        ADD=y is not None,
-        FP8_OUT=fp8,
-        num_warps=warps,
-        **launch_options(x.device),
-    )
+        x, y if y is not None else x, norm.weight, norm.bias, total, out, scale, rows, d, norm.eps,
+        BLOCK=triton.next_power_of_2(d), ROWS=per_program, ADD=y is not None, FP8_OUT=fp8, num_warps=warps,
+        **launch_options(x.device))
     return total, out, scale
 
 

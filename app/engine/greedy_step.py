@@ -28,29 +28,10 @@ if HAVE_TRITON:
     from app.engine.pdl import enter_after_previous
 
     @triton.jit
-    def _greedy_step(
-        logits_ptr,
-        suppress_ptr,
-        tokens_ptr,
-        positions_ptr,
-        done_ptr,
-        remaining_ptr,
-        sum_ptr,
-        out_ptr,
-        cursor_ptr,
-        top_ptr,
-        first_ptr,
-        exp_sum_ptr,
-        count_ptr,
-        n_vocab,
-        chunk,
-        stride_l,
-        stride_o,
-        eot,
-        CHUNKS: tl.constexpr,
-        BLOCK: tl.constexpr,
-        PDL: tl.constexpr,
-    ):
+    def _greedy_step(logits_ptr, suppress_ptr, tokens_ptr, positions_ptr, done_ptr, remaining_ptr,
+                     sum_ptr, out_ptr, cursor_ptr, top_ptr, first_ptr, exp_sum_ptr, count_ptr,
+                     n_vocab, chunk, stride_l, stride_o, eot,
+                     CHUNKS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
         # program (row, vocabulary chunk): the chunk's maximum, its first index and the sum of
         # exp(logit - maximum); the chunk's program that arrives last combines the row's CHUNKS
         # partials in a fixed order and advances the row
@@ -71,11 +52,8 @@ if HAVE_TRITON:
             grow = x > best  # strictly greater: a lane keeps its first index of a tie
             new_best = tl.maximum(best, x)
             # rescale the lane's sum to the new maximum (a -inf lane has nothing to rescale)
-            total = tl.where(
-                new_best == float("-inf"),
-                0.0,
-                total * tl.exp(best - new_best) + tl.exp(x - new_best),
-            )
+            total = tl.where(new_best == float("-inf"), 0.0,
+                             total * tl.exp(best - new_best) + tl.exp(x - new_best))
             best_at = tl.where(grow, v, best_at)
             best = new_best
         top = tl.max(best, axis=0)
@@ -83,24 +61,16 @@ if HAVE_TRITON:
         tl.store(top_ptr + slot, top)
         # the first index among the lanes that hold the maximum
         tl.store(first_ptr + slot, tl.min(tl.where(best == top, best_at, n_vocab), axis=0))
-        tl.store(
-            exp_sum_ptr + slot,
-            tl.sum(tl.where(best == float("-inf"), 0.0, total * tl.exp(best - top)), axis=0),
-        )
+        tl.store(exp_sum_ptr + slot, tl.sum(tl.where(best == float("-inf"), 0.0, total * tl.exp(best - top)), axis=0))
         # release: the partials are visible before the count; acquire for the last arrival
         if tl.atomic_add(count_ptr + row, 1, sem="acq_rel") == CHUNKS - 1:
             parts = row * CHUNKS + tl.arange(0, CHUNKS)
             tops = tl.load(top_ptr + parts, cache_modifier=".cg")
             top = tl.max(tops, axis=0)
             # chunks are in vocabulary order: the smallest first index among the maxima
-            token = tl.min(
-                tl.where(tops == top, tl.load(first_ptr + parts, cache_modifier=".cg"), n_vocab),
-                axis=0,
-            )
+            token = tl.min(tl.where(tops == top, tl.load(first_ptr + parts, cache_modifier=".cg"), n_vocab), axis=0)
             sums = tl.load(exp_sum_ptr + parts, cache_modifier=".cg")
-            chosen = -tl.log(
-                tl.sum(tl.where(tops == float("-inf"), 0.0, sums * tl.exp(tops - top)), axis=0)
-            )
+            chosen = -tl.log(tl.sum(tl.where(tops == float("-inf"), 0.0, sums * tl.exp(tops - top)), axis=0))
             tl.atomic_xchg(count_ptr + row, 0)
             done = tl.load(done_ptr + row) != 0
             token = tl.where(done, eot, token)
@@ -108,9 +78,7 @@ if HAVE_TRITON:
             remaining = tl.load(remaining_ptr + row) - 1
             tl.store(remaining_ptr + row, remaining)
             tl.store(done_ptr + row, (done | (token == eot) | (remaining <= 0)).to(tl.int8))
-            tl.store(
-                out_ptr + row.to(tl.int64) * stride_o + tl.load(cursor_ptr), token.to(tl.int64)
-            )
+            tl.store(out_ptr + row.to(tl.int64) * stride_o + tl.load(cursor_ptr), token.to(tl.int64))
             tl.store(tokens_ptr + row, token.to(tl.int64))
             tl.store(positions_ptr + row, tl.load(positions_ptr + row) + 1)
 
@@ -122,23 +90,11 @@ BLOCK = 1024
 
 
 def can_greedy_step(logits: Tensor) -> bool:
-    return (
-        HAVE_TRITON and logits.is_cuda and logits.dtype == torch.float32 and logits.stride(-1) == 1
-    )
+    return HAVE_TRITON and logits.is_cuda and logits.dtype == torch.float32 and logits.stride(-1) == 1
 
 
-def greedy_step(
-    logits: Tensor,
-    suppress: Tensor,
-    tokens: Tensor,
-    positions: Tensor,
-    done: Tensor,
-    remaining: Tensor,
-    sum_logprob: Tensor,
-    out: Tensor,
-    cursor: Tensor,
-    eot: int,
-) -> None:
+def greedy_step(logits: Tensor, suppress: Tensor, tokens: Tensor, positions: Tensor, done: Tensor,
+                remaining: Tensor, sum_logprob: Tensor, out: Tensor, cursor: Tensor, eot: int) -> None:
     """Advance B greedy rows by one token, in place.
 
     logits [B, V] float32; suppress [V] additive (0 / -inf). For each row b: token = argmax of
@@ -147,9 +103,7 @@ def greedy_step(
     row was done; done[b] |= token is eot or remaining[b] reached 0. `cursor` [1] is not advanced.
     """
     if not can_greedy_step(logits):
-        greedy_step_reference(
-            logits, suppress, tokens, positions, done, remaining, sum_logprob, out, cursor, eot
-        )
+        greedy_step_reference(logits, suppress, tokens, positions, done, remaining, sum_logprob, out, cursor, eot)
         return
     b, n_vocab = logits.shape
     device = logits.device
@@ -158,44 +112,13 @@ def greedy_step(
     exp_sum = WORKSPACE.get("greedy.exp_sum", device, b * CHUNKS, torch.float32)
     counters = WORKSPACE.get("greedy.counters", device, b, torch.int32, zeroed=True)
     chunk = triton.cdiv(triton.cdiv(n_vocab, CHUNKS), BLOCK) * BLOCK
-    _greedy_step[(b, CHUNKS)](
-        logits,
-        suppress,
-        tokens,
-        positions,
-        done.view(torch.int8),
-        remaining,
-        sum_logprob,
-        out,
-        cursor,
-        top,
-        first,
-        exp_sum,
-        counters,
-        n_vocab,
-        chunk,
-        logits.stride(0),
-        out.stride(0),
-        eot,
-        CHUNKS=CHUNKS,
-        BLOCK=BLOCK,
-        num_warps=4,
-        **launch_options(device),
-    )
+    _greedy_step[(b, CHUNKS)](logits, suppress, tokens, positions, done.view(torch.int8), remaining, sum_logprob,
+                              out, cursor, top, first, exp_sum, counters, n_vocab, chunk, logits.stride(0),
+                              out.stride(0), eot, CHUNKS=CHUNKS, BLOCK=BLOCK, num_warps=4, **launch_options(device))
 
 
-def greedy_step_reference(
-    logits: Tensor,
-    suppress: Tensor,
-    tokens: Tensor,
-    positions: Tensor,
-    done: Tensor,
-    remaining: Tensor,
-    sum_logprob: Tensor,
-    out: Tensor,
-    cursor: Tensor,
-    eot: int,
-) -> None:
+def greedy_step_reference(logits: Tensor, suppress: Tensor, tokens: Tensor, positions: Tensor, done: Tensor,
+                          remaining: Tensor, sum_logprob: Tensor, out: Tensor, cursor: Tensor, eot: int) -> None:
     """greedy_step in torch ops (CPU, or where the kernel does not apply)."""
     scores = logits + suppress
     token = scores.argmax(dim=-1)

@@ -18,8 +18,6 @@ def to_device(x: Tensor, device: torch.device | str) -> Tensor:
     return x.to(device, non_blocking=True)
 
 
-def device_tensor(
-    values: object, device: torch.device | str, dtype: torch.dtype | None = None
-) -> Tensor:
+def device_tensor(values: object, device: torch.device | str, dtype: torch.dtype | None = None) -> Tensor:
     """torch.tensor(values) on `device`, copied without a stream synchronization."""
     return to_device(torch.tensor(values, dtype=dtype), device)

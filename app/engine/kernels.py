@@ -51,13 +51,7 @@ if HAVE_TRITON:
             "mov.b32 bias, 0x64806480;\n"
             "sub.f16x2 $0, $0, bias;\n"
             "sub.f16x2 $1, $1, bias;\n"
-            "}",
-            "=r,=r,r",
-            [x],
-            dtype=tl.float16,
-            is_pure=True,
-            pack=4,
-        )
+            "}", "=r,=r,r", [x], dtype=tl.float16, is_pure=True, pack=4)
 
     @triton.jit
     def load_widened(ptrs, mask, dtype: tl.constexpr, FAST_INT8: tl.constexpr):
@@ -76,14 +70,8 @@ if HAVE_TRITON:
     @triton.jit
     def dp4a(a, b, c):
         """c + the dot product of the four signed bytes of a and of b, per int32 element."""
-        return tl.inline_asm_elementwise(
-            "dp4a.s32.s32 $0, $1, $2, $3;",
-            "=r,r,r,r",
-            [a, b, c],
-            dtype=tl.int32,
-            is_pure=True,
-            pack=1,
-        )
+        return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                         dtype=tl.int32, is_pure=True, pack=1)
 
     @triton.jit
     def split_bytes16(x, xmax, WORDS: tl.constexpr):
@@ -95,10 +83,8 @@ if HAVE_TRITON:
         low = x16 - (high << 8)
         shift = tl.arange(0, 4) * 8
         # bytes of one word are disjoint bits, so their sum is their bitwise or
-        return (
-            tl.sum((tl.reshape(high, [WORDS, 4]) & 0xFF) << shift[None, :], axis=1),
-            tl.sum((tl.reshape(low, [WORDS, 4]) & 0xFF) << shift[None, :], axis=1),
-        )
+        return (tl.sum((tl.reshape(high, [WORDS, 4]) & 0xFF) << shift[None, :], axis=1),
+                tl.sum((tl.reshape(low, [WORDS, 4]) & 0xFF) << shift[None, :], axis=1))
 
     @triton.jit
     def _split_keys(len_ptr, n_keys, keys_per_split, HAS_LEN: tl.constexpr):
@@ -111,42 +97,14 @@ if HAVE_TRITON:
 
     @triton.jit
     def _decode_attention_partial(
-        q_ptr,
-        k_ptr,
-        v_ptr,
-        ks_ptr,
-        vs_ptr,
-        len_ptr,
-        m_ptr,
-        l_ptr,
-        acc_ptr,
-        o_ptr,
-        stride_qb,
-        stride_qh,
-        stride_ob,
-        stride_oh,
-        stride_kb,
-        stride_kh,
-        stride_kt,
-        stride_vb,
-        stride_vh,
-        stride_vt,
-        stride_sb,
-        stride_sh,
-        n_keys,
-        keys_per_split,
-        n_splits,
-        sm_scale,
-        n_queries,
-        stride_qt,
-        stride_ot,
-        HEAD_DIM: tl.constexpr,
-        BLOCK: tl.constexpr,
-        HAS_SCALE: tl.constexpr,
-        HAS_LEN: tl.constexpr,
-        NORMALIZE: tl.constexpr,
-        PDL: tl.constexpr,
-        FAST_INT8: tl.constexpr,
+        q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, len_ptr, m_ptr, l_ptr, acc_ptr, o_ptr,
+        stride_qb, stride_qh, stride_ob, stride_oh,
+        stride_kb, stride_kh, stride_kt,
+        stride_vb, stride_vh, stride_vt,
+        stride_sb, stride_sh,
+        n_keys, keys_per_split, n_splits, sm_scale, n_queries, stride_qt, stride_ot,
+        HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_LEN: tl.constexpr,
+        NORMALIZE: tl.constexpr, PDL: tl.constexpr, FAST_INT8: tl.constexpr,
     ):
         # The queries (one in a decode step, up to QROWS in a prompt prefill; more than one only
         # with NORMALIZE) fill a 16-row tile so both products run on tensor cores (tl.dot); the
@@ -161,11 +119,8 @@ if HAVE_TRITON:
         begin, end = _split_keys(len_ptr, n_keys, keys_per_split, HAS_LEN)
         d = tl.arange(0, HEAD_DIM)
         r = tl.arange(0, QROWS)
-        q = tl.load(
-            q_ptr + b * stride_qb + h * stride_qh + r[:, None] * stride_qt + d[None, :],
-            mask=r[:, None] < n_queries,
-            other=0.0,
-        )
+        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + r[:, None] * stride_qt + d[None, :],
+                    mask=r[:, None] < n_queries, other=0.0)
         q = (q.to(tl.float32) * sm_scale).to(tl.float16)
         m_i = tl.full([QROWS], -float("inf"), dtype=tl.float32)
         l_i = tl.zeros([QROWS], dtype=tl.float32)
@@ -173,17 +128,11 @@ if HAVE_TRITON:
         for start in range(begin, end, BLOCK):
             t = start + tl.arange(0, BLOCK)
             valid = t < end
-            k = load_widened(
-                k_ptr + b * stride_kb + h * stride_kh + t[:, None] * stride_kt + d[None, :],
-                valid[:, None],
-                tl.float16,
-                FAST_INT8,
-            )
+            k = load_widened(k_ptr + b * stride_kb + h * stride_kh + t[:, None] * stride_kt + d[None, :],
+                             valid[:, None], tl.float16, FAST_INT8)
             s = tl.dot(q, tl.trans(k))  # [QROWS, BLOCK] fp32
             if HAS_SCALE:
-                ks = tl.load(ks_ptr + b * stride_sb + h * stride_sh + t, mask=valid, other=0.0).to(
-                    tl.float32
-                )
+                ks = tl.load(ks_ptr + b * stride_sb + h * stride_sh + t, mask=valid, other=0.0).to(tl.float32)
                 s = s * ks[None, :]
             s = tl.where(valid[None, :], s, -float("inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -191,70 +140,33 @@ if HAVE_TRITON:
             alpha = tl.exp(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             if HAS_SCALE:
-                vs = tl.load(vs_ptr + b * stride_sb + h * stride_sh + t, mask=valid, other=0.0).to(
-                    tl.float32
-                )
+                vs = tl.load(vs_ptr + b * stride_sb + h * stride_sh + t, mask=valid, other=0.0).to(tl.float32)
                 p = p * vs[None, :]
-            v = load_widened(
-                v_ptr + b * stride_vb + h * stride_vh + t[:, None] * stride_vt + d[None, :],
-                valid[:, None],
-                tl.float16,
-                FAST_INT8,
-            )
+            v = load_widened(v_ptr + b * stride_vb + h * stride_vh + t[:, None] * stride_vt + d[None, :],
+                             valid[:, None], tl.float16, FAST_INT8)
             acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v)
             m_i = m_new
         first = r == 0
         if NORMALIZE:  # the only split: the output itself, no combine kernel
             out = (acc / l_i[:, None]).to(o_ptr.dtype.element_ty)
-            tl.store(
-                o_ptr + b * stride_ob + h * stride_oh + r[:, None] * stride_ot + d[None, :],
-                out,
-                mask=r[:, None] < n_queries,
-            )
+            tl.store(o_ptr + b * stride_ob + h * stride_oh + r[:, None] * stride_ot + d[None, :], out,
+                     mask=r[:, None] < n_queries)
         else:
             row = (b * n_heads + h) * n_splits + split
             tl.store(m_ptr + row + r * 0, m_i, mask=first)
             tl.store(l_ptr + row + r * 0, l_i, mask=first)
-            tl.store(
-                acc_ptr + row * HEAD_DIM + r[:, None] * 0 + d[None, :], acc, mask=first[:, None]
-            )
+            tl.store(acc_ptr + row * HEAD_DIM + r[:, None] * 0 + d[None, :], acc, mask=first[:, None])
 
     @triton.jit
     def _decode_attention_partial_fma(
-        q_ptr,
-        k_ptr,
-        v_ptr,
-        ks_ptr,
-        vs_ptr,
-        len_ptr,
-        m_ptr,
-        l_ptr,
-        acc_ptr,
-        o_ptr,
-        stride_qb,
-        stride_qh,
-        stride_ob,
-        stride_oh,
-        stride_kb,
-        stride_kh,
-        stride_kt,
-        stride_vb,
-        stride_vh,
-        stride_vt,
-        stride_sb,
-        stride_sh,
-        n_keys,
-        keys_per_split,
-        n_splits,
-        sm_scale,
-        HEAD_DIM: tl.constexpr,
-        BLOCK: tl.constexpr,
-        HAS_SCALE: tl.constexpr,
-        HAS_LEN: tl.constexpr,
-        NORMALIZE: tl.constexpr,
-        PDL: tl.constexpr,
-        FAST_INT8: tl.constexpr,
-        DP4A_K: tl.constexpr = False,
+        q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, len_ptr, m_ptr, l_ptr, acc_ptr, o_ptr,
+        stride_qb, stride_qh, stride_ob, stride_oh,
+        stride_kb, stride_kh, stride_kt,
+        stride_vb, stride_vh, stride_vt,
+        stride_sb, stride_sh,
+        n_keys, keys_per_split, n_splits, sm_scale,
+        HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_LEN: tl.constexpr,
+        NORMALIZE: tl.constexpr, PDL: tl.constexpr, FAST_INT8: tl.constexpr, DP4A_K: tl.constexpr = False,
     ):
         # The same partial attention with CUDA-core multiply-adds instead of a padded tensor-core
         # tile: no layout conversion of the (int8) K/V tiles through shared memory.
@@ -282,46 +194,29 @@ if HAVE_TRITON:
             t = start + tl.arange(0, BLOCK)
             valid = t < end
             if DP4A_K:
-                kw = tl.load(
-                    k_ptr + b * stride_kb + h * stride_kh + t[:, None] * stride_kt + w[None, :],
-                    mask=valid[:, None],
-                    other=0,
-                )
+                kw = tl.load(k_ptr + b * stride_kb + h * stride_kh + t[:, None] * stride_kt + w[None, :],
+                             mask=valid[:, None], other=0)
                 s = tl.sum(dp4a(kw, q_high[None, :], 0) * 256 + dp4a(kw, q_low[None, :], 0), axis=1)
                 s = s.to(tl.float32) * q_unit
             else:
-                k = load_widened(
-                    k_ptr + b * stride_kb + h * stride_kh + t[:, None] * stride_kt + d[None, :],
-                    valid[:, None],
-                    tl.float32,
-                    FAST_INT8,
-                )
+                k = load_widened(k_ptr + b * stride_kb + h * stride_kh + t[:, None] * stride_kt + d[None, :],
+                                 valid[:, None], tl.float32, FAST_INT8)
                 s = tl.sum(k * q[None, :], axis=1)  # [BLOCK]
             if HAS_SCALE:
-                s = s * tl.load(
-                    ks_ptr + b * stride_sb + h * stride_sh + t, mask=valid, other=0.0
-                ).to(tl.float32)
+                s = s * tl.load(ks_ptr + b * stride_sb + h * stride_sh + t, mask=valid, other=0.0).to(tl.float32)
             s = tl.where(valid, s, -float("inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=0))
             p = tl.exp(s - m_new)
             alpha = tl.exp(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, axis=0)
             if HAS_SCALE:
-                p = p * tl.load(
-                    vs_ptr + b * stride_sb + h * stride_sh + t, mask=valid, other=0.0
-                ).to(tl.float32)
-            v = load_widened(
-                v_ptr + b * stride_vb + h * stride_vh + t[:, None] * stride_vt + d[None, :],
-                valid[:, None],
-                tl.float32,
-                FAST_INT8,
-            )
+                p = p * tl.load(vs_ptr + b * stride_sb + h * stride_sh + t, mask=valid, other=0.0).to(tl.float32)
+            v = load_widened(v_ptr + b * stride_vb + h * stride_vh + t[:, None] * stride_vt + d[None, :],
+                             valid[:, None], tl.float32, FAST_INT8)
             acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
             m_i = m_new
         if NORMALIZE:  # the only split: the output itself, no combine kernel
-            tl.store(
-                o_ptr + b * stride_ob + h * stride_oh + d, (acc / l_i).to(o_ptr.dtype.element_ty)
-            )
+            tl.store(o_ptr + b * stride_ob + h * stride_oh + d, (acc / l_i).to(o_ptr.dtype.element_ty))
         else:
             row = (b * n_heads + h) * n_splits + split
             tl.store(m_ptr + row, m_i)
@@ -329,18 +224,8 @@ if HAVE_TRITON:
             tl.store(acc_ptr + row * HEAD_DIM + d, acc)
 
     @triton.jit
-    def _decode_attention_combine(
-        m_ptr,
-        l_ptr,
-        acc_ptr,
-        o_ptr,
-        stride_ob,
-        stride_oh,
-        n_splits,
-        HEAD_DIM: tl.constexpr,
-        SPLITS: tl.constexpr,
-        PDL: tl.constexpr,
-    ):
+    def _decode_attention_combine(m_ptr, l_ptr, acc_ptr, o_ptr, stride_ob, stride_oh, n_splits,
+                                  HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
         enter_after_previous(PDL)
         b = tl.program_id(0)
         h = tl.program_id(1)
@@ -353,33 +238,15 @@ if HAVE_TRITON:
         m_max = tl.max(m, axis=0)
         w = tl.where(valid & (m > -float("inf")), tl.exp(m - m_max), 0.0)
         d = tl.arange(0, HEAD_DIM)
-        acc = tl.load(
-            acc_ptr + (base + s)[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None], other=0.0
-        )
+        acc = tl.load(acc_ptr + (base + s)[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None], other=0.0)
         out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l_ * w, axis=0)
         tl.store(o_ptr + b * stride_ob + h * stride_oh + d, out.to(o_ptr.dtype.element_ty))
 
+
     @triton.jit
-    def _write_kv(
-        src_ptr,
-        rows_ptr,
-        k_ptr,
-        v_ptr,
-        ks_ptr,
-        vs_ptr,
-        stride_sb,
-        stride_st,
-        stride_cr,
-        stride_ch,
-        stride_ct,
-        stride_sr,
-        stride_sh,
-        n_t,
-        D: tl.constexpr,
-        HEAD_DIM: tl.constexpr,
-        BLOCK_T: tl.constexpr,
-        QUANTIZE: tl.constexpr,
-    ):
+    def _write_kv(src_ptr, rows_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr,
+                  stride_sb, stride_st, stride_cr, stride_ch, stride_ct, stride_sr, stride_sh,
+                  n_t, D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, QUANTIZE: tl.constexpr):
         # One program: BLOCK_T audio positions of one head of one window, K and V. Reads the
         # cross-KV GEMM output once and writes it head-major into the cache row, as it is or as
         # int8 values + one fp16 scale per vector.
@@ -390,16 +257,8 @@ if HAVE_TRITON:
         valid = t < n_t
         row = tl.load(rows_ptr + b).to(tl.int64)
         for which in tl.static_range(2):
-            x = tl.load(
-                src_ptr
-                + b.to(tl.int64) * stride_sb
-                + t[:, None] * stride_st
-                + which * D
-                + h * HEAD_DIM
-                + d[None, :],
-                mask=valid[:, None],
-                other=0.0,
-            )
+            x = tl.load(src_ptr + b.to(tl.int64) * stride_sb + t[:, None] * stride_st + which * D + h * HEAD_DIM
+                        + d[None, :], mask=valid[:, None], other=0.0)
             dst = row * stride_cr + h * stride_ch + t[:, None] * stride_ct + d[None, :]
             if QUANTIZE:
                 x = x.to(tl.float32)
@@ -427,15 +286,8 @@ def can_write_kv(x: Tensor, quantize: bool) -> bool:
     return HAVE_TRITON and x.is_cuda and x.dtype in dtypes
 
 
-def write_kv_into(
-    kv: Tensor,
-    heads: int,
-    rows: Tensor,
-    k: Tensor,
-    v: Tensor,
-    k_scale: Tensor | None = None,
-    v_scale: Tensor | None = None,
-) -> None:
+def write_kv_into(kv: Tensor, heads: int, rows: Tensor, k: Tensor, v: Tensor, k_scale: Tensor | None = None,
+                  v_scale: Tensor | None = None) -> None:
     """kv [B, T, 2d] (K then V, heads inside each) -> caches k, v [R, H, T', dh] at rows `rows`
     (int64 [B] on kv's device), positions [0, T), in one pass. With scales [R, H, T', 1] the values
     are stored as int8 with one fp16 scale per vector, as torch_model.quantize_rows_int8 computes.
@@ -452,25 +304,10 @@ def write_kv_into(
     vs = v_scale if v_scale is not None else v
     block_t = 32  # 16-128 positions, 2-8 warps: none faster (H200 sweep, twelfth session)
     _write_kv[(b, triton.cdiv(t, block_t), heads)](
-        kv,
-        rows,
-        k,
-        v,
-        ks,
-        vs,
-        kv.stride(0),
-        kv.stride(1),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        ks.stride(0) if quantize else 0,
-        ks.stride(1) if quantize else 0,
-        t,
-        D=d,
-        HEAD_DIM=dh,
-        BLOCK_T=block_t,
-        QUANTIZE=quantize,
-        num_warps=4,
+        kv, rows, k, v, ks, vs,
+        kv.stride(0), kv.stride(1), k.stride(0), k.stride(1), k.stride(2),
+        ks.stride(0) if quantize else 0, ks.stride(1) if quantize else 0,
+        t, D=d, HEAD_DIM=dh, BLOCK_T=block_t, QUANTIZE=quantize, num_warps=4,
     )
 
 
@@ -529,52 +366,28 @@ def int8_config(pairs: int) -> KernelConfig:
 MAX_PREFILL_QUERIES = 64
 
 
-def decode_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    k_scale: Tensor | None = None,
-    v_scale: Tensor | None = None,
-    lengths: Tensor | None = None,
-    config: KernelConfig | None = None,
-) -> Tensor:
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, k_scale: Tensor | None = None,
+                     v_scale: Tensor | None = None, lengths: Tensor | None = None,
+                     config: KernelConfig | None = None) -> Tensor:
     """q [B, H, TQ, dh]; k, v [B, H, T, dh] (fp16/bf16/fp32, or int8 with scales [B, H, T, 1]);
     lengths [B]: keys per row (None: all T). Returns [B, H, TQ, dh] in q's dtype.
 
     Every query attends to all keys (no causal mask): one query per row in a decode step, several
     only without lengths (a prompt's cross-attention), read in passes of _MAX_QUERIES."""
     tq, dh = q.shape[2:]
-    if not (
-        HAVE_TRITON
-        and q.is_cuda
-        and dh & (dh - 1) == 0
-        and k.stride(3) == 1
-        and (tq == 1 or (lengths is None and tq <= MAX_PREFILL_QUERIES))
-    ):
+    if not (HAVE_TRITON and q.is_cuda and dh & (dh - 1) == 0 and k.stride(3) == 1
+            and (tq == 1 or (lengths is None and tq <= MAX_PREFILL_QUERIES))):
         return _reference(q, k, v, k_scale, v_scale, lengths)
     if tq > 1:
         # tensor-core tiles of up to _MAX_QUERIES query rows, whole key ranges (no combine pass)
         config = replace(config or KernelConfig(), use_dot=True, min_splits=1, programs_per_sm=0)
-        return torch.cat(
-            [
-                _attend(q[:, :, i : i + _MAX_QUERIES], k, v, k_scale, v_scale, None, config)
-                for i in range(0, tq, _MAX_QUERIES)
-            ],
-            dim=2,
-        )
+        return torch.cat([_attend(q[:, :, i : i + _MAX_QUERIES], k, v, k_scale, v_scale, None, config)
+                          for i in range(0, tq, _MAX_QUERIES)], dim=2)
     return _attend(q, k, v, k_scale, v_scale, lengths, config)
 
 
-def _attend(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    k_scale: Tensor | None,
-    v_scale: Tensor | None,
-    lengths: Tensor | None,
-    config: KernelConfig | None,
-) -> Tensor:
+def _attend(q: Tensor, k: Tensor, v: Tensor, k_scale: Tensor | None, v_scale: Tensor | None,
+            lengths: Tensor | None, config: KernelConfig | None) -> Tensor:
     """decode_attention for at most _MAX_QUERIES queries (more than one: config uses tl.dot and
     splits no keys)."""
     b, h, tq, dh = q.shape
@@ -582,14 +395,8 @@ def _attend(
     device = q.device.index or 0
     if device not in _SM_COUNT:
         _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    if (
-        config is None
-        and k_scale is None
-        and lengths is None
-        and q.dtype != torch.float32
-        and b * h >= _SM_COUNT[device]
-        and tq == 1
-    ):
+    if config is None and k_scale is None and lengths is None and q.dtype != torch.float32 \
+            and b * h >= _SM_COUNT[device] and tq == 1:
         # fp16/bf16 K/V read whole (cross-attention) with a (row, head) pair per SM or more:
         # cuDNN's kernel reads them faster than ours (bench/gpu_attention.py, H100: 54 vs 61 us
         # at B=64 x 6 heads, 47 vs 57 us at B=16 x 20 heads, 103 vs 109 us at B=64 x 12 heads).
@@ -597,17 +404,10 @@ def _attend(
         return torch.nn.functional.scaled_dot_product_attention(q, k, v)
     if config is None:
         # int8: CUDA-core multiply-adds read fastest (int8_config; bench/gpu_attention.py)
-        config = (
-            int8_config(b * h)
-            if k_scale is not None
-            else self_attention_config(b * h)
-            if lengths is not None
-            else KernelConfig(block=128 if n_keys >= 1024 else 64)
-        )
+        config = int8_config(b * h) if k_scale is not None else \
+            self_attention_config(b * h) if lengths is not None else KernelConfig(block=128 if n_keys >= 1024 else 64)
     block = config.block
-    splits = max(
-        config.min_splits, _splits(b, h, n_keys, block, _SM_COUNT[device], config.programs_per_sm)
-    )
+    splits = max(config.min_splits, _splits(b, h, n_keys, block, _SM_COUNT[device], config.programs_per_sm))
     keys_per_split = math.ceil(math.ceil(n_keys / splits) / block) * block
     splits = math.ceil(n_keys / keys_per_split)
     out = torch.empty(b, h, tq, dh, device=q.device, dtype=q.dtype)
@@ -622,81 +422,31 @@ def _attend(
     ks = k_scale if has_scale else q
     vs = v_scale if has_scale else q
     partial = _decode_attention_partial if config.use_dot else _decode_attention_partial_fma
-    dp4a_k = (
-        k.dtype == torch.int8
-        and config.dp4a_k
-        and not config.use_dot
-        and dh % 4 == 0
-        and k.storage_offset() % 4 == 0
-        and all(stride % 4 == 0 for stride in k.stride()[:3])
-    )
+    dp4a_k = (k.dtype == torch.int8 and config.dp4a_k and not config.use_dot and dh % 4 == 0
+              and k.storage_offset() % 4 == 0 and all(stride % 4 == 0 for stride in k.stride()[:3]))
     if dp4a_k:
         k = k.view(torch.int32)  # four int8 per word; strides in words
     options = {"DP4A_K": True} if dp4a_k else {}
     partial[(b, h, splits)](
-        q,
-        k,
-        v,
-        ks,
-        vs,
-        lengths if lengths is not None else q,
-        m,
-        l_,
-        acc,
-        out,
-        q.stride(0),
-        q.stride(1),
-        out.stride(0),
-        out.stride(1),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        ks.stride(0) if has_scale else 0,
-        ks.stride(1) if has_scale else 0,
-        n_keys,
-        keys_per_split,
-        splits,
-        1.0 / math.sqrt(dh),
-        *((tq, q.stride(2), out.stride(2)) if config.use_dot else ()),
-        HEAD_DIM=dh,
-        BLOCK=block,
-        HAS_SCALE=has_scale,
-        HAS_LEN=lengths is not None,
-        NORMALIZE=normalize,
+        q, k, v, ks, vs, lengths if lengths is not None else q, m, l_, acc, out,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        ks.stride(0) if has_scale else 0, ks.stride(1) if has_scale else 0,
+        n_keys, keys_per_split, splits, 1.0 / math.sqrt(dh), *((tq, q.stride(2), out.stride(2)) if config.use_dot else ()),
+        HEAD_DIM=dh, BLOCK=block, HAS_SCALE=has_scale, HAS_LEN=lengths is not None, NORMALIZE=normalize,
         FAST_INT8=v.dtype == torch.int8 and config.fast_int8,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-        **options,
-        **launch_options(q.device),
+        num_warps=config.num_warps, num_stages=config.num_stages, **options, **launch_options(q.device),
     )
     if normalize:
         return out
-    _decode_attention_combine[(b, h)](
-        m,
-        l_,
-        acc,
-        out,
-        out.stride(0),
-        out.stride(1),
-        splits,
-        HEAD_DIM=dh,
-        SPLITS=triton.next_power_of_2(splits),
-        **launch_options(q.device),
-    )
+    _decode_attention_combine[(b, h)](m, l_, acc, out, out.stride(0), out.stride(1), splits,
+                                      HEAD_DIM=dh, SPLITS=triton.next_power_of_2(splits), **launch_options(q.device))
     return out
 
 
-def _reference(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    k_scale: Tensor | None,
-    v_scale: Tensor | None,
-    lengths: Tensor | None,
-) -> Tensor:
+def _reference(q: Tensor, k: Tensor, v: Tensor, k_scale: Tensor | None, v_scale: Tensor | None,
+               lengths: Tensor | None) -> Tensor:
     if k_scale is not None and v_scale is not None:
         k = k.to(q.dtype) * k_scale.to(q.dtype)
         v = v.to(q.dtype) * v_scale.to(q.dtype)
@@ -705,3 +455,4 @@ def _reference(
         keys = torch.arange(k.shape[2], device=q.device)
         mask = (keys[None, :] < lengths[:, None])[:, None, None, :]
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+

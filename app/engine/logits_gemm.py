@@ -22,23 +22,8 @@ if HAVE_TRITON:
     from app.engine.pdl import enter_after_previous
 
     @triton.jit
-    def dot_weight_rows(
-        x_ptr,
-        w_ptr,
-        rows,
-        cols,
-        m,
-        n,
-        k,
-        stride_xm,
-        stride_wn,
-        begin,
-        end,
-        BM: tl.constexpr,
-        BN: tl.constexpr,
-        BK: tl.constexpr,
-        ROW_STATS: tl.constexpr = False,
-    ):
+    def dot_weight_rows(x_ptr, w_ptr, rows, cols, m, n, k, stride_xm, stride_wn, begin, end,
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ROW_STATS: tl.constexpr = False):
         """(sum over k in [begin, end) of x[rows, k] w[cols, k] as float32 [BM, BN], and with
         ROW_STATS the sums of x[rows, k] and of its squares, float32 [BM] each, else zeros): the
         tile loop of this module's GEMM and app.engine.row_gemm's. int8 weights widen in registers
@@ -50,23 +35,14 @@ if HAVE_TRITON:
         row_sum_sq = tl.zeros([BM], dtype=tl.float32)
         for k0 in range(begin, end, BK):
             kk = k0 + rk
-            x = tl.load(
-                x_ptr + rows[:, None] * stride_xm + kk[None, :],
-                mask=(rows[:, None] < m) & (kk[None, :] < k),
-                other=0.0,
-            )
-            if (
-                ROW_STATS
-            ):  # the input rows' LayerNorm statistics, from the tiles the product reads anyway
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :],
+                        mask=(rows[:, None] < m) & (kk[None, :] < k), other=0.0)
+            if ROW_STATS:  # the input rows' LayerNorm statistics, from the tiles the product reads anyway
                 xf = x.to(tl.float32)
                 row_sum += tl.sum(xf, axis=1)
                 row_sum_sq += tl.sum(xf * xf, axis=1)
-            w = load_widened(
-                w_ptr + cols[:, None].to(tl.int64) * stride_wn + kk[None, :],
-                (cols[:, None] < n) & (kk[None, :] < k),
-                x.dtype,
-                w_ptr.dtype.element_ty == tl.int8,
-            )
+            w = load_widened(w_ptr + cols[:, None].to(tl.int64) * stride_wn + kk[None, :],
+                             (cols[:, None] < n) & (kk[None, :] < k), x.dtype, w_ptr.dtype.element_ty == tl.int8)
             acc = tl.dot(x, tl.trans(w), acc)
         return acc, row_sum, row_sum_sq
 
@@ -76,39 +52,20 @@ if HAVE_TRITON:
         return acc * tl.load(s_ptr + cols, mask=cols < n, other=0.0).to(tl.float32)[None, :]
 
     @triton.jit
-    def _logits(
-        x_ptr,
-        w_ptr,
-        s_ptr,
-        out_ptr,
-        m,
-        n_vocab,
-        k,
-        stride_xm,
-        stride_wv,
-        stride_om,
-        BM: tl.constexpr,
-        BN: tl.constexpr,
-        BK: tl.constexpr,
-        HAS_SCALE: tl.constexpr,
-        PDL: tl.constexpr,
-    ):
+    def _logits(x_ptr, w_ptr, s_ptr, out_ptr, m, n_vocab, k, stride_xm, stride_wv, stride_om,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_SCALE: tl.constexpr,
+                PDL: tl.constexpr):
         # out[m, v] = sum_k x[m, k] w[v, k], float32 accumulate and output; a program owns BN
         # vocabulary entries for BM rows, so the weights are read once per BM rows.
         rows = tl.program_id(1) * BM + tl.arange(0, BM)
         vocab = tl.program_id(0) * BN + tl.arange(0, BN)
         # no weight prefetch: a large vocabulary's embedding (133 MB for large-v3) would not fit in L2
         enter_after_previous(PDL)
-        acc, _, _ = dot_weight_rows(
-            x_ptr, w_ptr, rows, vocab, m, n_vocab, k, stride_xm, stride_wv, 0, k, BM, BN, BK
-        )
+        acc, _, _ = dot_weight_rows(x_ptr, w_ptr, rows, vocab, m, n_vocab, k, stride_xm, stride_wv, 0, k, BM, BN, BK)
         if HAS_SCALE:  # int8 embedding: one scale per token
             acc = scale_columns(acc, s_ptr, vocab, n_vocab)
-        tl.store(
-            out_ptr + rows[:, None].to(tl.int64) * stride_om + vocab[None, :],
-            acc,
-            mask=(rows[:, None] < m) & (vocab[None, :] < n_vocab),
-        )
+        tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + vocab[None, :], acc,
+                 mask=(rows[:, None] < m) & (vocab[None, :] < n_vocab))
 
 
 HALF = (torch.float16, torch.bfloat16)
@@ -120,14 +77,8 @@ MAX_LOGITS_ROWS = 256
 def streams_weight(x: Tensor, weight: Tensor, max_rows: int) -> bool:
     """The few-rows Triton GEMMs' inputs: x half precision on the GPU with at most max_rows rows,
     weight of x's dtype or int8, rows contiguous."""
-    return (
-        HAVE_TRITON
-        and x.is_cuda
-        and x.dtype in HALF
-        and weight.dtype in (x.dtype, torch.int8)
-        and weight.stride(-1) == 1
-        and x.numel() // x.shape[-1] <= max_rows
-    )
+    return (HAVE_TRITON and x.is_cuda and x.dtype in HALF and weight.dtype in (x.dtype, torch.int8)
+            and weight.stride(-1) == 1 and x.numel() // x.shape[-1] <= max_rows)
 
 
 def as_rows(x: Tensor) -> Tensor:
@@ -150,22 +101,8 @@ def logits_fp32(x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tenso
     bm = min(64, max(16, triton.next_power_of_2(m)))
     bn = 128
     _logits[(triton.cdiv(n_vocab, bn), triton.cdiv(m, bm))](
-        flat,
-        weight,
-        scale if scale is not None else weight,
-        out,
-        m,
-        n_vocab,
-        k,
-        flat.stride(0),
-        weight.stride(0),
-        out.stride(0),
-        BM=bm,
-        BN=bn,
-        BK=64,
-        HAS_SCALE=scale is not None,
-        num_warps=4,
-        num_stages=4,
-        **launch_options(x.device),
+        flat, weight, scale if scale is not None else weight, out, m, n_vocab, k, flat.stride(0),
+        weight.stride(0), out.stride(0), BM=bm, BN=bn, BK=64, HAS_SCALE=scale is not None,
+        num_warps=4, num_stages=4, **launch_options(x.device),
     )
     return out.reshape(*x.shape[:-1], n_vocab)

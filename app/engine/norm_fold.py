@@ -27,11 +27,7 @@ from app.engine.row_gemm import KvAppend, RowNorm, can_row_gemm, row_linear
 def _norm_linear_pairs(decoder: nn.Module) -> list[tuple[nn.LayerNorm, nn.Module]]:
     pairs: list[tuple[nn.LayerNorm, nn.Module]] = []
     for layer in decoder.layers:
-        pairs += [
-            (layer.attn_ln, layer.attn.qkv),
-            (layer.cross_ln, layer.cross.q),
-            (layer.mlp_ln, layer.mlp1),
-        ]
+        pairs += [(layer.attn_ln, layer.attn.qkv), (layer.cross_ln, layer.cross.q), (layer.mlp_ln, layer.mlp1)]
     return pairs
 
 
@@ -40,12 +36,8 @@ def fold_decoder_norms(decoder: nn.Module) -> bool:
     mark the decoder (`norms_folded`) for folded decode steps. False, unchanged, where a linear is
     not a plain float nn.Linear."""
     pairs = _norm_linear_pairs(decoder)
-    if not all(
-        isinstance(linear, nn.Linear)
-        and linear.bias is not None
-        and linear.weight.is_floating_point()
-        for _, linear in pairs
-    ):
+    if not all(isinstance(linear, nn.Linear) and linear.bias is not None and linear.weight.is_floating_point()
+               for _, linear in pairs):
         return False
     with torch.no_grad():
         for norm, linear in pairs:
@@ -63,30 +55,16 @@ def fold_decoder_norms(decoder: nn.Module) -> bool:
 
 def can_fold_step(decoder: nn.Module, x: Tensor) -> bool:
     """Whether a decode step over x [B, 1, d] runs folded: a folded decoder and few-rows GEMMs on x."""
-    return getattr(decoder, "norms_folded", False) and can_row_gemm(
-        x, decoder.layers[0].attn.qkv.weight
-    )
+    return getattr(decoder, "norms_folded", False) and can_row_gemm(x, decoder.layers[0].attn.qkv.weight)
 
 
-def norm_linear(
-    linear: nn.Linear,
-    x: Tensor,
-    gelu: bool = False,
-    append: KvAppend | None = None,
-    stats_ready: bool = True,
-) -> Tensor:
+def norm_linear(linear: nn.Linear, x: Tensor, gelu: bool = False, append: KvAppend | None = None,
+                stats_ready: bool = True) -> Tensor:
     """linear(LayerNorm(x)) (optionally GELU) for the raw residual stream x, the norm folded into
     `linear` (fold_decoder_norms). `stats_ready`: x was last written by residual_linear, which left
     its row statistics; otherwise the kernel gathers them itself."""
-    return row_linear(
-        x,
-        linear.weight,
-        linear.bias,
-        gelu,
-        norm=linear.row_norm,
-        stats_ready=stats_ready,
-        append=append,
-    )
+    return row_linear(x, linear.weight, linear.bias, gelu, norm=linear.row_norm, stats_ready=stats_ready,
+                      append=append)
 
 
 def residual_linear(linear: nn.Linear, a: Tensor, x: Tensor) -> Tensor:

@@ -87,28 +87,12 @@ if HAVE_TRITON:
         """Pull the 128-byte lines at ptrs into L2 (a hint: nothing is loaded into registers).
         Only under PDL, where it overlaps the previous kernel's tail."""
         if PDL:
-            tl.inline_asm_elementwise(
-                "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;",
-                "=r,l",
-                [ptrs],
-                dtype=tl.int32,
-                is_pure=False,
-                pack=1,
-            )
+            tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
+                                      dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
-    def prefetch_weight_rows(
-        w_ptr,
-        rows,
-        n,
-        k,
-        stride_wn,
-        begin,
-        end,
-        BK: tl.constexpr,
-        LINE: tl.constexpr,
-        PDL: tl.constexpr,
-    ):
+    def prefetch_weight_rows(w_ptr, rows, n, k, stride_wn, begin, end, BK: tl.constexpr, LINE: tl.constexpr,
+                             PDL: tl.constexpr):
         """prefetch_l2 of weight rows `rows` (< n), columns [begin, end) (< k), one pointer per
         LINE-element line (LINE = 128 bytes / element size), in BK-wide steps."""
         if PDL:

@@ -56,39 +56,11 @@ if HAVE_TRITON:
     NORM_IN_STATS = tl.constexpr(_NORM_IN_STATS)
 
     @triton.jit
-    def _finish(
-        acc,
-        block,
-        rows,
-        cols,
-        m,
-        n,
-        s_ptr,
-        b_ptr,
-        out_ptr,
-        stride_om,
-        mean,
-        rstd,
-        wsum_ptr,
-        stats_ptr,
-        kc_ptr,
-        vc_ptr,
-        pos_ptr,
-        stride_cb,
-        stride_ch,
-        stride_ct,
-        d_model,
-        BM: tl.constexpr,
-        BN: tl.constexpr,
-        HAS_SCALE: tl.constexpr,
-        HAS_BIAS: tl.constexpr,
-        GELU: tl.constexpr,
-        NORM_IN: tl.constexpr,
-        RESIDUAL: tl.constexpr,
-        WRITE_STATS: tl.constexpr,
-        APPEND_KV: tl.constexpr,
-        HEAD_DIM: tl.constexpr,
-    ):
+    def _finish(acc, block, rows, cols, m, n, s_ptr, b_ptr, out_ptr, stride_om, mean, rstd, wsum_ptr, stats_ptr,
+                kc_ptr, vc_ptr, pos_ptr, stride_cb, stride_ch, stride_ct, d_model,
+                BM: tl.constexpr, BN: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                GELU: tl.constexpr, NORM_IN: tl.constexpr, RESIDUAL: tl.constexpr, WRITE_STATS: tl.constexpr,
+                APPEND_KV: tl.constexpr, HEAD_DIM: tl.constexpr):
         """The epilogue: column scale, LayerNorm correction, bias, GELU, residual add; store; the
         stored rows' partial statistics for the next GEMM's LayerNorm, and the K/V thirds of a QKV
         output into the self-attention caches."""
@@ -103,12 +75,8 @@ if HAVE_TRITON:
             acc = gelu_erf(acc)
         inside = (rows[:, None] < m) & (cols[None, :] < n)
         out = acc.to(out_ptr.dtype.element_ty)
-        if (
-            RESIDUAL
-        ):  # out += linear(a) in place, the sum rounded once more, as two separate ops would
-            res = tl.load(
-                out_ptr + rows[:, None] * stride_om + cols[None, :], mask=inside, other=0.0
-            )
+        if RESIDUAL:  # out += linear(a) in place, the sum rounded once more, as two separate ops would
+            res = tl.load(out_ptr + rows[:, None] * stride_om + cols[None, :], mask=inside, other=0.0)
             out = (res.to(tl.float32) + out.to(tl.float32)).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], out, mask=inside)
         if WRITE_STATS:  # sums of the stored values and their squares per STAT_COLS-column group
@@ -118,83 +86,38 @@ if HAVE_TRITON:
             dst = stats_ptr + group[None, :] * STAT_ROWS + rows[:, None]
             tl.store(dst, tl.sum(grouped, axis=2), mask=rows[:, None] < m)
             tl.store(dst + STAT_PLANE, tl.sum(grouped * grouped, axis=2), mask=rows[:, None] < m)
-        if (
-            APPEND_KV
-        ):  # columns [d, 2d) are K, [2d, 3d) V, heads inside each: row r's go to its position
+        if APPEND_KV:  # columns [d, 2d) are K, [2d, 3d) V, heads inside each: row r's go to its position
             first = block * BN - d_model  # this block's first column within K | V
             if first >= 0:  # a block lies inside one head of K or of V (BN divides HEAD_DIM)
                 within = first % d_model
                 pos = tl.load(pos_ptr + rows, mask=rows < m, other=0).to(tl.int64)
-                dst = (
-                    rows[:, None].to(tl.int64) * stride_cb
-                    + pos[:, None] * stride_ct
-                    + (within // HEAD_DIM) * stride_ch
-                    + within % HEAD_DIM
-                    + tl.arange(0, BN)[None, :]
-                )
+                dst = (rows[:, None].to(tl.int64) * stride_cb + pos[:, None] * stride_ct
+                       + (within // HEAD_DIM) * stride_ch + within % HEAD_DIM + tl.arange(0, BN)[None, :])
                 if first < d_model:
                     tl.store(kc_ptr + dst, out, mask=rows[:, None] < m)
                 else:
                     tl.store(vc_ptr + dst, out, mask=rows[:, None] < m)
 
     @triton.jit
-    def _row_gemm(
-        x_ptr,
-        w_ptr,
-        s_ptr,
-        b_ptr,
-        out_ptr,
-        part_ptr,
-        count_ptr,
-        wsum_ptr,
-        stats_ptr,
-        kc_ptr,
-        vc_ptr,
-        pos_ptr,
-        m,
-        n,
-        k,
-        stride_xm,
-        stride_wn,
-        stride_om,
-        stride_cb,
-        stride_ch,
-        stride_ct,
-        d_model,
-        k_per_split,
-        eps,
-        BM: tl.constexpr,
-        BN: tl.constexpr,
-        BK: tl.constexpr,
-        SPLIT: tl.constexpr,
-        HAS_SCALE: tl.constexpr,
-        HAS_BIAS: tl.constexpr,
-        GELU: tl.constexpr,
-        NORM_IN: tl.constexpr,
-        STAT_GROUPS: tl.constexpr,
-        RESIDUAL: tl.constexpr,
-        WRITE_STATS: tl.constexpr,
-        APPEND_KV: tl.constexpr,
-        HEAD_DIM: tl.constexpr,
-        LINE: tl.constexpr,
-        PDL: tl.constexpr,
-    ):
+    def _row_gemm(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr, count_ptr, wsum_ptr, stats_ptr, kc_ptr, vc_ptr,
+                  pos_ptr, m, n, k, stride_xm, stride_wn, stride_om, stride_cb, stride_ch, stride_ct, d_model,
+                  k_per_split, eps,
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
+                  HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, NORM_IN: tl.constexpr,
+                  STAT_GROUPS: tl.constexpr, RESIDUAL: tl.constexpr, WRITE_STATS: tl.constexpr,
+                  APPEND_KV: tl.constexpr, HEAD_DIM: tl.constexpr, LINE: tl.constexpr, PDL: tl.constexpr):
         # out[m, n] = act(scale[n] sum_k x[m, k] w[n, k] + bias[n]) (+ residual); program (column
         # block, K slice). NORM_IN: x is the raw residual stream and its LayerNorm is applied here,
         # from row statistics the tile loop gathers (NORM_IN_LOOP; a program then spans all of K) or
         # that the GEMM which last wrote x left in stats_ptr (NORM_IN_STATS, STAT_GROUPS partials).
-        tl.static_assert(
-            not (NORM_IN == NORM_IN_LOOP and SPLIT > 1), "in-loop statistics need whole rows"
-        )
+        tl.static_assert(not (NORM_IN == NORM_IN_LOOP and SPLIT > 1), "in-loop statistics need whole rows")
         block = tl.program_id(0)
         split = tl.program_id(1)
         rows = tl.arange(0, BM)
         cols = block * BN + tl.arange(0, BN)
         begin = split * k_per_split
         # the weights do not depend on earlier kernels: fetch them while the previous one drains
-        prefetch_weight_rows(
-            w_ptr, cols, n, k, stride_wn, begin, begin + k_per_split, BK, LINE, PDL
-        )
+        prefetch_weight_rows(w_ptr, cols, n, k, stride_wn, begin, begin + k_per_split, BK, LINE, PDL)
         enter_after_previous(PDL)
         if NORM_IN == NORM_IN_STATS:  # issued before the tile loop, summed after it
             group = tl.arange(0, STAT_GROUPS)
@@ -202,62 +125,17 @@ if HAVE_TRITON:
             stat_src = stats_ptr + group[:, None] * STAT_ROWS + rows[None, :]
             sums = tl.load(stat_src, mask=stat_ok, other=0.0)
             sums_sq = tl.load(stat_src + STAT_PLANE, mask=stat_ok, other=0.0)
-        acc, row_sum, row_sum_sq = dot_weight_rows(
-            x_ptr,
-            w_ptr,
-            rows,
-            cols,
-            m,
-            n,
-            k,
-            stride_xm,
-            stride_wn,
-            begin,
-            begin + k_per_split,
-            BM,
-            BN,
-            BK,
-            NORM_IN == NORM_IN_LOOP,
-        )
+        acc, row_sum, row_sum_sq = dot_weight_rows(x_ptr, w_ptr, rows, cols, m, n, k, stride_xm, stride_wn, begin,
+                                                   begin + k_per_split, BM, BN, BK, NORM_IN == NORM_IN_LOOP)
         if NORM_IN == NORM_IN_STATS:
             row_sum = tl.sum(sums, axis=0)
             row_sum_sq = tl.sum(sums_sq, axis=0)
         mean = row_sum / k
         rstd = 1.0 / tl.sqrt(tl.maximum(row_sum_sq / k - mean * mean, 0.0) + eps)
         if SPLIT == 1:
-            _finish(
-                acc,
-                block,
-                rows,
-                cols,
-                m,
-                n,
-                s_ptr,
-                b_ptr,
-                out_ptr,
-                stride_om,
-                mean,
-                rstd,
-                wsum_ptr,
-                stats_ptr,
-                kc_ptr,
-                vc_ptr,
-                pos_ptr,
-                stride_cb,
-                stride_ch,
-                stride_ct,
-                d_model,
-                BM,
-                BN,
-                HAS_SCALE,
-                HAS_BIAS,
-                GELU,
-                NORM_IN != 0,
-                RESIDUAL,
-                WRITE_STATS,
-                APPEND_KV,
-                HEAD_DIM,
-            )
+            _finish(acc, block, rows, cols, m, n, s_ptr, b_ptr, out_ptr, stride_om, mean, rstd, wsum_ptr, stats_ptr,
+                    kc_ptr, vc_ptr, pos_ptr, stride_cb, stride_ch, stride_ct, d_model,
+                    BM, BN, HAS_SCALE, HAS_BIAS, GELU, NORM_IN != 0, RESIDUAL, WRITE_STATS, APPEND_KV, HEAD_DIM)
         else:
             tile = rows[:, None] * BN + tl.arange(0, BN)[None, :]
             tl.store(part_ptr + (block * SPLIT + split) * BM * BN + tile, acc)
@@ -266,43 +144,12 @@ if HAVE_TRITON:
             if arrived == SPLIT - 1:
                 total = tl.zeros([BM, BN], dtype=tl.float32)
                 for s in range(SPLIT):  # fixed order: the same sums whichever program is last
-                    total += tl.load(
-                        part_ptr + (block * SPLIT + s) * BM * BN + tile, cache_modifier=".cg"
-                    )
+                    total += tl.load(part_ptr + (block * SPLIT + s) * BM * BN + tile, cache_modifier=".cg")
                 tl.atomic_xchg(count_ptr + block, 0)
-                _finish(
-                    total,
-                    block,
-                    rows,
-                    cols,
-                    m,
-                    n,
-                    s_ptr,
-                    b_ptr,
-                    out_ptr,
-                    stride_om,
-                    mean,
-                    rstd,
-                    wsum_ptr,
-                    stats_ptr,
-                    kc_ptr,
-                    vc_ptr,
-                    pos_ptr,
-                    stride_cb,
-                    stride_ch,
-                    stride_ct,
-                    d_model,
-                    BM,
-                    BN,
-                    HAS_SCALE,
-                    HAS_BIAS,
-                    GELU,
-                    NORM_IN != 0,
-                    RESIDUAL,
-                    WRITE_STATS,
-                    APPEND_KV,
-                    HEAD_DIM,
-                )
+                _finish(total, block, rows, cols, m, n, s_ptr, b_ptr, out_ptr, stride_om, mean, rstd, wsum_ptr,
+                        stats_ptr, kc_ptr, vc_ptr, pos_ptr, stride_cb, stride_ch, stride_ct,
+                        d_model, BM, BN, HAS_SCALE, HAS_BIAS, GELU, NORM_IN != 0, RESIDUAL, WRITE_STATS, APPEND_KV,
+                        HEAD_DIM)
 
 
 #: Rows the kernel takes: a decode step of up to 64 sequences (one BM tile).
@@ -368,20 +215,10 @@ class KvAppend:
     positions: Tensor
 
 
-def row_linear(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    gelu: bool = False,
-    tiles: TileConfig | None = None,
-    scale: Tensor | None = None,
-    *,
-    norm: RowNorm | None = None,
-    stats_ready: bool = False,
-    residual: Tensor | None = None,
-    write_stats: bool = False,
-    append: KvAppend | None = None,
-) -> Tensor:
+def row_linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool = False,
+               tiles: TileConfig | None = None, scale: Tensor | None = None, *, norm: RowNorm | None = None,
+               stats_ready: bool = False, residual: Tensor | None = None, write_stats: bool = False,
+               append: KvAppend | None = None) -> Tensor:
     """act(x @ (weight * scale[:, None]).T + bias) for x [..., k] with at most MAX_ROWS rows (see
     can_row_gemm). int8 weights need `scale`; they are read as int8, half the bytes of fp16.
 
@@ -403,85 +240,35 @@ def row_linear(
     if tiles is None:
         tiles = choose_tiles(n, k, m)
     norm_in = 0 if norm is None else _NORM_IN_STATS if stats_ready else _NORM_IN_LOOP
-    if (
-        norm_in == _NORM_IN_LOOP and tiles.split != 1
-    ):  # the statistics need whole rows in each program
+    if norm_in == _NORM_IN_LOOP and tiles.split != 1:  # the statistics need whole rows in each program
         tiles = replace(tiles, split=1)
-    if write_stats and (
-        tiles.block_n % _STAT_COLS or n > _STAT_COLS * _STAT_GROUPS or m > _STAT_ROWS
-    ):
-        raise ValueError(
-            f"row statistics need column blocks of a multiple of {_STAT_COLS}, at most "
-            f"{_STAT_COLS * _STAT_GROUPS} columns and {_STAT_ROWS} rows"
-        )
+    if write_stats and (tiles.block_n % _STAT_COLS or n > _STAT_COLS * _STAT_GROUPS or m > _STAT_ROWS):
+        raise ValueError(f"row statistics need column blocks of a multiple of {_STAT_COLS}, at most "
+                         f"{_STAT_COLS * _STAT_GROUPS} columns and {_STAT_ROWS} rows")
     bm = max(16, triton.next_power_of_2(m))
     blocks = triton.cdiv(n, tiles.block_n)
-    partials = WORKSPACE.get(
-        "row_gemm.partials", x.device, blocks * tiles.split * bm * tiles.block_n, torch.float32
-    )
-    counters = WORKSPACE.get(
-        "row_gemm.counters", x.device, max(blocks, 256), torch.int32, zeroed=True
-    )
-    stats = (
-        WORKSPACE.get(
-            "row_gemm.stats", x.device, 2 * _STAT_GROUPS * _STAT_ROWS, torch.float32, zeroed=True
-        )
-        if norm_in == _NORM_IN_STATS or write_stats
-        else out
-    )
+    partials = WORKSPACE.get("row_gemm.partials", x.device, blocks * tiles.split * bm * tiles.block_n, torch.float32)
+    counters = WORKSPACE.get("row_gemm.counters", x.device, max(blocks, 256), torch.int32, zeroed=True)
+    stats = WORKSPACE.get("row_gemm.stats", x.device, 2 * _STAT_GROUPS * _STAT_ROWS, torch.float32, zeroed=True) \
+        if norm_in == _NORM_IN_STATS or write_stats else out
     k_per_split = triton.cdiv(triton.cdiv(k, tiles.split), tiles.block_k) * tiles.block_k
-    caches = (
-        (append.k_cache, append.v_cache, append.positions)
-        if append is not None
-        else (out, out, out)
-    )
-    if append is not None and (
-        append.k_cache.stride() != append.v_cache.stride()
-        or append.k_cache.stride(3) != 1
-        or append.k_cache.shape[-1] % tiles.block_n
-        or n % (3 * tiles.block_n)
-    ):
-        raise ValueError(
-            "the K and V caches need the same strides, head dimension contiguous and a multiple "
-            "of the column block, as the model width"
-        )
+    caches = (append.k_cache, append.v_cache, append.positions) if append is not None else (out, out, out)
+    if append is not None and (append.k_cache.stride() != append.v_cache.stride() or append.k_cache.stride(3) != 1
+                               or append.k_cache.shape[-1] % tiles.block_n or n % (3 * tiles.block_n)):
+        raise ValueError("the K and V caches need the same strides, head dimension contiguous and a multiple "
+                         "of the column block, as the model width")
     _row_gemm[(blocks, tiles.split)](
-        flat,
-        weight,
-        scale if scale is not None else weight,
-        bias if bias is not None else weight,
-        out,
-        partials,
-        counters,
-        norm.weight_sum if norm is not None else weight,
-        stats,
-        *caches,
-        m,
-        n,
-        k,
-        flat.stride(0),
-        weight.stride(0),
-        out.stride(0),
-        *(append.k_cache.stride()[:3] if append is not None else (0, 0, 0)),
-        n // 3,
-        k_per_split,
+        flat, weight, scale if scale is not None else weight, bias if bias is not None else weight, out,
+        partials, counters, norm.weight_sum if norm is not None else weight, stats, *caches,
+        m, n, k, flat.stride(0), weight.stride(0), out.stride(0),
+        *(append.k_cache.stride()[:3] if append is not None else (0, 0, 0)), n // 3, k_per_split,
         norm.eps if norm is not None else 0.0,
-        BM=bm,
-        BN=tiles.block_n,
-        BK=tiles.block_k,
-        SPLIT=tiles.split,
-        HAS_SCALE=scale is not None,
-        HAS_BIAS=bias is not None,
-        GELU=gelu,
-        NORM_IN=norm_in,
-        STAT_GROUPS=triton.next_power_of_2(triton.cdiv(k, _STAT_COLS)),
-        RESIDUAL=residual is not None,
-        WRITE_STATS=write_stats,
-        APPEND_KV=append is not None,
+        BM=bm, BN=tiles.block_n, BK=tiles.block_k, SPLIT=tiles.split, HAS_SCALE=scale is not None,
+        HAS_BIAS=bias is not None, GELU=gelu, NORM_IN=norm_in,
+        STAT_GROUPS=triton.next_power_of_2(triton.cdiv(k, _STAT_COLS)), RESIDUAL=residual is not None,
+        WRITE_STATS=write_stats, APPEND_KV=append is not None,
         HEAD_DIM=append.k_cache.shape[-1] if append is not None else 1,
-        LINE=line_elements(weight),
-        num_warps=tiles.warps,
-        num_stages=tiles.stages,
+        LINE=line_elements(weight), num_warps=tiles.warps, num_stages=tiles.stages,
         **launch_options(x.device),
     )
     return out.reshape(*x.shape[:-1], n)

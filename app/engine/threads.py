@@ -52,9 +52,7 @@ def become_engine_thread(threads: int) -> int:
     threads = threads or DEFAULT_THREADS
     gomp = _libgomp()
     if gomp is None:
-        log.debug(
-            "libgomp not found next to torch; using torch.set_num_threads(%d) process-wide", threads
-        )
+        log.debug("libgomp not found next to torch; using torch.set_num_threads(%d) process-wide", threads)
         torch.set_num_threads(threads)
         return torch.get_num_threads()
     confine_to_one_thread()

@@ -42,9 +42,7 @@ def resolve_dtype(device: torch.device, compute_dtype: str | None) -> torch.dtyp
     return DTYPES[compute_dtype]
 
 
-def load_model(
-    engine_dir: Path, config: EngineConfig, device: torch.device, dtype: torch.dtype
-) -> WhisperModel:
+def load_model(engine_dir: Path, config: EngineConfig, device: torch.device, dtype: torch.dtype) -> WhisperModel:
     int8 = config.quantization == "int8"
     model = WhisperModel(config.dims, int8=int8)
     try:
@@ -76,18 +74,9 @@ def load_model(
 class TorchEngine:
     """The torch backend: a WhisperModel plus preallocated per-row decoder caches."""
 
-    def __init__(
-        self,
-        engine_dir: Path,
-        config: EngineConfig,
-        device: torch.device,
-        dtype: torch.dtype,
-        max_rows: int,
-        int8_cross_kv: bool = False,
-        model: WhisperModel | None = None,
-        cpu_packed_gemm: bool = True,
-        fp8_encoder: bool = False,
-    ) -> None:
+    def __init__(self, engine_dir: Path, config: EngineConfig, device: torch.device, dtype: torch.dtype,
+                 max_rows: int, int8_cross_kv: bool = False, model: WhisperModel | None = None,
+                 cpu_packed_gemm: bool = True, fp8_encoder: bool = False) -> None:
         self.engine_dir = engine_dir
         self.config = config
         self.device = device
@@ -96,24 +85,17 @@ class TorchEngine:
         # `model` lets benchmarks run random weights of real shapes without an engine directory
         self.model = model if model is not None else load_model(engine_dir, config, device, dtype)
         # fp8 GEMMs write the activation dtype: float16/bfloat16 (float32 keeps its own GEMMs)
-        self.fp8_encoder = (
-            fp8_encoder and fp8_supported(device) and dtype in (torch.float16, torch.bfloat16)
-        )
+        self.fp8_encoder = fp8_encoder and fp8_supported(device) and dtype in (torch.float16, torch.bfloat16)
         if self.fp8_encoder:
             enable_fp8_audio_gemms(self.model, dtype)
         elif fp8_encoder:
-            log.warning(
-                "fp8 encoder GEMMs need a CUDA GPU of compute capability 8.9+ (Ada, Hopper) "
-                "and float16/bfloat16 compute; %s runs them in %s",
-                device,
-                dtype,
-            )
+            log.warning("fp8 encoder GEMMs need a CUDA GPU of compute capability 8.9+ (Ada, Hopper) "
+                        "and float16/bfloat16 compute; %s runs them in %s", device, dtype)
         if device.type == "cuda":
             # decode steps apply the LayerNorms inside their GEMMs (float weights; a no-op for int8)
             fold_decoder_norms(self.model.decoder)
-        cache = DecoderCache(
-            config.dims, max_rows, device, dtype, cross_dtype=torch.int8 if int8_cross_kv else None
-        )
+        cache = DecoderCache(config.dims, max_rows, device, dtype,
+                             cross_dtype=torch.int8 if int8_cross_kv else None)
         self.runner = WhisperRunner(self.model, cache)
         # On the CPU a window's cross-attention K/V are stored once, in its first row, and its
         # beams read them there (decode's cross_runs); the GPU's fused decode kernel reads K/V per
@@ -124,35 +106,19 @@ class TorchEngine:
         self.graphs: GraphedDecoder | None = None
         self.greedy_suppress: tuple[int, ...] = tuple(config.suppress_tokens)
 
-    def enable_cuda_graphs(
-        self,
-        chunk_steps: int = 8,
-        batch_buckets: tuple[int, ...] | None = None,
-        kv_buckets: tuple[int, ...] | None = None,
-    ) -> None:
+    def enable_cuda_graphs(self, chunk_steps: int = 8, batch_buckets: tuple[int, ...] | None = None,
+                           kv_buckets: tuple[int, ...] | None = None) -> None:
         """Capture decoder graphs for every (batch, kv-length) bucket. Call before serving."""
         if self.device.type != "cuda":
             return
-        self.graphs = GraphedDecoder(
-            self.runner,
-            self.max_rows,
-            chunk_steps,
-            self.config.special_tokens.eot,
-            list(self.greedy_suppress),
-            batch_buckets=batch_buckets,
-            kv_buckets=kv_buckets,
-            prefill_lengths=prompt_lengths(self.config.multilingual),
-        )
+        self.graphs = GraphedDecoder(self.runner, self.max_rows, chunk_steps,
+                                     self.config.special_tokens.eot, list(self.greedy_suppress),
+                                     batch_buckets=batch_buckets, kv_buckets=kv_buckets,
+                                     prefill_lengths=prompt_lengths(self.config.multilingual))
         self.graphs.capture_all()
 
-    def greedy_chunk(
-        self,
-        tokens: Tensor,
-        positions: Tensor,
-        done: Tensor,
-        suppress: tuple[int, ...],
-        remaining: list[int],
-    ) -> tuple[Tensor, Tensor, Tensor] | None:
+    def greedy_chunk(self, tokens: Tensor, positions: Tensor, done: Tensor,
+                     suppress: tuple[int, ...], remaining: list[int]) -> tuple[Tensor, Tensor, Tensor] | None:
         """Up to K greedy steps on the device for rows [0, B), none past any row's `remaining`
         token budget (None: not available, step instead)."""
         if self.graphs is None:
@@ -174,43 +140,25 @@ class TorchEngine:
         with torch.inference_mode():
             self.runner.write_cross_kv(features.to(self.device, self.dtype), rows)
 
-    def decode(
-        self,
-        tokens: Tensor,
-        positions: Tensor,
-        start: int,
-        kv_len: int,
-        uniform_position: bool = False,
-        cross_runs: CrossRuns | None = None,
-    ) -> Tensor:
+    def decode(self, tokens: Tensor, positions: Tensor, start: int, kv_len: int,
+               uniform_position: bool = False, cross_runs: CrossRuns | None = None) -> Tensor:
         if self.graphs is not None and start == 0 and tokens.shape[1] == 1:
-            out = self.graphs.step(
-                tokens, positions, kv_len
-            )  # copied into the graph's static inputs
+            out = self.graphs.step(tokens, positions, kv_len)  # copied into the graph's static inputs
             if out is not None:
                 return out[:, None]
-        elif (
-            self.graphs is not None and start == 0 and kv_len == tokens.shape[1]
-        ):  # a prompt prefill
+        elif self.graphs is not None and start == 0 and kv_len == tokens.shape[1]:  # a prompt prefill
             out = self.graphs.prefill(tokens, positions)
             if out is not None:
                 return out
-        return self.runner.decode(
-            to_device(tokens, self.device),
-            to_device(positions, self.device),
-            start,
-            kv_len,
-            uniform_position,
-            cross_runs,
-        )
+        return self.runner.decode(to_device(tokens, self.device), to_device(positions, self.device), start, kv_len,
+                                  uniform_position, cross_runs)
 
     def copy_rows(self, src: list[int], dst: list[int], self_len: int, cross: bool = True) -> None:
         with torch.inference_mode():
             self.runner.cache.copy_rows(src, dst, self_len, cross)
 
-    def cross_attention_weights(
-        self, tokens: Tensor, audio_features: Tensor, heads: list[tuple[int, int]]
-    ) -> tuple[Tensor, Tensor]:
+    def cross_attention_weights(self, tokens: Tensor, audio_features: Tensor,
+                                heads: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
         return self.runner.cross_attention_weights(tokens.to(self.device), audio_features, heads)
 
 
@@ -220,16 +168,9 @@ class TorchEngine:
 DEFAULT_MAX_ROWS = {"cpu": 160, "cuda": 32}
 
 
-def load_engine(
-    engine_dir: str | Path,
-    *,
-    device: str = "auto",
-    compute_dtype: str | None = None,
-    max_rows: int | None = None,
-    int8_cross_kv: bool = False,
-    cuda_graphs: bool = True,
-    fp8_encoder: bool = False,
-) -> TorchEngine:
+def load_engine(engine_dir: str | Path, *, device: str = "auto", compute_dtype: str | None = None,
+                max_rows: int | None = None, int8_cross_kv: bool = False, cuda_graphs: bool = True,
+                fp8_encoder: bool = False) -> TorchEngine:
     engine_dir = Path(engine_dir)
     config = load_engine_config(engine_dir)
     if config.backend == "trtllm":
@@ -241,20 +182,11 @@ def load_engine(
     max_rows = max_rows or DEFAULT_MAX_ROWS.get(dev.type, 32)
     if dev.type == "cpu" and dtype != torch.float32:
         log.warning("compute dtype %s on CPU is slow; float32 is recommended", dtype)
-    engine = TorchEngine(
-        engine_dir, config, dev, dtype, max_rows, int8_cross_kv, fp8_encoder=fp8_encoder
-    )
+    engine = TorchEngine(engine_dir, config, dev, dtype, max_rows, int8_cross_kv, fp8_encoder=fp8_encoder)
     if cuda_graphs:
         engine.enable_cuda_graphs()
     # what actually runs (an option the device cannot honour was downgraded with a warning)
-    log.info(
-        "engine %s on %s: %s, %d rows, cross-K/V %s, encoder GEMMs %s, CUDA graphs %s",
-        config.name,
-        dev,
-        str(dtype).removeprefix("torch."),
-        max_rows,
-        "int8" if int8_cross_kv else "full precision",
-        "fp8" if engine.fp8_encoder else "full precision",
-        "on" if engine.graphs is not None else "off",
-    )
+    log.info("engine %s on %s: %s, %d rows, cross-K/V %s, encoder GEMMs %s, CUDA graphs %s", config.name, dev,
+             str(dtype).removeprefix("torch."), max_rows, "int8" if int8_cross_kv else "full precision",
+             "fp8" if engine.fp8_encoder else "full precision", "on" if engine.graphs is not None else "off")
     return engine

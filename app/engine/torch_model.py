@@ -84,11 +84,7 @@ class Int8Embedding(nn.Module):
 
 
 def make_linear(in_features: int, out_features: int, bias: bool, int8: bool) -> nn.Module:
-    return (
-        Int8Linear(in_features, out_features, bias)
-        if int8
-        else nn.Linear(in_features, out_features, bias)
-    )
+    return Int8Linear(in_features, out_features, bias) if int8 else nn.Linear(in_features, out_features, bias)
 
 
 class SelfAttention(nn.Module):
@@ -187,8 +183,7 @@ class AudioEncoder(nn.Module):
         self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1)
         self.register_buffer("positional_embedding", torch.zeros(dims.n_audio_ctx, d))
         self.layers = nn.ModuleList(
-            EncoderBlock(d, dims.n_audio_head, dims.ffn_dim, int8)
-            for _ in range(dims.n_audio_layer)
+            EncoderBlock(d, dims.n_audio_head, dims.ffn_dim, int8) for _ in range(dims.n_audio_layer)
         )
         self.ln_post = nn.LayerNorm(d)
 
@@ -232,9 +227,7 @@ class TextDecoder(nn.Module):
     def __init__(self, dims: ModelDims, int8: bool) -> None:
         super().__init__()
         d = dims.n_text_state
-        self.token_embedding: nn.Module = (
-            Int8Embedding(dims.n_vocab, d) if int8 else nn.Embedding(dims.n_vocab, d)
-        )
+        self.token_embedding: nn.Module = Int8Embedding(dims.n_vocab, d) if int8 else nn.Embedding(dims.n_vocab, d)
         self.positional_embedding = nn.Parameter(torch.zeros(dims.n_text_ctx, d))
         self.layers = nn.ModuleList(
             DecoderBlock(d, dims.n_text_head, dims.ffn_dim, int8) for _ in range(dims.n_text_layer)
@@ -254,12 +247,8 @@ def enable_fp8_audio_gemms(model: WhisperModel, dtype: torch.dtype) -> None:
     """Run the encoder's GEMMs and the cross-attention K/V projection in fp8 (app.engine.fp8_gemm):
     everything computed once per window. The decode steps keep their own GEMMs."""
     for block in model.encoder.layers:
-        block.fp8 = EncoderFp8Weights(
-            *(
-                Fp8Linear.from_linear(m, dtype)
-                for m in (block.attn.qkv, block.attn.out, block.mlp1, block.mlp2)
-            )
-        )
+        block.fp8 = EncoderFp8Weights(*(Fp8Linear.from_linear(m, dtype) for m in
+                                        (block.attn.qkv, block.attn.out, block.mlp1, block.mlp2)))
     for layer in model.decoder.layers:
         layer.cross.fp8_kv = Fp8Linear.from_linear(layer.cross.kv, dtype)
 
@@ -277,14 +266,8 @@ class DecoderCache:
     Layout [layer, row, head, time, head_dim] so attention reads them without transposes.
     """
 
-    def __init__(
-        self,
-        dims: ModelDims,
-        max_rows: int,
-        device: torch.device,
-        dtype: torch.dtype,
-        cross_dtype: torch.dtype | None = None,
-    ) -> None:
+    def __init__(self, dims: ModelDims, max_rows: int, device: torch.device, dtype: torch.dtype,
+                 cross_dtype: torch.dtype | None = None) -> None:
         h, dh = dims.n_text_head, dims.n_text_state // dims.n_text_head
         layers = dims.n_text_layer
         self.max_rows = max_rows
@@ -292,11 +275,7 @@ class DecoderCache:
         # first touch, so memory follows the rows and positions in use (a CPU engine reads a
         # window's cross-K/V from its first row only; its beam rows' cross pages stay unmapped).
         # GPU memory is committed at allocation either way.
-        alloc = (
-            lazily_zeroed
-            if torch.device(device).type == "cpu"
-            else functools.partial(torch.zeros, device=device)
-        )
+        alloc = lazily_zeroed if torch.device(device).type == "cpu" else functools.partial(torch.zeros, device=device)
         self.self_k = alloc(layers, max_rows, h, dims.n_text_ctx, dh, dtype=dtype)
         self.self_v = alloc(layers, max_rows, h, dims.n_text_ctx, dh, dtype=dtype)
         cross_dtype = cross_dtype or dtype
@@ -305,9 +284,7 @@ class DecoderCache:
         # int8 cross-K/V keeps one scale per (layer, row, head, audio position)
         self.quantized_cross = cross_dtype == torch.int8
         if self.quantized_cross:
-            self.cross_k_scale = torch.ones(
-                layers, max_rows, h, dims.n_audio_ctx, 1, device=device, dtype=dtype
-            )
+            self.cross_k_scale = torch.ones(layers, max_rows, h, dims.n_audio_ctx, 1, device=device, dtype=dtype)
             self.cross_v_scale = torch.ones_like(self.cross_k_scale)
 
     def tensors(self) -> list[Tensor]:
@@ -365,11 +342,8 @@ class WhisperRunner:
         self.logits_weight: Tensor | None = None
         self.packed_logits: Tensor | None = None
         self.mm_fp32_out = False
-        if (
-            isinstance(embedding, nn.Embedding)
-            and embedding.weight.is_cuda
-            and embedding.weight.dtype != torch.float32
-        ):
+        if isinstance(embedding, nn.Embedding) and embedding.weight.is_cuda and \
+                embedding.weight.dtype != torch.float32:
             self.mm_fp32_out = _mm_fp32_out_supported(embedding.weight)
             if not self.mm_fp32_out:
                 self.logits_weight = embedding.weight.float()
@@ -378,12 +352,8 @@ class WhisperRunner:
         """Move the float32 CPU model's GEMMs (and the tied output projection) to oneDNN, with each
         MLP's GELU applied inside its first GEMM."""
         embedding = self.model.decoder.token_embedding
-        if not (
-            isinstance(embedding, nn.Embedding)
-            and embedding.weight.device.type == "cpu"
-            and embedding.weight.dtype == torch.float32
-            and onednn_available()
-        ):
+        if not (isinstance(embedding, nn.Embedding) and embedding.weight.device.type == "cpu"
+                and embedding.weight.dtype == torch.float32 and onednn_available()):
             return False
         pack_linears(self.model)
         fuse_feed_forward_gelu(self.model)
@@ -395,12 +365,8 @@ class WhisperRunner:
         embedding = self.model.decoder.token_embedding
         if self.packed_logits is not None:
             return packed_linear(x, self.packed_logits, None)
-        if isinstance(embedding, nn.Embedding | Int8Embedding) and can_logits_fp32(
-            x, embedding.weight
-        ):
-            return logits_fp32(
-                x, embedding.weight, getattr(embedding, "weight_scale", None)
-            )  # int8: scaled
+        if isinstance(embedding, nn.Embedding | Int8Embedding) and can_logits_fp32(x, embedding.weight):
+            return logits_fp32(x, embedding.weight, getattr(embedding, "weight_scale", None))  # int8: scaled
         if self.mm_fp32_out:
             flat = x.reshape(-1, x.shape[-1])
             out = torch.mm(flat, embedding.weight.t(), out_dtype=torch.float32)
@@ -442,11 +408,7 @@ class WhisperRunner:
             else:
                 kv = layer.cross.kv(audio_features)  # [B, T, 2d]: K then V, heads inside each
             if fused:
-                scales = (
-                    (cache.cross_k_scale[i], cache.cross_v_scale[i])
-                    if cache.quantized_cross
-                    else (None, None)
-                )
+                scales = (cache.cross_k_scale[i], cache.cross_v_scale[i]) if cache.quantized_cross else (None, None)
                 write_kv_into(kv, h, row_index, cache.cross_k[i], cache.cross_v[i], *scales)
                 continue
             kv = kv.view(b, t, 2, h, d // h).permute(2, 0, 3, 1, 4)
@@ -459,27 +421,20 @@ class WhisperRunner:
                 cache.cross_k[i, index, :, :t] = kv[0]
                 cache.cross_v[i, index, :, :t] = kv[1]
 
-    def _cross_kv(
-        self, layer: int, start: int, end: int, step: int = 1, n_audio: int | None = None
-    ) -> tuple[Tensor, Tensor]:
+    def _cross_kv(self, layer: int, start: int, end: int, step: int = 1,
+                  n_audio: int | None = None) -> tuple[Tensor, Tensor]:
         c = self.cache
         rows, positions = slice(start, end, step), slice(0, n_audio)
         if c.quantized_cross:
             # Dequantize on read; the int8 read is what halves the dominant memory traffic on GPU.
-            k = (
-                c.cross_k[layer, rows, :, positions].to(c.cross_k_scale.dtype)
-                * c.cross_k_scale[layer, rows, :, positions]
-            )
-            v = (
-                c.cross_v[layer, rows, :, positions].to(c.cross_v_scale.dtype)
-                * c.cross_v_scale[layer, rows, :, positions]
-            )
+            k = c.cross_k[layer, rows, :, positions].to(c.cross_k_scale.dtype) * \
+                c.cross_k_scale[layer, rows, :, positions]
+            v = c.cross_v[layer, rows, :, positions].to(c.cross_v_scale.dtype) * \
+                c.cross_v_scale[layer, rows, :, positions]
             return k, v
         return c.cross_k[layer, rows, :, positions], c.cross_v[layer, rows, :, positions]
 
-    def _cross_attention(
-        self, layer: int, cq: Tensor, start: int, runs: CrossRuns | None
-    ) -> Tensor:
+    def _cross_attention(self, layer: int, cq: Tensor, start: int, runs: CrossRuns | None) -> Tensor:
         """Cross-attention of queries cq [B, H, T, dh] for rows [start, start + B).
 
         Without runs every row reads its own K/V. With runs, each window's g query rows attend
@@ -511,15 +466,8 @@ class WhisperRunner:
         return out
 
     @torch.inference_mode()
-    def decode(
-        self,
-        tokens: Tensor,
-        positions: Tensor,
-        start: int,
-        kv_len: int,
-        uniform_position: bool = False,
-        cross_runs: CrossRuns | None = None,
-    ) -> Tensor:
+    def decode(self, tokens: Tensor, positions: Tensor, start: int, kv_len: int,
+               uniform_position: bool = False, cross_runs: CrossRuns | None = None) -> Tensor:
         """Run rows [start, start + B) forward.
 
         tokens [B, T] are fed at positions positions[b] + t; self-attention K/V are written into the
@@ -533,11 +481,7 @@ class WhisperRunner:
         b, t = tokens.shape
         end = start + b
         # [B, T]; one token per row (a decode step) needs no kernel for it
-        pos = (
-            positions[:, None]
-            if t == 1
-            else positions[:, None] + torch.arange(t, device=tokens.device)[None, :]
-        )
+        pos = positions[:, None] if t == 1 else positions[:, None] + torch.arange(t, device=tokens.device)[None, :]
         x = dec.token_embedding(tokens) + dec.positional_embedding[pos]
         # One query token on the GPU: the Triton decode kernel reads only each row's filled
         # cache (no mask tensor) and splits long key ranges across SMs.
@@ -553,9 +497,7 @@ class WhisperRunner:
         # Each sub-layer's residual add and the next sub-layer's LayerNorm run as one kernel on
         # the GPU (app.engine.fused_norm); `normed` is the normalised residual stream x.
         normed = layers[0].attn_ln(x)
-        for i, (layer, next_norm) in enumerate(
-            zip(layers, following_norms(layers, dec.ln), strict=True)
-        ):
+        for i, (layer, next_norm) in enumerate(zip(layers, following_norms(layers, dec.ln), strict=True)):
             attn = layer.attn
             qkv = step_linear(attn.qkv, normed)
             q, k, v = qkv.chunk(3, dim=-1)
@@ -573,16 +515,10 @@ class WhisperRunner:
                 ck[rows, :, pos] = k.transpose(1, 2)
                 cv[rows, :, pos] = v.transpose(1, 2)
             if fused:
-                a = decode_attention(
-                    q, ck[start:end, :, :kv_len], cv[start:end, :, :kv_len], lengths=lengths
-                )
+                a = decode_attention(q, ck[start:end, :, :kv_len], cv[start:end, :, :kv_len], lengths=lengths)
             else:
-                a = attention(
-                    q, ck[start:end, :, :kv_len], cv[start:end, :, :kv_len], attn_mask=mask
-                )
-            x, normed = add_layer_norm(
-                x, step_linear(attn.out, attn.merge_heads(a)), layer.cross_ln
-            )
+                a = attention(q, ck[start:end, :, :kv_len], cv[start:end, :, :kv_len], attn_mask=mask)
+            x, normed = add_layer_norm(x, step_linear(attn.out, attn.merge_heads(a)), layer.cross_ln)
             cross = layer.cross
             cq = attn.split_heads(step_linear(cross.q, normed))
             if fused:
@@ -598,22 +534,12 @@ class WhisperRunner:
         [start, start + B), int8 ones with their scales."""
         c = self.cache
         rows = slice(start, start + cq.shape[0])
-        scales = (
-            {"k_scale": c.cross_k_scale[layer, rows], "v_scale": c.cross_v_scale[layer, rows]}
-            if c.quantized_cross
-            else {}
-        )
+        scales = {"k_scale": c.cross_k_scale[layer, rows], "v_scale": c.cross_v_scale[layer, rows]} \
+            if c.quantized_cross else {}
         return decode_attention(cq, c.cross_k[layer, rows], c.cross_v[layer, rows], **scales)
 
-    def _decode_folded(
-        self,
-        x: Tensor,
-        positions: Tensor,
-        lengths: Tensor | None,
-        start: int,
-        end: int,
-        kv_len: int,
-    ) -> Tensor:
+    def _decode_folded(self, x: Tensor, positions: Tensor, lengths: Tensor | None, start: int, end: int,
+                       kv_len: int) -> Tensor:
         """A GPU decode step of rows [start, end), one token each, with the LayerNorms folded into
         the GEMMs (app.engine.norm_fold): x [B, 1, d] is the residual stream, updated in place."""
         dec = self.model.decoder
@@ -625,12 +551,7 @@ class WhisperRunner:
             ck, cv = cache.self_k[i, start:end], cache.self_v[i, start:end]
             # K/V written into the cache; the embedding sum (layer 0) has no statistics yet
             qkv = norm_linear(attn.qkv, x, append=KvAppend(ck, cv, positions), stats_ready=i > 0)
-            a = decode_attention(
-                attn.split_heads(qkv[..., :d]),
-                ck[:, :, :kv_len],
-                cv[:, :, :kv_len],
-                lengths=lengths,
-            )
+            a = decode_attention(attn.split_heads(qkv[..., :d]), ck[:, :, :kv_len], cv[:, :, :kv_len], lengths=lengths)
             residual_linear(attn.out, attn.merge_heads(a), x)
             a = self._cross_attention_kernel(i, attn.split_heads(norm_linear(cross.q, x)), start)
             residual_linear(cross.out, attn.merge_heads(a), x)
@@ -638,9 +559,8 @@ class WhisperRunner:
         return self.logits(dec.ln(x))
 
     @torch.inference_mode()
-    def cross_attention_weights(
-        self, tokens: Tensor, audio_features: Tensor, heads: list[tuple[int, int]]
-    ) -> tuple[Tensor, Tensor]:
+    def cross_attention_weights(self, tokens: Tensor, audio_features: Tensor,
+                                heads: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
         """Full (uncached) decoder pass returning the cross-attention weights of `heads` and logits.
 
         tokens [1, T], audio_features [1, n_audio_ctx', d] ->
@@ -658,9 +578,7 @@ class WhisperRunner:
         for i, layer in enumerate(dec.layers):
             attn = layer.attn
             q, k, v = attn.qkv(layer.attn_ln(x)).chunk(3, dim=-1)
-            a = attention(
-                attn.split_heads(q), attn.split_heads(k), attn.split_heads(v), attn_mask=causal
-            )
+            a = attention(attn.split_heads(q), attn.split_heads(k), attn.split_heads(v), attn_mask=causal)
             x = x + attn.out(attn.merge_heads(a))
             cross = layer.cross
             cq = attn.split_heads(cross.q(layer.cross_ln(x)))

@@ -23,9 +23,7 @@ class Workspace:
         self._buffers: dict[tuple[str, torch.device, torch.dtype], Tensor] = {}
         self._retired: list[Tensor] = []
 
-    def get(
-        self, name: str, device: torch.device, numel: int, dtype: torch.dtype, zeroed: bool = False
-    ) -> Tensor:
+    def get(self, name: str, device: torch.device, numel: int, dtype: torch.dtype, zeroed: bool = False) -> Tensor:
         key = (name, device, dtype)  # a name asked for in another dtype gets its own buffer
         buffer = self._buffers.get(key)
         if buffer is None or buffer.numel() < numel:

@@ -130,9 +130,7 @@ class DecodeLoop:
             start = self._free_run(k)
             if start is None:
                 raise RuntimeError("admit() called without room; check can_admit() first")
-            window = ActiveWindow(
-                task, make_search(task.options, self.tokenizer.eot, 224), start, k, []
-            )
+            window = ActiveWindow(task, make_search(task.options, self.tokenizer.eot, 224), start, k, [])
             for r in window.rows:
                 self.owner[r] = window
             placed.append(window)
@@ -151,15 +149,11 @@ class DecodeLoop:
                 features = torch.cat([w.task.audio_features for w in same])  # type: ignore[arg-type]
                 self.engine.features_into_rows(features, rows)
             else:
-                features = self.engine.encode_into_rows(
-                    stack_on_one_device([w.task.mel for w in same]), rows
-                )
+                features = self.engine.encode_into_rows(stack_on_one_device([w.task.mel for w in same]), rows)
             for i, w in enumerate(same):
                 w.n_audio = features.shape[1]
                 if w.task.keep_audio_features:
-                    w.audio_features = (
-                        w.task.audio_features if encoded else features[i : i + 1].clone()
-                    )
+                    w.audio_features = w.task.audio_features if encoded else features[i : i + 1].clone()
         for w in placed:
             self._prepare(w)
         finished: list[ActiveWindow] = []
@@ -177,7 +171,7 @@ class DecodeLoop:
         w.language = language if self.config.multilingual else "en"
         prompt: list[int] = []
         if w.task.previous_tokens:
-            prev = w.task.previous_tokens[-(self.n_ctx // 2 - 1) :]
+            prev = w.task.previous_tokens[-(self.n_ctx // 2 - 1):]
             prompt = [tok.sot_prev, *prev]
         prompt += tok.sot_sequence(language, options.task)
         if options.without_timestamps:
@@ -194,27 +188,18 @@ class DecodeLoop:
         w.rules = RowRules(
             sampled=[],
             suppress=tuple(suppress),
-            suppress_begin=tuple(self.config.suppress_tokens_begin)
-            if options.suppress_blank
-            else (),
+            suppress_begin=tuple(self.config.suppress_tokens_begin) if options.suppress_blank else (),
             timestamps=not options.without_timestamps,
             max_initial_timestamp_index=max_initial,
         )
 
     def _detect_language(self, w: ActiveWindow) -> tuple[str, dict[str, float]]:
         tok = self.tokenizer
-        logits = self.engine.decode(
-            torch.tensor([[tok.sot]]),
-            torch.tensor([0]),
-            w.start,
-            1,
-            cross_runs=[(0, 1, 1, w.n_audio)],
-        )[0, -1]
+        logits = self.engine.decode(torch.tensor([[tok.sot]]), torch.tensor([0]), w.start, 1,
+                                    cross_runs=[(0, 1, 1, w.n_audio)])[0, -1]
         ids = torch.tensor(tok.language_token_ids, device=logits.device)
         probs = torch.softmax(logits[ids], dim=-1).tolist()
-        by_code = {
-            tok.id_to_language[i]: p for i, p in zip(tok.language_token_ids, probs, strict=True)
-        }
+        by_code = {tok.id_to_language[i]: p for i, p in zip(tok.language_token_ids, probs, strict=True)}
         return max(by_code, key=by_code.__getitem__), by_code
 
     def _prefill(self, windows: list[ActiveWindow]) -> dict[int, Tensor]:
@@ -230,42 +215,26 @@ class DecodeLoop:
         i = 0
         while i < len(ordered):
             j = i + 1
-            while (
-                j < len(ordered)
-                and len(ordered[j].prompt) == len(ordered[i].prompt)
-                and ordered[j - 1].n_rows == 1
-                and ordered[j].start == ordered[j - 1].start + ordered[j - 1].n_rows
-            ):
+            while (j < len(ordered) and len(ordered[j].prompt) == len(ordered[i].prompt)
+                   and ordered[j - 1].n_rows == 1
+                   and ordered[j].start == ordered[j - 1].start + ordered[j - 1].n_rows):
                 j += 1
             group = ordered[i:j]
             plen = len(group[0].prompt)
             tokens = torch.tensor([w.prompt for w in group])
             positions = torch.zeros(tokens.shape[0], dtype=torch.long)
-            logits = self.engine.decode(
-                tokens,
-                positions,
-                group[0].start,
-                plen,
-                cross_runs=cross_runs([(k, 1, w.n_audio) for k, w in enumerate(group)]),
-            )
+            logits = self.engine.decode(tokens, positions, group[0].start, plen,
+                                        cross_runs=cross_runs([(k, 1, w.n_audio) for k, w in enumerate(group)]))
             # every window's no-speech probability in one op and one device sync
-            sot_logits = logits[
-                torch.arange(len(group)), [w.prompt.index(self.tokenizer.sot) for w in group]
-            ]
-            no_speech = torch.softmax(sot_logits.float(), dim=-1)[
-                :, self.tokenizer.no_speech
-            ].tolist()
+            sot_logits = logits[torch.arange(len(group)), [w.prompt.index(self.tokenizer.sot) for w in group]]
+            no_speech = torch.softmax(sot_logits.float(), dim=-1)[:, self.tokenizer.no_speech].tolist()
             for k, w in enumerate(group):
                 w.no_speech_prob = no_speech[k]
                 out[id(w)] = logits[k, -1:].expand(w.n_rows, -1)
                 w.position = plen
                 if w.n_rows > 1:  # the beams / samples start from the first row's state
-                    self.engine.copy_rows(
-                        [w.start] * (w.n_rows - 1),
-                        list(w.rows)[1:],
-                        plen,
-                        cross=not self.engine.cross_in_first_row,
-                    )
+                    self.engine.copy_rows([w.start] * (w.n_rows - 1), list(w.rows)[1:], plen,
+                                          cross=not self.engine.cross_in_first_row)
             i = j
         return out
 
@@ -290,14 +259,8 @@ class DecodeLoop:
                 positions[r] = w.position
         kv_len = max(positions) + 1
         uniform = len(set(positions)) == 1
-        logits = self.engine.decode(
-            torch.tensor(tokens)[:, None],
-            torch.tensor(positions),
-            0,
-            kv_len,
-            uniform_position=uniform,
-            cross_runs=self._cross_runs(),
-        )[:, -1]
+        logits = self.engine.decode(torch.tensor(tokens)[:, None], torch.tensor(positions), 0, kv_len,
+                                    uniform_position=uniform, cross_runs=self._cross_runs())[:, -1]
         for w in self.active:
             w.position += 1
         by_window = {id(w): logits[w.start : w.start + w.n_rows] for w in self.active}
@@ -307,9 +270,7 @@ class DecodeLoop:
         return self._finish(finished)
 
     def _cross_runs(self) -> list[tuple[int, int, int, int]]:
-        return cross_runs(
-            [(w.start, w.n_rows, w.n_audio) for w in sorted(self.active, key=lambda w: w.start)]
-        )
+        return cross_runs([(w.start, w.n_rows, w.n_audio) for w in sorted(self.active, key=lambda w: w.start)])
 
     # ---- greedy fast path: K steps on the device without a host round trip -----------------
     def _greedy_chunk_eligible(self) -> bool:
@@ -317,11 +278,8 @@ class DecodeLoop:
             return False
         suppress = {w.rules.suppress for w in self.active if w.rules is not None}
         return len(suppress) == 1 and all(
-            isinstance(w.search, SamplingSearch)
-            and w.search.is_greedy
-            and w.rules is not None
-            and not w.rules.timestamps
-            for w in self.active
+            isinstance(w.search, SamplingSearch) and w.search.is_greedy and w.rules is not None
+            and not w.rules.timestamps for w in self.active
         )
 
     def _greedy_chunk_step(self) -> list[tuple[WindowTask, WindowResult]]:
@@ -339,13 +297,8 @@ class DecodeLoop:
             done[w.start] = False
             remaining[w.start] = w.max_new_tokens - len(w.search.sequences[0])  # type: ignore[attr-defined]
         suppress = self.active[0].rules.suppress  # type: ignore[union-attr]
-        out = self.engine.greedy_chunk(
-            torch.tensor(tokens),
-            torch.tensor(positions),  # type: ignore[attr-defined]
-            torch.tensor(done),
-            suppress,
-            remaining,
-        )
+        out = self.engine.greedy_chunk(torch.tensor(tokens), torch.tensor(positions),  # type: ignore[attr-defined]
+                                       torch.tensor(done), suppress, remaining)
         if out is None:  # no captured bucket fits (near the context end): single steps instead
             return self._single_step()
         out_tokens, _, sum_lp = (t.tolist() for t in out)
@@ -370,12 +323,8 @@ class DecodeLoop:
         self.active = [w for w in self.active if w not in finished]
         return self._finish(finished)
 
-    def _advance(
-        self,
-        windows: list[ActiveWindow],
-        logits_by_window: dict[int, Tensor],
-        finished: list[ActiveWindow],
-    ) -> None:
+    def _advance(self, windows: list[ActiveWindow], logits_by_window: dict[int, Tensor],
+                 finished: list[ActiveWindow]) -> None:
         if not windows:
             return
         logits = torch.cat([logits_by_window[id(w)] for w in windows]).float()
@@ -383,13 +332,8 @@ class DecodeLoop:
         for w in windows:
             assert w.rules is not None
             for history in w.search.row_histories():
-                rule = RowRules(
-                    history,
-                    w.rules.suppress,
-                    w.rules.suppress_begin,
-                    w.rules.timestamps,
-                    w.rules.max_initial_timestamp_index,
-                )
+                rule = RowRules(history, w.rules.suppress, w.rules.suppress_begin, w.rules.timestamps,
+                                w.rules.max_initial_timestamp_index)
                 row_rules.append(rule)
         apply_rules(logits, row_rules, self.tokenizer)
         # Greedy windows are advanced together: one argmax / log-softmax for all of them.
@@ -398,11 +342,7 @@ class DecodeLoop:
         for w in windows:
             offsets.append(offset)
             offset += w.n_rows
-        greedy = [
-            i
-            for i, w in enumerate(windows)
-            if isinstance(w.search, SamplingSearch) and w.search.is_greedy
-        ]
+        greedy = [i for i, w in enumerate(windows) if isinstance(w.search, SamplingSearch) and w.search.is_greedy]
         if greedy:
             idx = device_tensor([offsets[i] for i in greedy], logits.device)
             sub = logits[idx]
@@ -431,9 +371,7 @@ class DecodeLoop:
                 dst_rows += list(w.rows)[: len(out.sources)]
             tokens = out.next_tokens
             if len(tokens) < w.n_rows:  # beam search found fewer live hypotheses than rows
-                tokens = tokens + [tokens[0] if tokens else self.tokenizer.eot] * (
-                    w.n_rows - len(tokens)
-                )
+                tokens = tokens + [tokens[0] if tokens else self.tokenizer.eot] * (w.n_rows - len(tokens))
             w.next_tokens = tokens
             if out.finished or w.position >= self.n_ctx:
                 finished.append(w)
@@ -442,9 +380,8 @@ class DecodeLoop:
             self.engine.copy_rows(src_rows, dst_rows, max(w.position for w in windows), cross=False)
 
     @staticmethod
-    def _beam_continuations(
-        windows: list[ActiveWindow], offsets: list[int], logits: Tensor
-    ) -> dict[int, tuple[list[list[float]], list[list[int]]]]:
+    def _beam_continuations(windows: list[ActiveWindow], offsets: list[int],
+                            logits: Tensor) -> dict[int, tuple[list[list[float]], list[list[int]]]]:
         """Each beam window's rows' k + 1 likeliest continuations, for all beam windows of one
         beam size in one log-softmax, one top-k and one device sync (per window, two syncs each
         cost ~0.2 ms a window-step on a GPU)."""
@@ -455,12 +392,8 @@ class DecodeLoop:
         tops: dict[int, tuple[list[list[float]], list[list[int]]]] = {}
         for k, members in by_size.items():
             rows = [offsets[i] + j for i in members for j in range(k)]
-            whole = rows == list(
-                range(logits.shape[0])
-            )  # every row is a beam of this size: no gather
-            top_lp, top_ids = top_continuations(
-                logits if whole else logits[device_tensor(rows, logits.device)], k + 1
-            )
+            whole = rows == list(range(logits.shape[0]))  # every row is a beam of this size: no gather
+            top_lp, top_ids = top_continuations(logits if whole else logits[device_tensor(rows, logits.device)], k + 1)
             for n, i in enumerate(members):
                 tops[i] = (top_lp[n * k : (n + 1) * k], top_ids[n * k : (n + 1) * k])
         return tops
@@ -505,23 +438,18 @@ class DecodeLoop:
             else:
                 best = w.search.best()
             tokens = best.tokens
-            results.append(
-                (
-                    w.task,
-                    WindowResult(
-                        tokens=tokens,
-                        sum_logprob=best.sum_logprob,
-                        avg_logprob=best.sum_logprob / (len(tokens) + 1),
-                        no_speech_prob=w.no_speech_prob,
-                        temperature=w.task.options.temperature,
-                        language=w.language,
-                        language_probs=w.language_probs,
-                        prompt_length=len(w.prompt),
-                        prompt_tokens=list(w.prompt),
-                        audio_features=w.audio_features,
-                    ),
-                )
-            )
+            results.append((w.task, WindowResult(
+                tokens=tokens,
+                sum_logprob=best.sum_logprob,
+                avg_logprob=best.sum_logprob / (len(tokens) + 1),
+                no_speech_prob=w.no_speech_prob,
+                temperature=w.task.options.temperature,
+                language=w.language,
+                language_probs=w.language_probs,
+                prompt_length=len(w.prompt),
+                prompt_tokens=list(w.prompt),
+                audio_features=w.audio_features,
+            )))
         if windows:
             self._release(windows)
         return results

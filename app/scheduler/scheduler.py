@@ -52,16 +52,9 @@ class Ticket:
 
 
 class Scheduler:
-    def __init__(
-        self,
-        loop: DecodeLoop,
-        *,
-        model_name: str,
-        max_queue_windows: int = 1024,
-        batch_wait_ms: float = 5.0,
-        max_encode_batch: int = 8,
-        torch_threads: int | None = None,
-    ) -> None:
+    def __init__(self, loop: DecodeLoop, *, model_name: str, max_queue_windows: int = 1024,
+                 batch_wait_ms: float = 5.0, max_encode_batch: int = 8,
+                 torch_threads: int | None = None) -> None:
         self.decode_loop = loop
         self.model_name = model_name
         self.max_queue_windows = max_queue_windows
@@ -69,9 +62,7 @@ class Scheduler:
         self.max_encode_batch = max_encode_batch
         # the engine thread's torch intra-op threads (0: the machine default; None: leave as is)
         self.torch_threads = torch_threads
-        self.engine_threads: int | None = (
-            None  # the count in effect on the engine thread, once started
-        )
+        self.engine_threads: int | None = None  # the count in effect on the engine thread, once started
         self._queues: OrderedDict[object, deque[Ticket]] = OrderedDict()
         self._queued = 0
         self._jobs: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
@@ -87,9 +78,7 @@ class Scheduler:
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._run, name=f"engine-{self.model_name}", daemon=True
-            )
+            self._thread = threading.Thread(target=self._run, name=f"engine-{self.model_name}", daemon=True)
             self._thread.start()
 
     def stop_accepting(self) -> None:
@@ -126,9 +115,8 @@ class Scheduler:
         task.handle = ticket
         with self._cond:
             if not self._accepting:
-                raise ShuttingDownError(
-                    "The server is shutting down; retry on another instance.", retry_after_s=5.0
-                )
+                raise ShuttingDownError("The server is shutting down; retry on another instance.",
+                                        retry_after_s=5.0)
             if self._queued >= self.max_queue_windows:
                 raise QueueFullError(
                     f"The server is at capacity ({self._queued} windows queued); retry shortly.",
@@ -180,12 +168,9 @@ class Scheduler:
                     self._queued -= 1
                     if not queue:
                         del self._queues[request_id]
-                    ticket.future.set_exception(
-                        ValueError(
-                            f"a window needs {need} decoder rows but the engine has {len(plan)}; "
-                            "lower beam_size/best_of or raise WHISPER_MAX_BATCH_SIZE"
-                        )
-                    )
+                    ticket.future.set_exception(ValueError(
+                        f"a window needs {need} decoder rows but the engine has {len(plan)}; "
+                        "lower beam_size/best_of or raise WHISPER_MAX_BATCH_SIZE"))
                     progressed = True
                     continue
                 limit = self._row_limit
@@ -258,9 +243,7 @@ class Scheduler:
             rows = loop.rows_in_use()
             started = time.perf_counter()
             done += loop.step()
-            metrics.DECODE_STEP_SECONDS.labels(self.model_name).observe(
-                time.perf_counter() - started
-            )
+            metrics.DECODE_STEP_SECONDS.labels(self.model_name).observe(time.perf_counter() - started)
             metrics.BATCH_SIZE.labels(self.model_name).observe(rows)
             metrics.TOKENS.labels(self.model_name).inc(rows)
         metrics.ACTIVE_SLOTS.labels(self.model_name).set(loop.rows_in_use())
@@ -291,7 +274,7 @@ class Scheduler:
 
     # ---- out of device memory ------------------------------------------------------------------
     def _shrink_after_oom(self, tickets: list[Ticket]) -> bool:
-        """Halve the rows in use and put the step's windows back in line; False if it was one.
+        """Halve the rows in use and put the step's windows back in line (a lone window fails).
 
         The windows restart from their first token (their work so far is lost, their results
         are the same), at most half as many rows at a time. The cap is lifted step by step
