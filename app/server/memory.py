@@ -14,8 +14,13 @@ import logging
 
 log = logging.getLogger(__name__)
 
-#: mallopt parameter number of M_ARENA_MAX in glibc's malloc.h.
+#: mallopt parameter numbers in glibc's malloc.h.
 _M_ARENA_MAX = -8
+_M_MMAP_THRESHOLD = -3
+#: Allocations this large get their own mapping, returned to the OS when freed. Setting it
+#: also stops glibc from raising the threshold after each large free (its default), which
+#: moves big, short-lived buffers (batches of varying size) into the heap, where they fragment.
+MMAP_THRESHOLD = 8 * 1024 * 1024
 #: Arenas for the whole process: worker threads share them instead of each holding its own.
 ARENA_MAX = 2
 #: A request that held at least this much decoded audio triggers a trim when it ends.
@@ -41,8 +46,12 @@ def _glibc() -> ctypes.CDLL | None:
 def limit_arenas(arenas: int = ARENA_MAX) -> None:
     """Cap malloc arenas (as MALLOC_ARENA_MAX would); call before worker threads start."""
     libc = _glibc()
-    if libc is not None and not libc.mallopt(_M_ARENA_MAX, arenas):
+    if libc is None:
+        return
+    if not libc.mallopt(_M_ARENA_MAX, arenas):
         log.debug("mallopt(M_ARENA_MAX) refused")
+    if not libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD):
+        log.debug("mallopt(M_MMAP_THRESHOLD) refused")
 
 
 def trim() -> None:
