@@ -16,7 +16,10 @@ from fastapi import FastAPI
 
 from app.config import Settings
 from app.engine.config import CONFIG_FILE
-from app.main import begin_draining, create_app
+from app.main import begin_draining, create_app, stop_now
+from app.server import log_redaction, memory
+from app.server.protocols import ClosingWebSocketProtocol, ConnectionLimits, http_protocol
+from app.server.server import DrainingServer
 
 log = logging.getLogger("whisper_serve")
 
@@ -45,21 +48,34 @@ def ensure_bundled_engine(settings: Settings) -> None:
         sys.exit(result.returncode or 1)
 
 
-class _Server(uvicorn.Server):
-    """uvicorn server that flips readiness off as soon as a shutdown signal arrives.
-
-    uvicorn runs the lifespan shutdown only after connections drain; marking the service as
-    draining at the signal lets /ready fail (so load balancers move on) and refuses new
-    transcriptions during that window, while in-flight ones complete.
-    """
-
-    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
-        super().__init__(config)
-        self._app = app
-
-    def handle_exit(self, sig: int, frame: object) -> None:
-        begin_draining(self._app)
-        super().handle_exit(sig, frame)  # type: ignore[arg-type]
+def build_server(app: FastAPI, settings: Settings) -> DrainingServer:
+    """uvicorn with the service's connection limits, log redaction and shutdown stages."""
+    limits = ConnectionLimits(
+        header_timeout_s=settings.http_header_timeout_s,
+        body_timeout_s=settings.http_body_timeout_s,
+        body_min_rate=settings.http_body_min_rate,
+        max_connections=settings.max_connections,
+    )
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        lifespan="on",
+        # One process owns the GPU and its batching scheduler; scale with replicas, not workers.
+        workers=1,
+        http=http_protocol(limits),
+        ws=ClosingWebSocketProtocol,
+        timeout_keep_alive=max(1, round(settings.http_keep_alive_timeout_s)),
+    )
+    log_redaction.install()
+    return DrainingServer(
+        config,
+        drain_s=settings.shutdown_drain_s,
+        grace_s=settings.shutdown_grace_s,
+        on_drain=lambda: begin_draining(app),
+        on_hard_stop=lambda: stop_now(app),
+    )
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -88,17 +104,9 @@ def serve(argv: Sequence[str] | None = None) -> None:
     if not args.no_build:
         ensure_bundled_engine(settings)
 
+    memory.limit_arenas()
     app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        lifespan="on",
-        # One process owns the GPU and its batching scheduler; scale with replicas, not workers.
-        workers=1,
-    )
-    server = _Server(config, app)
+    server = build_server(app, settings)
     server.run()
     if not server.started:
         sys.exit(STARTUP_FAILURE)

@@ -178,6 +178,71 @@ class Settings(BaseSettings):
         description="Seconds one send to a realtime client may take before it is dropped.",
     )
 
+    # Memory (docs/operations.md)
+    audio_memory_budget_mb: float = Field(
+        1024.0,
+        gt=0,
+        description="Decoded 16 kHz audio all requests together may hold in memory, in MiB "
+        "(about 4 bytes a sample, 3.7 MiB a minute). A request that would pass it waits up to "
+        "WHISPER_AUDIO_BUDGET_WAIT_S, then gets 503 with Retry-After.",
+    )
+    audio_budget_wait_s: float = Field(
+        2.0,
+        ge=0,
+        description="How long a request may wait for room in WHISPER_AUDIO_MEMORY_BUDGET_MB "
+        "before it is refused with 503.",
+    )
+
+    # Connections (docs/operations.md)
+    http_header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="A connection must send a request's complete headers within this many "
+        "seconds of opening (or of its first byte, on a kept-alive connection); else it is closed.",
+    )
+    http_body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds a request body may take beyond what WHISPER_HTTP_BODY_MIN_RATE "
+        "allows for its bytes so far; a body that falls behind (or stalls this long) is cut "
+        "with 408.",
+    )
+    http_body_min_rate: float = Field(
+        1024.0,
+        gt=0,
+        description="Bytes per second a request body must average (after the "
+        "WHISPER_HTTP_BODY_TIMEOUT_S allowance) to stay connected.",
+    )
+    http_keep_alive_timeout_s: float = Field(
+        5.0, gt=0, description="Seconds an idle kept-alive connection stays open."
+    )
+    max_connections: int = Field(
+        512,
+        ge=1,
+        description="Open HTTP connections (WebSockets included) at once; one more is answered "
+        "503 with Retry-After and closed.",
+    )
+    realtime_max_sessions: int = Field(
+        64,
+        ge=1,
+        description="Realtime WebSocket sessions at once; one more gets an error event and "
+        "close code 1013 (try again later).",
+    )
+
+    # Shutdown (docs/operations.md). Defaults fit Kubernetes' 30 s termination grace period.
+    shutdown_drain_s: float = Field(
+        5.0,
+        ge=0,
+        description="After SIGTERM/SIGINT: seconds the listener keeps answering (new work gets "
+        "503 shutting_down, /ready 503) so load balancers can move away; in-flight work goes on.",
+    )
+    shutdown_grace_s: float = Field(
+        20.0,
+        ge=0,
+        description="After the drain: seconds in-flight work may still take; then what remains "
+        "is cancelled (its clients get 503) and slow uploads are cut.",
+    )
+
     # Server
     host: str = Field("127.0.0.1", description="Bind address (the Docker image sets `0.0.0.0`).")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")

@@ -71,3 +71,18 @@ class QueueFullError(WhisperServeError):
 
 class ShuttingDownError(QueueFullError):
     code = "shutting_down"
+
+
+class AudioBudgetError(QueueFullError):
+    """The process-wide budget for decoded audio in memory is spent (WHISPER_AUDIO_MEMORY_BUDGET_MB)."""
+
+    code = "server_busy"
+
+
+class EngineStepError(WhisperServeError):
+    """A decode step failed; only the windows in that step are failed (logged with the cause)."""
+
+    code = "engine_error"
+
+    def __init__(self) -> None:
+        super().__init__("The server had an error while processing your request.")

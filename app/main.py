@@ -15,13 +15,15 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from app.api import demo, health, metrics, models, realtime, transcriptions
+from app.api import demo, health, metrics, models, openapi, realtime, transcriptions
 from app.api.errors import install_exception_handlers
-from app.api.middleware import RequestMetricsMiddleware
+from app.api.middleware import CloseUnreadBodyMiddleware, RequestMetricsMiddleware
 from app.api.registry import ModelRegistry, Phase
+from app.audio.budget import AudioBudget
 from app.config import Settings
 from app.engine.config import load_engine_config
 from app.errors import EngineError
+from app.server.lifecycle import Lifecycle
 
 if TYPE_CHECKING:
     from app.runtime import Runtime
@@ -122,8 +124,13 @@ def create_app(
     app.state.settings = settings
     app.state.registry = ModelRegistry(default_model)
     app.state.injected_runtimes = runtimes
+    app.state.lifecycle = Lifecycle()
+    app.state.audio_budget = AudioBudget(
+        int(settings.audio_memory_budget_mb * 1024 * 1024), wait_s=settings.audio_budget_wait_s
+    )
 
     install_exception_handlers(app)
+    app.add_middleware(CloseUnreadBodyMiddleware)
     app.add_middleware(RequestMetricsMiddleware)
     if settings.cors_origins:
         app.add_middleware(
@@ -135,14 +142,22 @@ def create_app(
     for module in (transcriptions, realtime, models, health, metrics, demo):
         app.include_router(module.router)
     demo.mount_static(app)
+    openapi.install(app)
     return app
 
 
 def begin_draining(app: FastAPI) -> None:
-    """Flip /ready to 503 and refuse new transcriptions while in-flight ones finish."""
+    """Flip /ready to 503 and refuse new work while in-flight requests finish."""
     registry: ModelRegistry = app.state.registry
     if registry.phase is Phase.READY:
         registry.phase = Phase.DRAINING
+    app.state.lifecycle.begin_draining()
+
+
+def stop_now(app: FastAPI) -> None:
+    """The grace period is over: cancel what still runs (its clients get 503)."""
+    begin_draining(app)
+    app.state.lifecycle.stop_now()
 
 
 _app: FastAPI | None = None

@@ -82,19 +82,16 @@ CLIENT_LAG_LIMIT_S = 0.25
 
 
 def capacity_env(max_streams: int) -> dict[str, str]:
-    """Server settings for thousands of sessions. Names a server does not know are ignored
-    (pydantic-settings drops unknown WHISPER_ variables), so caps that only newer servers
-    have are listed too."""
+    """Server settings for thousands of sessions: the session and connection caps
+    (docs/operations.md) above the ramp's largest step."""
     sessions = str(2 * max_streams + 64)
     return {
         "WHISPER_MAX_QUEUE_WINDOWS": str(max(1024, 8 * max_streams)),
         "WHISPER_REALTIME_MAX_PARTIAL_DECODES": str(max(16, max_streams)),
         "WHISPER_REALTIME_MAX_PENDING_EVENTS": "1024",
         "WHISPER_REALTIME_IDLE_TIMEOUT_S": "120",
-        "WHISPER_MAX_REALTIME_SESSIONS": sessions,
         "WHISPER_REALTIME_MAX_SESSIONS": sessions,
         "WHISPER_MAX_CONNECTIONS": sessions,
-        "WHISPER_MAX_OPEN_CONNECTIONS": sessions,
     }
 
 

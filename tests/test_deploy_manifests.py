@@ -170,8 +170,8 @@ def test_gpu_deployment_shape() -> None:
     # The kubelet must not SIGKILL a pod that is still inside its own drain.
     shutdown = (
         container["lifecycle"]["preStop"]["sleep"]["seconds"]
-        + int(env["WHISPER_DRAIN_SECONDS"])
-        + int(env["WHISPER_SHUTDOWN_GRACE_SECONDS"])
+        + int(env["WHISPER_SHUTDOWN_DRAIN_S"])
+        + int(env["WHISPER_SHUTDOWN_GRACE_S"])
     )
     assert shutdown < pod["terminationGracePeriodSeconds"]
     assert env["WHISPER_MODELS"] == "large-v3"
@@ -186,7 +186,7 @@ def test_cpu_deployment_has_no_gpu() -> None:
     assert "nvidia.com/gpu" not in json.dumps(pod)
     env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
     assert env["WHISPER_DEVICE"] == "cpu"
-    shutdown = 5 + int(env["WHISPER_DRAIN_SECONDS"]) + int(env["WHISPER_SHUTDOWN_GRACE_SECONDS"])
+    shutdown = 5 + int(env["WHISPER_SHUTDOWN_DRAIN_S"]) + int(env["WHISPER_SHUTDOWN_GRACE_S"])
     assert shutdown < pod["terminationGracePeriodSeconds"]
 
 

@@ -347,3 +347,44 @@ def test_missing_engine_refuses_to_start(tmp_path: Path) -> None:
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert "Cannot start" in output and "build_engines.py" in output, output[-3000:]
+
+
+# --- shutdown --------------------------------------------------------------------------------
+
+
+def test_sigterm_finishes_in_flight_work_and_answers_503_meanwhile(
+    engine_dir: Path, tmp_path: Path
+) -> None:
+    """8 transcriptions in flight at SIGTERM all finish; a request in the drain gets 503."""
+    import threading
+
+    log = tmp_path / "server.log"
+    env = _server_env(engine_dir.parent, WHISPER_SHUTDOWN_DRAIN_S="3")
+    clip = CLIPS[JFK].path.read_bytes()
+    answers: list[int | str] = []
+    with log.open("wb") as out, serve(env, output=out, log=log,
+                                      startup_timeout_s=STARTUP_TIMEOUT_S) as running:
+
+        def one() -> None:
+            try:
+                response = httpx.post(f"{running.url}/v1/audio/transcriptions",
+                                      files={"file": ("jfk.flac", clip)}, timeout=300)
+                answers.append(response.status_code)
+            except httpx.HTTPError as exc:
+                answers.append(repr(exc))
+
+        threads = [threading.Thread(target=one) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        time.sleep(3.0)  # all uploaded (a 176 kB file each) and being transcribed
+        running.process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        late = httpx.post(f"{running.url}/v1/audio/transcriptions",
+                          files={"file": ("jfk.flac", clip)}, timeout=30)
+        for thread in threads:
+            thread.join(timeout=300)
+        status = running.process.wait(timeout=60)
+    assert answers == [200] * 8, log.read_text()[-3000:]
+    assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
+    assert late.headers["retry-after"]
+    assert status == 0, log.read_text()[-3000:]

@@ -72,8 +72,8 @@ def replica_env(engines_dir: Path) -> dict[str, str]:
         WHISPER_REALTIME_PARTIAL_INTERVAL_S="0",
         # The sessions wait silently while the load runs.
         WHISPER_REALTIME_IDLE_TIMEOUT_S="900",
-        WHISPER_DRAIN_SECONDS="2",
-        WHISPER_SHUTDOWN_GRACE_SECONDS="10",
+        WHISPER_SHUTDOWN_DRAIN_S="2",
+        WHISPER_SHUTDOWN_GRACE_S="10",
         WHISPER_LOG_LEVEL="warning",
     )
     return env

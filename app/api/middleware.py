@@ -43,3 +43,45 @@ class RequestMetricsMiddleware:
             labels = {"endpoint": endpoint, "status": str(status)}
             REQUESTS.labels(**labels).inc()
             REQUEST_LATENCY.labels(**labels).observe(time.perf_counter() - started)
+
+
+class CloseUnreadBodyMiddleware:
+    """Close the connection after a response sent before the request body was read to its end.
+
+    A request refused early (401, 413, 503) would otherwise leave the server reading and
+    discarding the rest of its body, up to gigabytes, to find the next request on a kept-alive
+    connection. `Connection: close` makes the server close it right after the response.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not _has_body(scope):
+            await self.app(scope, receive, send)
+            return
+        body_read = False
+
+        async def receive_and_track() -> Message:
+            nonlocal body_read
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_read = True
+            return message
+
+        async def send_closing(message: Message) -> None:
+            if message["type"] == "http.response.start" and not body_read:
+                headers = [*message.get("headers", []), (b"connection", b"close")]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive_and_track, send_closing)
+
+
+def _has_body(scope: Scope) -> bool:
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            return value.strip() not in (b"", b"0")
+        if name == b"transfer-encoding":
+            return True
+    return False

@@ -13,6 +13,7 @@ import hmac
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import APIRouter, WebSocket
 from starlette.datastructures import State
@@ -21,8 +22,9 @@ from app import metrics
 from app.api.errors import error_response
 from app.api.registry import ModelRegistry, Phase
 from app.config import Settings
+from app.server.lifecycle import Lifecycle
 from app.streaming.budget import PartialBudget
-from app.streaming.events import ProtocolError
+from app.streaming.events import ErrorDetail, ErrorEvent, ProtocolError
 from app.streaming.outbox import Outbox, SlowClientError
 from app.streaming.session import TranscriptionSession
 
@@ -38,6 +40,10 @@ DRAIN_TIMEOUT_S = 2.0
 #: RFC 6455 close codes.
 POLICY_VIOLATION = 1008
 INTERNAL_ERROR = 1011
+#: "Service restart": this replica is draining; reconnect (the load balancer picks another).
+SERVICE_RESTART = 1012
+#: "Try again later": the session cap (WHISPER_REALTIME_MAX_SESSIONS) is reached.
+TRY_AGAIN_LATER = 1013
 
 
 @dataclass(frozen=True)
@@ -132,6 +138,35 @@ async def realtime(websocket: WebSocket) -> None:
         return
 
     await websocket.accept(subprotocol=choose_subprotocol(websocket.scope.get("subprotocols", [])))
+    state = websocket.app.state
+    active = getattr(state, "realtime_sessions", 0)
+    if active >= settings.realtime_max_sessions:
+        await _refuse_busy(websocket, settings.realtime_max_sessions)
+        return
+    state.realtime_sessions = active + 1
+    try:
+        await _run_session(websocket, settings, registry)
+    finally:
+        state.realtime_sessions -= 1
+
+
+async def _refuse_busy(websocket: WebSocket, limit: int) -> None:
+    """The session cap is reached: one error event, then close 1013 (try again later)."""
+    metrics.ERRORS.labels(type="server_busy").inc()
+    event = ErrorEvent(
+        error=ErrorDetail(
+            type="server_error",
+            code="server_busy",
+            message=f"The server is serving its maximum of {limit} realtime sessions; "
+            "retry shortly.",
+        )
+    )
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(websocket.send_text(event.model_dump_json()), DRAIN_TIMEOUT_S)
+        await asyncio.wait_for(websocket.close(TRY_AGAIN_LATER, "server busy"), DRAIN_TIMEOUT_S)
+
+
+async def _run_session(websocket: WebSocket, settings: Settings, registry: ModelRegistry) -> None:
     outbox = Outbox(
         websocket.send_text,
         max_pending=settings.realtime_max_pending_events,
@@ -150,7 +185,8 @@ async def realtime(websocket: WebSocket) -> None:
     close: Close | None = Close(INTERNAL_ERROR, "internal error")
     try:
         session.start()
-        close = await _serve(websocket, session, outbox, settings)
+        lifecycle: Lifecycle = websocket.app.state.lifecycle
+        close = await _serve(websocket, session, outbox, settings, lifecycle)
     except Exception:
         log.exception("realtime session %s failed", session.id)
         session.error(
@@ -176,64 +212,108 @@ async def realtime(websocket: WebSocket) -> None:
 
 
 async def _serve(
-    websocket: WebSocket, session: TranscriptionSession, outbox: Outbox, settings: Settings
+    websocket: WebSocket,
+    session: TranscriptionSession,
+    outbox: Outbox,
+    settings: Settings,
+    lifecycle: Lifecycle,
 ) -> Close | None:
-    """Feed client messages to the session until a limit is hit (Close) or the client leaves."""
+    """Feed client messages to the session until a limit is hit (Close) or the client leaves.
+
+    When the server starts draining, the session is closed with 1012 (service restart) as soon
+    as the transcripts of its committed turns are sent, so its client reconnects elsewhere.
+    """
     loop = asyncio.get_running_loop()
     session_deadline = loop.time() + settings.realtime_max_session_s
-    while True:
-        now = loop.time()
-        deadline = min(now + settings.realtime_idle_timeout_s, session_deadline)
-        receive = asyncio.ensure_future(websocket.receive())
-        done, _ = await asyncio.wait(
-            {receive, outbox.failed},
-            timeout=max(0.0, deadline - now),
-            return_when=asyncio.FIRST_COMPLETED,
-        )
-        if receive not in done:
+    draining = asyncio.ensure_future(lifecycle.draining.wait())
+    try:
+        while True:
+            close = await _next_message(
+                websocket, session, outbox, settings, session_deadline, draining
+            )
+            if close is not _CONTINUE:
+                return close
+    finally:
+        draining.cancel()
+
+
+_CONTINUE = Close(0, "")
+
+
+async def _next_message(
+    websocket: WebSocket,
+    session: TranscriptionSession,
+    outbox: Outbox,
+    settings: Settings,
+    session_deadline: float,
+    draining: asyncio.Future[object],
+) -> Close | None:
+    loop = asyncio.get_running_loop()
+    if draining.done() and not session.awaiting_finals:
+        return Close(SERVICE_RESTART, "service restart")
+    now = loop.time()
+    deadline = min(now + settings.realtime_idle_timeout_s, session_deadline)
+    if draining.done():
+        deadline = min(deadline, now + 0.1)  # poll until the pending transcripts are out
+    receive = asyncio.ensure_future(websocket.receive())
+    waits: set[asyncio.Future[Any]] = {receive, outbox.failed}
+    if not draining.done():
+        waits.add(draining)
+    done, _ = await asyncio.wait(
+        waits, timeout=max(0.0, deadline - now), return_when=asyncio.FIRST_COMPLETED
+    )
+    if outbox.failed.done():
+        # Checked before any message that arrived meanwhile: a client flooding us while not
+        # reading always has one waiting, and must still be dropped now.
+        if not receive.done():
             receive.cancel()
-            await asyncio.gather(receive, return_exceptions=True)
-            if outbox.failed.done():
-                failure = outbox.failed.result()
-                if isinstance(failure, SlowClientError):
-                    log.warning("realtime session %s dropped: %s", session.id, failure)
-                    return Close(POLICY_VIOLATION, str(failure)[:120], drain=False)
-                return None  # the socket broke under the sender
-            if loop.time() >= session_deadline:
-                limit = settings.realtime_max_session_s
-                session.error(
-                    ProtocolError(
-                        f"Your session hit the maximum duration of {limit:g} seconds.",
-                        code="session_expired",
-                    )
-                )
-                return Close(POLICY_VIOLATION, "session expired")
-            if session.awaiting_finals:
-                continue  # a client waiting for its transcripts is not idle
+        await asyncio.gather(receive, return_exceptions=True)
+        failure = outbox.failed.result()
+        if isinstance(failure, SlowClientError):
+            log.warning("realtime session %s dropped: %s", session.id, failure)
+            return Close(POLICY_VIOLATION, str(failure)[:120], drain=False)
+        return None  # the socket broke under the sender
+    if receive not in done:
+        receive.cancel()
+        await asyncio.gather(receive, return_exceptions=True)
+        if draining.done():
+            return _CONTINUE  # closed with 1012 once its pending transcripts are out
+        if loop.time() >= session_deadline:
+            limit = settings.realtime_max_session_s
             session.error(
                 ProtocolError(
-                    f"No message for {settings.realtime_idle_timeout_s:g} seconds; closing the idle session.",
-                    code="idle_timeout",
+                    f"Your session hit the maximum duration of {limit:g} seconds.",
+                    code="session_expired",
                 )
             )
-            return Close(POLICY_VIOLATION, "idle timeout")
-        message = receive.result()
-        if message["type"] == "websocket.disconnect":
-            return None
-        data: str | bytes | None = message.get("text")
-        if data is None:
-            data = message.get("bytes")
-        if data is None:
-            continue
-        size = len(data) if isinstance(data, bytes) else len(data.encode("utf-8"))
-        if size > settings.realtime_max_frame_bytes:
-            session.error(
-                ProtocolError(
-                    f"The message is {size} bytes; the limit is "
-                    f"{settings.realtime_max_frame_bytes} bytes per message. "
-                    "Send audio in smaller appends.",
-                    code="message_too_large",
-                )
+            return Close(POLICY_VIOLATION, "session expired")
+        if session.awaiting_finals:
+            return _CONTINUE  # a client waiting for its transcripts is not idle
+        session.error(
+            ProtocolError(
+                f"No message for {settings.realtime_idle_timeout_s:g} seconds; closing the idle session.",
+                code="idle_timeout",
             )
-            continue
-        session.handle(data, time.perf_counter())
+        )
+        return Close(POLICY_VIOLATION, "idle timeout")
+    message = receive.result()
+    if message["type"] == "websocket.disconnect":
+        return None
+    data: str | bytes | None = message.get("text")
+    if data is None:
+        data = message.get("bytes")
+    if data is None:
+        return _CONTINUE
+    size = len(data) if isinstance(data, bytes) else len(data.encode("utf-8"))
+    if size > settings.realtime_max_frame_bytes:
+        session.error(
+            ProtocolError(
+                f"The message is {size} bytes; the limit is "
+                f"{settings.realtime_max_frame_bytes} bytes per message. "
+                "Send audio in smaller appends.",
+                code="message_too_large",
+            )
+        )
+        return _CONTINUE
+    session.handle(data, time.perf_counter())
+    return _CONTINUE

@@ -9,7 +9,9 @@ our own errors, which the API layer maps to 400 / 413 / 415.
 from __future__ import annotations
 
 import io
+import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -22,9 +24,16 @@ import soundfile as sf
 
 from app.audio.constants import SAMPLE_RATE
 from app.audio.pcm import pcm16_to_float
-from app.audio.resample import resample
+from app.audio.resample import StreamResampler, resample
 from app.audio.sniff import SNIFF_BYTES, is_audio_or_video, sniff_media
-from app.errors import AudioDecodeError, AudioTooLongError, UnsupportedMediaError
+from app.errors import (
+    AudioBudgetError,
+    AudioDecodeError,
+    AudioTooLongError,
+    UnsupportedMediaError,
+)
+
+log = logging.getLogger(__name__)
 
 __all__ = ["AudioSource", "decode_audio", "pcm16_to_float", "resample", "sniff_media"]
 
@@ -38,6 +47,8 @@ _HEADER_SLACK_S: float = 1.0
 # block by block instead of materialising the whole multi-channel file.
 _BLOCK_FRAMES: int = 1 << 18
 _PARAM = "file"
+#: Output samples allocated beyond the header's duration (resampler rounding, filter tail).
+_EXPECT_SLACK: int = 4096
 
 
 @dataclass(frozen=True)
@@ -82,32 +93,106 @@ def _too_long(duration_s: float, max_duration_s: float) -> AudioTooLongError:
     )
 
 
-@dataclass
-class _Decoded:
-    audio: np.ndarray  # mono float32 at `sample_rate`
-    sample_rate: int
+#: Charged with the bytes of decoded output held so far (app.audio.budget.AudioLease.hold);
+#: raises to stop the decode.
+HoldFn = Callable[[int], None]
 
 
 class _Collector:
-    """Accumulates mono blocks at one rate and enforces the exact duration limit."""
+    """Resamples mono blocks to the target rate as they arrive and keeps only the output.
 
-    def __init__(self, sample_rate: int, max_duration_s: float | None) -> None:
-        self.sample_rate = sample_rate
+    The duration limit is checked on the input samples as they come, so a long file is refused
+    after decoding `max_duration_s` of it, and at no point is more than one decoded block held
+    at the file's own rate: a 192 kHz stereo file costs what its 16 kHz mono version does.
+    Non-finite samples (float WAVs can carry NaN/inf) are cleaned before the resampler, which
+    would otherwise smear them over its filter length.
+    """
+
+    def __init__(self, target_rate: int, max_duration_s: float | None, hold: HoldFn | None) -> None:
+        self.target_rate = target_rate
         self.max_duration_s = max_duration_s
-        self.blocks: list[np.ndarray] = []
-        self.n_samples = 0
+        self._hold = hold
+        self._blocks: list[np.ndarray] = []
+        self._out_samples = 0
+        #: output preallocated from the header's duration (joining blocks would need twice
+        #: the memory at the end); blocks past its end, if the header was short, go to _blocks
+        self._buffer: np.ndarray | None = None
+        self._resampler: StreamResampler | None = None
+        self._rate = 0
+        self._run_samples = 0  # input samples at the current rate
+        self._done_s = 0.0  # input seconds of earlier runs (a stream may change rate)
 
-    def add(self, mono: np.ndarray) -> None:
-        self.blocks.append(mono)
-        self.n_samples += mono.shape[0]
+    @property
+    def input_seconds(self) -> float:
+        return self._done_s + (self._run_samples / self._rate if self._rate else 0.0)
+
+    @property
+    def empty(self) -> bool:
+        return self._run_samples == 0 and self._done_s == 0.0
+
+    def expect(self, seconds: float) -> None:
+        """The header's duration: allocate the output once (charged to the budget first)."""
+        if self._buffer is not None or self._out_samples or not 0 < seconds < 1e6:
+            return
         if self.max_duration_s is not None:
-            duration = self.n_samples / self.sample_rate
-            if duration > self.max_duration_s + 1e-9:
-                raise _too_long(duration, self.max_duration_s)
+            seconds = min(seconds, self.max_duration_s)
+        # + slack for the resampler's rounding and filter tail
+        capacity = int(np.ceil(seconds * self.target_rate)) + _EXPECT_SLACK
+        if self._hold is not None:
+            self._hold(capacity * 4)
+        self._buffer = np.empty(capacity, dtype=np.float32)
 
-    def result(self) -> _Decoded:
-        audio = np.concatenate(self.blocks) if self.blocks else np.zeros(0, np.float32)
-        return _Decoded(audio.astype(np.float32, copy=False), self.sample_rate)
+    def add(self, mono: np.ndarray, rate: int) -> None:
+        if rate != self._rate:
+            self._flush()
+            self._done_s = self.input_seconds
+            self._run_samples = 0
+            self._rate = rate
+            self._resampler = StreamResampler(rate, self.target_rate)
+        self._run_samples += mono.shape[0]
+        if self.max_duration_s is not None and self.input_seconds > self.max_duration_s + 1e-9:
+            raise _too_long(self.input_seconds, self.max_duration_s)
+        if not np.isfinite(mono).all():
+            mono = np.nan_to_num(mono, nan=0.0, posinf=1.0, neginf=-1.0)
+        assert self._resampler is not None
+        self._append(self._resampler.process(mono))
+
+    def _append(self, out: np.ndarray) -> None:
+        if not out.size:
+            return
+        start, end = self._out_samples, self._out_samples + out.size
+        buffer = self._buffer
+        if buffer is not None and not self._blocks and end <= len(buffer):
+            buffer[start:end] = out
+        else:
+            if self._hold is not None:
+                held = len(buffer) if buffer is not None else 0
+                self._hold((held + sum(b.size for b in self._blocks) + out.size) * out.itemsize)
+            self._blocks.append(out)
+        self._out_samples = end
+
+    def _flush(self) -> None:
+        if self._resampler is not None:
+            self._append(self._resampler.flush())
+            self._resampler = None
+
+    def result(self) -> np.ndarray:
+        self._flush()
+        blocks, self._blocks = self._blocks, []
+        buffer, self._buffer = self._buffer, None
+        if buffer is not None:
+            filled = buffer[: self._out_samples - sum(b.size for b in blocks)]
+            if filled.size < len(buffer) // 2:
+                # the header promised far more than there was (a truncated file): keep only
+                # what was decoded, and charge only that
+                filled = filled.copy()
+                if self._hold is not None:
+                    self._hold((self._out_samples) * 4)
+            blocks.insert(0, filled)
+        if not blocks:
+            return np.zeros(0, np.float32)
+        audio = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+        return np.asarray(audio, dtype=np.float32)
 
 
 class _NotDecodable(Exception):
@@ -129,33 +214,36 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _decode_soundfile(src: _Source, max_duration_s: float | None) -> _Decoded:
+def _decode_soundfile(src: _Source, out: _Collector) -> None:
     try:
         f = sf.SoundFile(src.handle())
     except Exception as exc:  # LibsndfileError, RuntimeError, TypeError... all mean "not mine"
         raise _NotDecodable(f"libsndfile: {_describe(exc)}") from exc
     with f:
+        max_duration_s = out.max_duration_s
         if max_duration_s is not None and f.samplerate > 0 and 0 < f.frames < 2**62:
             header_s = f.frames / f.samplerate
             if header_s > max_duration_s + _HEADER_SLACK_S:
                 raise _too_long(header_s, max_duration_s)
-        out = _Collector(f.samplerate, max_duration_s)
+        if f.samplerate > 0 and 0 < f.frames < 2**62:
+            out.expect(f.frames / f.samplerate)
         try:
             while True:
                 block = f.read(_BLOCK_FRAMES, dtype="float32", always_2d=True)
                 if block.shape[0] == 0:
                     break
-                out.add(block.mean(axis=1) if block.shape[1] > 1 else block[:, 0].copy())
-        except AudioTooLongError:
+                mono = block.mean(axis=1) if block.shape[1] > 1 else block[:, 0].copy()
+                del block
+                out.add(mono, f.samplerate)
+        except (AudioTooLongError, AudioBudgetError):
             raise
         except Exception as exc:
             # libsndfile reports truncation and corruption alike ("lost sync"), and may have
             # returned garbage before noticing; FFmpeg checks frame CRCs, so let it decide.
             raise _NotDecodable(f"libsndfile ({f.format}): {_describe(exc)}") from exc
-    if out.n_samples == 0:
+    if out.empty:
         # e.g. a truncated Ogg: libsndfile finds no final page, reports 0 frames, reads none.
         raise _NotDecodable(f"libsndfile ({f.format}): no samples", empty=True)
-    return out.result()
 
 
 _INT_SCALES: dict[np.dtype, tuple[float, float]] = {
@@ -187,7 +275,7 @@ def _av_header_duration(container: av.container.InputContainer, stream: av.Audio
     return 0.0
 
 
-def _decode_av(src: _Source, max_duration_s: float | None) -> _Decoded:
+def _decode_av(src: _Source, out: _Collector) -> None:
     if av is None:
         raise _NotDecodable("PyAV is not installed, so only soundfile's formats can be read")
     try:
@@ -203,19 +291,19 @@ def _decode_av(src: _Source, max_duration_s: float | None) -> _Decoded:
                 param=_PARAM,
             )
         stream = container.streams.audio[0]
-        if max_duration_s is not None:
+        if out.max_duration_s is not None:
             header_s = _av_header_duration(container, stream)
-            if header_s > max_duration_s + _HEADER_SLACK_S:
-                raise _too_long(header_s, max_duration_s)
-        return _decode_av_stream(container, stream, max_duration_s)
+            if header_s > out.max_duration_s + _HEADER_SLACK_S:
+                raise _too_long(header_s, out.max_duration_s)
+        out.expect(_av_header_duration(container, stream))
+        _decode_av_stream(container, stream, out)
 
 
 def _decode_av_stream(
-    container: av.container.InputContainer, stream: av.AudioStream, max_duration_s: float | None
-) -> _Decoded:
-    # A stream may switch sample rate mid-way (rare: concatenated broadcast recordings);
-    # each run of one rate is kept apart and resampled to the first rate at the end.
-    runs: list[_Collector] = []
+    container: av.container.InputContainer, stream: av.AudioStream, out: _Collector
+) -> None:
+    # A stream may switch sample rate mid-way (rare: concatenated broadcast recordings); the
+    # collector starts a new resampler at each switch.
     bad_packets = 0
     error: str | None = None
     try:
@@ -227,26 +315,18 @@ def _decode_av_stream(
                 bad_packets += 1
                 continue
             for frame in frames:
-                if not runs or runs[-1].sample_rate != frame.sample_rate:
-                    done = sum(r.n_samples / r.sample_rate for r in runs)
-                    remaining = None if max_duration_s is None else max_duration_s - done
-                    runs.append(_Collector(frame.sample_rate, remaining))
-                runs[-1].add(_frame_to_mono(frame))
-    except AudioTooLongError as exc:
-        total = sum(r.n_samples / r.sample_rate for r in runs)
-        raise _too_long(total, max_duration_s or 0.0) from exc
+                out.add(_frame_to_mono(frame), frame.sample_rate)
+    except (AudioTooLongError, AudioBudgetError):
+        raise
     except Exception as exc:
         # Demuxing stops at truncation or garbage; keep what decoded cleanly before it.
         error = _describe(exc)
-    if not runs:
+    if out.empty:
         detail = error or (f"{bad_packets} undecodable packets" if bad_packets else "no samples")
         raise _NotDecodable(
             f"ffmpeg ({container.format.name}/{stream.codec_context.name}): {detail}",
             empty=error is None and bad_packets == 0,
         )
-    first = runs[0].sample_rate
-    parts = [resample(r.result().audio, r.sample_rate, first) for r in runs]
-    return _Decoded(np.concatenate(parts), first)
 
 
 def decode_audio(
@@ -254,6 +334,7 @@ def decode_audio(
     *,
     sample_rate: int = SAMPLE_RATE,
     max_duration_s: float | None = None,
+    hold: HoldFn | None = None,
 ) -> np.ndarray:
     """Decode an audio/video file to a mono float32 waveform at `sample_rate`.
 
@@ -263,6 +344,10 @@ def decode_audio(
     before decoding where the container states a duration), and AudioDecodeError (400) for
     empty, corrupt or audio-less input. A file truncated mid-stream returns the part that
     decodes, as FFmpeg does; one that yields no samples at all is an error.
+
+    Decoding streams: only the output at `sample_rate` is held, plus one block. `hold(n)`
+    is called with the output's size in bytes as it grows (a memory budget's lease); whatever
+    it raises (AudioBudgetError) stops the decode.
     """
     src = _load_source(source)
     if src.size == 0:
@@ -276,26 +361,29 @@ def decode_audio(
         )
 
     try:
-        decoded = _decode_soundfile(src, max_duration_s)
+        collector = _Collector(sample_rate, max_duration_s, hold)
+        _decode_soundfile(src, collector)
     except _NotDecodable as sf_failure:
         try:
-            decoded = _decode_av(src, max_duration_s)
+            # A fresh collector: what libsndfile returned before failing may be garbage (it is
+            # dropped here, and the fresh collector's charges replace its own).
+            collector = _Collector(sample_rate, max_duration_s, hold)
+            _decode_av(src, collector)
         except _NotDecodable as av_failure:
             if sf_failure.empty and av_failure.empty:
                 raise AudioDecodeError(
                     "The audio file contains no samples (zero duration).", param=_PARAM
                 ) from None
+            # The libraries' reasons help us, not the client (and name our internals): log them.
+            log.info("Undecodable upload (%s): %s; %s", mime, sf_failure.reason, av_failure.reason)
             kind = mime or "unrecognised format"
             raise AudioDecodeError(
                 f"Could not decode the audio ({kind}): the data is corrupt, truncated or "
-                f"in an unsupported encoding. [{sf_failure.reason}; {av_failure.reason}]",
+                "in an unsupported encoding.",
                 param=_PARAM,
             ) from None
 
-    audio = decoded.audio
+    audio = collector.result()
     if audio.size == 0:
         raise AudioDecodeError("The audio file contains no samples (zero duration).", param=_PARAM)
-    if not np.isfinite(audio).all():
-        # Float WAVs can carry NaN/inf; they would poison the whole log-mel normalisation.
-        audio = np.nan_to_num(audio, nan=0.0, posinf=1.0, neginf=-1.0)
-    return resample(audio, decoded.sample_rate, sample_rate)
+    return audio

@@ -104,3 +104,70 @@ def pad_or_trim(mel: ArrayT, n_frames: int = N_FRAMES) -> ArrayT:
         return torch.nn.functional.pad(mel, (0, n_frames - length))
     widths = [(0, 0)] * (mel.ndim - 1) + [(0, n_frames - length)]
     return np.pad(mel, widths)
+
+
+class WindowedLogMel:
+    """The log-mel spectrogram of a long waveform, computed one window at a time.
+
+    Equal to `log_mel_spectrogram(audio, n_mels, padding=padding)` but never held whole: for a
+    2-hour file the whole-file STFT needs ~2 GB of intermediates and the result 230 MB. A
+    frame depends only on its own 400 samples, so a slice is computed from the samples under
+    it; the one whole-file quantity, the loudest bin (the normalisation's reference), is found
+    by a first pass over the file in chunks. Slicing (`mel[:, a:b]`) returns a float32 tensor
+    [n_mels, b - a] like the eager spectrogram's.
+    """
+
+    #: Frames per chunk of the peak pass (a minute of audio: ~16 MB of STFT intermediates).
+    CHUNK_FRAMES = 6000
+
+    def __init__(self, audio: np.ndarray, n_mels: int = 80, *, padding: int = HOP_LENGTH) -> None:
+        if audio.ndim != 1:
+            raise ValueError(f"audio must be 1-D, got shape {audio.shape}")
+        self.audio = np.ascontiguousarray(audio, dtype=np.float32)
+        self.n_mels = n_mels
+        self._length = len(audio) + padding  # zero padding after the audio
+        self.n_frames = self._length // HOP_LENGTH if self._length >= HOP_LENGTH else 0
+        self.shape = (n_mels, self.n_frames)
+        self.peak = max(
+            (
+                float(self._log_mel(a, min(a + self.CHUNK_FRAMES, self.n_frames)).max())
+                for a in range(0, self.n_frames, self.CHUNK_FRAMES)
+            ),
+            default=0.0,
+        )
+
+    def _samples(self, first: int, last: int) -> np.ndarray:
+        """Samples [first, last) of the padded signal reflect-extended by N_FFT // 2 each side."""
+        k = np.arange(first - N_FFT // 2, last - N_FFT // 2)
+        if self._length > 1:
+            period = 2 * (self._length - 1)
+            k = np.remainder(k, period)
+            k = np.where(k >= self._length, period - k, k)
+        else:
+            k = np.zeros_like(k)
+        inside = k < len(self.audio)
+        out = np.zeros(len(k), dtype=np.float32)
+        out[inside] = self.audio[k[inside]]
+        return out
+
+    def _log_mel(self, a: int, b: int) -> torch.Tensor:
+        """log10 mel power of frames [a, b), before normalisation."""
+        x = torch.from_numpy(self._samples(a * HOP_LENGTH, (b - 1) * HOP_LENGTH + N_FFT))
+        window = torch.hann_window(N_FFT, periodic=True)
+        spec = torch.stft(x, N_FFT, HOP_LENGTH, window=window, center=False, return_complex=True)
+        power = torch.view_as_real(spec).square().sum(dim=-1)
+        return (
+            (mel_filters(self.n_mels, device=x.device, dtype=x.dtype) @ power)
+            .clamp(min=_LOG_FLOOR)
+            .log10()
+        )
+
+    def __getitem__(self, key: tuple[slice, slice]) -> torch.Tensor:
+        rows, frames = key
+        if rows != slice(None) or frames.step not in (None, 1):
+            raise IndexError("WindowedLogMel supports mel[:, a:b] only")
+        a, b, _ = frames.indices(self.n_frames)
+        if b <= a:
+            return torch.zeros(self.n_mels, 0, dtype=torch.float32)
+        log_spec = torch.maximum(self._log_mel(a, b), torch.tensor(self.peak - _DYNAMIC_RANGE))
+        return ((log_spec + 4.0) / 4.0).to(torch.float32)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from app.audio.constants import HOP_LENGTH, N_FRAMES, SAMPLE_RATE
-from app.audio.features import log_mel_spectrogram, pad_or_trim
+from app.audio.features import WindowedLogMel, log_mel_spectrogram, pad_or_trim
 from app.decoding.options import TranscribeOptions, WindowOptions
 from app.decoding.repetition import tokens_compression_ratio
 from app.decoding.results import Segment, TranscriptionResult, Word
@@ -30,6 +30,7 @@ from app.decoding.window import WindowResult, WindowTask
 TIME_PRECISION = 0.02  # seconds per timestamp token
 INPUT_STRIDE = 2  # mel frames per encoder position
 GPU_FEATURES_MAX_SECONDS = 600.0  # longer files: log-mel on the CPU (ModelContext.feature_device)
+EAGER_FEATURES_MAX_SECONDS = 120.0  # longer files on the CPU: log-mel window by window
 FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH
 TRIM_PADDING_FRAMES = 5 * FRAMES_PER_SECOND  # silence after a trimmed window's audio
 #: When a window leaves less audio than this after it, transcription stops there instead of
@@ -196,8 +197,14 @@ class Transcriber:
         duration = len(audio) / SAMPLE_RATE
         # a long file's whole-file STFT would hold ~1.5 GB of GPU memory per 2 hours of audio
         device = self.ctx.feature_device if duration <= GPU_FEATURES_MAX_SECONDS else None
-        mel = await asyncio.to_thread(log_mel_spectrogram, audio, self.ctx.n_mels, padding=HOP_LENGTH,
-                                      device=device)
+        mel: Tensor | WindowedLogMel
+        if device is None and duration > EAGER_FEATURES_MAX_SECONDS:
+            # window by window: the whole-file STFT's intermediates grow with the file (~1 GB
+            # for 30 minutes), the windows' don't
+            mel = await asyncio.to_thread(WindowedLogMel, audio, self.ctx.n_mels, padding=HOP_LENGTH)
+        else:
+            mel = await asyncio.to_thread(log_mel_spectrogram, audio, self.ctx.n_mels,
+                                          padding=HOP_LENGTH, device=device)
         window = options.window
         if not self.ctx.multilingual:
             window = replace(window, language="en")
@@ -213,7 +220,7 @@ class Transcriber:
                                    duration=duration, language_probability=lang_prob,
                                    task=window.task)
 
-    async def _transcribe_sequential(self, mel: Tensor, options: TranscribeOptions, window: WindowOptions,
+    async def _transcribe_sequential(self, mel: Tensor | WindowedLogMel, options: TranscribeOptions, window: WindowOptions,
                                      on_segment: SegmentCallback | None = None
                                      ) -> tuple[list[Segment], str | None, float | None]:
         tok = self.tokenizer
@@ -273,7 +280,7 @@ class Transcriber:
                 seek = previous_seek + segment_size
         return segments, window.language, language_prob
 
-    async def _transcribe_vad(self, audio: np.ndarray, mel: Tensor, options: TranscribeOptions,
+    async def _transcribe_vad(self, audio: np.ndarray, mel: Tensor | WindowedLogMel, options: TranscribeOptions,
                               window: WindowOptions) -> tuple[list[Segment], str | None, float | None]:
         from app.audio.vad import chunk_at_pauses
 
@@ -316,7 +323,7 @@ class Transcriber:
         return segments, window.language, language_prob
 
     @staticmethod
-    def _chunk_mel(mel: Tensor, chunk: tuple[int, int]) -> Tensor:
+    def _chunk_mel(mel: Tensor | WindowedLogMel, chunk: tuple[int, int]) -> Tensor:
         start, end = chunk[0] // HOP_LENGTH, chunk[1] // HOP_LENGTH
         return pad_or_trim(mel[:, start : min(end, start + N_FRAMES)], N_FRAMES)
 

@@ -18,14 +18,26 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from app import metrics
 from app.decoding.search import rows_needed
 from app.decoding.window import WindowResult, WindowTask
 from app.engine.threads import become_engine_thread
-from app.errors import QueueFullError, ShuttingDownError
+from app.errors import EngineStepError, QueueFullError, ShuttingDownError
 from app.scheduler.decode_loop import DecodeLoop
 
 log = logging.getLogger(__name__)
+
+#: Successful steps after which a memory cap set by an out-of-memory error is doubled.
+ROW_LIMIT_RECOVERY_STEPS = 50
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A CUDA (or other device) allocator failure, as opposed to a bug."""
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    )
 
 
 @dataclass(eq=False)
@@ -60,6 +72,9 @@ class Scheduler:
         self._accepting = True
         self._in_flight: dict[int, Ticket] = {}
         self._rows_fraction = 0.0  # decoder rows in use / rows, as of the last step
+        #: rows the loop may use at once after running out of device memory (None: all)
+        self._row_limit: int | None = None
+        self._ok_steps = 0
 
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -151,6 +166,7 @@ class Scheduler:
     def _take_round_robin(self) -> list[Ticket]:
         """Pop windows that fit, one per request per round, oldest request first."""
         taken: list[Ticket] = []
+        taken_rows = 0
         loop = self.decode_loop
         # Plan placements exactly as admit() will place them: a window needs a contiguous run
         # of free rows, so counting free rows is not enough once rows are fragmented.
@@ -172,8 +188,11 @@ class Scheduler:
                         "lower beam_size/best_of or raise WHISPER_MAX_BATCH_SIZE"))
                     progressed = True
                     continue
-                if not loop.reserve(plan, need):
-                    continue
+                limit = self._row_limit
+                over = limit is not None and loop.rows_in_use() + taken_rows + need > limit
+                if (over and (taken or loop.active)) or not loop.reserve(plan, need):
+                    continue  # (over the cap, a window still runs alone: progress is kept)
+                taken_rows += need
                 queue.popleft()
                 self._queued -= 1
                 # rotate: this request goes to the back of the line
@@ -215,8 +234,14 @@ class Scheduler:
             try:
                 self._admit_and_step(tickets)
             except BaseException as exc:  # noqa: BLE001 - fail the affected windows, keep serving
-                log.exception("decode step failed")
-                self._fail_all(tickets, exc)
+                if is_out_of_memory(exc) and self._shrink_after_oom(tickets):
+                    continue
+                log.exception("decode step failed; failing the windows in it")
+                failure = EngineStepError()
+                failure.__cause__ = exc
+                self._fail_all(tickets, failure)
+            else:
+                self._recover_rows()
 
     def _admit_and_step(self, tickets: list[Ticket]) -> None:
         loop = self.decode_loop
@@ -248,11 +273,68 @@ class Scheduler:
                 del self._in_flight[key]
 
     def _fail_all(self, tickets: list[Ticket], exc: BaseException) -> None:
+        for t in self._reset_loop(tickets):
+            if not t.future.done():
+                t.future.set_exception(exc)
+
+    def _reset_loop(self, tickets: list[Ticket]) -> list[Ticket]:
+        """Empty the decode loop; return every window that was in it or on its way in."""
         loop = self.decode_loop
-        failed = list(self._in_flight.values())
+        windows = list(self._in_flight.values())
+        windows += [t for t in tickets if t not in windows]
         self._in_flight.clear()
         loop.active.clear()
         loop.owner[:] = [None] * len(loop.owner)
-        for t in failed + tickets:
-            if not t.future.done():
-                t.future.set_exception(exc)
+        return windows
+
+    # ---- out of device memory ------------------------------------------------------------------
+    def _shrink_after_oom(self, tickets: list[Ticket]) -> bool:
+        """Halve the rows in use and put the step's windows back in line (a lone window fails).
+
+        The windows restart from their first token (their work so far is lost, their results
+        are the same), at most half as many rows at a time. The cap is lifted step by step
+        once steps succeed again (_recover_rows).
+        """
+        windows = [t for t in self._reset_loop(tickets) if not t.future.done()]
+        rows = sum(rows_needed(t.task.options) for t in windows if not t.cancelled)
+        if len([t for t in windows if not t.cancelled]) <= 1:
+            failure = EngineStepError()
+            log.error("out of device memory with a single window of %d rows; failing it", rows)
+            for t in windows:
+                t.future.set_exception(failure)
+            self._release_device_memory()
+            return True
+        self._row_limit = max(1, rows // 2)
+        self._ok_steps = 0
+        log.warning(
+            "out of device memory with %d windows (%d rows): retrying at most %d rows at a time",
+            len(windows),
+            rows,
+            self._row_limit,
+        )
+        with self._cond:
+            for t in reversed(windows):
+                if t.cancelled:
+                    continue
+                self._queues.setdefault(t.request_id, deque()).appendleft(t)
+                self._queues.move_to_end(t.request_id, last=False)
+                self._queued += 1
+            metrics.QUEUE_DEPTH.labels(self.model_name).set(self._queued)
+        self._release_device_memory()
+        return True
+
+    @staticmethod
+    def _release_device_memory() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _recover_rows(self) -> None:
+        if self._row_limit is None:
+            return
+        self._ok_steps += 1
+        if self._ok_steps >= ROW_LIMIT_RECOVERY_STEPS:
+            self._ok_steps = 0
+            self._row_limit *= 2
+            if self._row_limit >= len(self.decode_loop.owner):
+                self._row_limit = None
+                log.info("device memory cap lifted")
