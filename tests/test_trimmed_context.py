@@ -173,3 +173,35 @@ def test_gpu_trimmed_partials_agree_with_full_windows_and_the_cpu() -> None:
         print(f"trimmed GPU partials vs {name}: word agreement {agreement:.3f}")
         assert agreement >= least, (name, list(zip(gpu_trimmed, other, strict=True)))
     assert all(t.strip() for t in gpu_trimmed)  # speech in every prefix: no empty partial
+
+
+@cuda_only
+@pytest.mark.parametrize("cross_dtype", [None, torch.int8], ids=["fp16", "int8"])
+def test_trimmed_rows_read_only_their_positions_on_cuda(cross_dtype: torch.dtype | None) -> None:
+    # The Triton path of the per-row-length read (fp16 K/V with the long-key tiles, int8 K/V with
+    # their scales), for a decode step and a prompt's queries, against the same rows read through
+    # cross_runs (sliced K/V, the CPU's way) on the same cache.
+    torch.manual_seed(0)
+    model = random_model(seed=3).to(device="cuda", dtype=torch.float16)
+    dims = model.dims
+    cache = DecoderCache(dims, 4, torch.device("cuda"), torch.float16, cross_dtype=cross_dtype,
+                         cross_lengths=True)
+    runner = WhisperRunner(model, cache)
+    h, dh = dims.n_text_head, dims.n_text_state // dims.n_text_head
+    d = dims.n_audio_state
+    runner.write_cross_kv(torch.randn(4, dims.n_audio_ctx, d, device="cuda", dtype=torch.float16),
+                          [0, 1, 2, 3])  # stale K/V past the trimmed windows
+    runner.write_cross_kv(torch.randn(2, 300, d, device="cuda", dtype=torch.float16), [1, 2])
+    assert cache.cross_len is not None and cache.cross_len.tolist()[:3] == [dims.n_audio_ctx, 300, 300]
+    for t in (1, 3):
+        cq = torch.randn(4, h, t, dh, device="cuda", dtype=torch.float16)
+        got = runner._cross_attention_kernel(0, cq, 0).float()
+        for row, n in enumerate(cache.cross_len.tolist()):
+            k, v = cache.cross_k[0, row : row + 1, :, :n], cache.cross_v[0, row : row + 1, :, :n]
+            if cache.quantized_cross:
+                k = k.float() * cache.cross_k_scale[0, row : row + 1, :, :n].float()
+                v = v.float() * cache.cross_v_scale[0, row : row + 1, :, :n].float()
+            want = torch.nn.functional.scaled_dot_product_attention(
+                cq[row : row + 1].float(), k.float(), v.float()
+            )
+            torch.testing.assert_close(got[row : row + 1], want, rtol=2e-2, atol=2e-2)
