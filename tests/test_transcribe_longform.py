@@ -11,8 +11,11 @@ import asyncio
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 from fakes import SPECIAL, fake_tokenizer, torch_threads
 
@@ -32,6 +35,8 @@ from app.decoding.transcribe import (
     trimmed_frames,
 )
 from app.decoding.window import WindowResult, WindowTask
+
+DATA = Path(__file__).parent / "data"
 
 TB = SPECIAL.timestamp_begin
 TOKENIZER = fake_tokenizer()
@@ -428,15 +433,18 @@ def test_empty_text_segments_are_dropped() -> None:
 
 
 def speech_like(bursts: list[tuple[float, float]], total: float) -> np.ndarray:
+    """Silence with real speech (the JFK fixture) in each burst: what Silero VAD calls speech."""
+    clip, rate = sf.read(DATA / "jfk-inaugural-1961-excerpt.flac", dtype="float32")
+    assert rate == SAMPLE_RATE
     audio = np.zeros(int(total * SAMPLE_RATE), dtype=np.float32)
-    rng = np.random.default_rng(1)
     for start, end in bursts:
         a, b = int(start * SAMPLE_RATE), int(end * SAMPLE_RATE)
-        audio[a:b] = rng.standard_normal(b - a).astype(np.float32) * 0.1
+        audio[a:b] = clip[: b - a]
     return audio
 
 
-VAD_AUDIO = speech_like([(1.0, 9.0), (13.0, 24.0), (28.0, 38.0)], 40.0)
+# Each pair of neighbours spans more than 30 s, so VAD long-form makes three chunks.
+VAD_AUDIO = speech_like([(1.0, 11.0), (24.0, 33.0), (48.0, 56.0)], 60.0)
 
 
 class ChunkModel:
@@ -446,8 +454,10 @@ class ChunkModel:
 
     def __init__(self, audio: np.ndarray, answers: list[list[int]]) -> None:
         self.chunks = chunk_at_pauses(audio, max_chunk_s=30.0)
-        mel = log_mel_spectrogram(audio, 80, padding=HOP_LENGTH)
-        self.mels = [Transcriber._chunk_mel(mel, c) for c in self.chunks]
+        self.mels = [
+            pad_or_trim(log_mel_spectrogram(audio[a:b], 80, padding=HOP_LENGTH), N_FRAMES)
+            for a, b in self.chunks
+        ]
         self.answers = answers
         self.arrived: list[int] = []
         self.finished: list[int] = []
