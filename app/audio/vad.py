@@ -89,7 +89,7 @@ class SileroModel:
         import torch
 
         with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32)).to(self.device)
+            x = torch.from_numpy(np.array(frames, dtype=np.float32)).to(self.device)  # a copy
             encoded = self._encoder(self._stft(x)).squeeze(-1)  # [n, 128]
             hidden, state = self._lstm(encoded.unsqueeze(0), state)
             probs = self._head(hidden[0].unsqueeze(-1)).reshape(-1)
