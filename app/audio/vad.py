@@ -360,7 +360,10 @@ class StreamingVad:
             self.last_speech_end_s = (index + 1) * FRAME_S
         elif prob < self.neg_threshold and self._silence_since is None:
             self._silence_since = index
-        if self._silence_since is not None and index + 1 - self._silence_since >= self._silence_frames:
+        if (
+            self._silence_since is not None
+            and index + 1 - self._silence_since >= self._silence_frames
+        ):
             self.in_speech = False
             self._silence_since = None
             return VadEvent("speech_stopped", (index + 1) * FRAME_S)
