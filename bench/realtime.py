@@ -39,7 +39,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.audio.decode import decode_audio
 from app.audio.pcm import float_to_pcm16, pcm16_to_wav
-from app.audio.vad import speech_regions
+from app.audio.vad import VadOptions, speech_regions
 from bench.concurrency import (
     DEV_SET,
     FIXTURES,
@@ -78,12 +78,15 @@ class SessionResult:
     def matches_rest(self) -> bool:
         return self.final is not None and self.final == self.rest
 
+SPEECH_ONSET = VadOptions(speech_pad_ms=100)
+
 
 def prepare(clip: Clip) -> StreamAudio:
     data = clip.path.read_bytes()
     audio = decode_audio(data, sample_rate=RATE)
-    regions = speech_regions(decode_audio(data, sample_rate=16000))
-    return StreamAudio(clip, float_to_pcm16(audio), regions[0][0] if regions else 0.0)
+    # Silero's onset, padded by 100 ms: an early (conservative) mark for partial latency
+    regions = speech_regions(decode_audio(data, sample_rate=16000), SPEECH_ONSET)
+    return StreamAudio(clip, float_to_pcm16(audio), regions[0][0] / 16000 if regions else 0.0)
 
 
 def wav_bytes(pcm: bytes, rate: int = RATE) -> bytes:
