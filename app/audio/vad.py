@@ -11,7 +11,7 @@ it) with a small convolutional encoder followed by an LSTM. The stock wrapper ru
 per call (about 0.8 ms a frame on a CPU core, 90 s for an hour). Here the encoder runs on
 blocks of thousands of frames at once and the LSTM cell's weights run as one `nn.LSTM` over the
 block, which gives the same probabilities (within 1e-6) at ~1.5 ms per second of audio on one
-core of a 2-core AMD EPYC (bench/vad_speed.py: TorchScript batched 0.08-0.16 s, ONNX Runtime's
+core of a 2-core AMD EPYC (python -m bench.vad_speed: TorchScript batched 0.08-0.16 s, ONNX Runtime's
 sequence model 0.17 s, ONNX per frame 0.39-0.42 s, TorchScript per frame 1.6 s for 60 s of
 audio, 2026-12-06). So the TorchScript model is used, batched; it also runs on the engine's GPU.
 
