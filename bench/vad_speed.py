@@ -10,6 +10,10 @@ difference from the stock TorchScript model's probabilities:
 - TorchScript batched (app.audio.vad: encoder over blocks of frames, nn.LSTM over the block);
 - ONNX Runtime `silero_vad.onnx`, one frame per call;
 - ONNX Runtime `silero_vad_16k_sequence.onnx`, 512 frames per call.
+
+Then, as realtime streams feed it (--append-ms pieces, 1-3 frames a call), milliseconds of CPU
+per second of audio: StreamingVad (ONNX Runtime's sequence model) against the batched
+TorchScript path called on each piece.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--append-ms", type=int, default=100)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     n = int(args.seconds * 16000) // vad.FRAME_SAMPLES * vad.FRAME_SAMPLES
@@ -91,6 +96,37 @@ def main(argv: list[str] | None = None) -> None:
             probs = run(audio)
             best = min(best, time.perf_counter() - started)
         print(f"| {name} | {best:.3f} | {np.abs(probs - reference).max():.1e} |", flush=True)
+    stream(audio, args.append_ms)
+
+
+def stream(audio: np.ndarray, append_ms: int) -> None:
+    step = 16 * append_ms
+    seconds = len(audio) / 16000
+
+    def onnx_stream() -> None:
+        detector = vad.StreamingVad()
+        for i in range(0, len(audio), step):
+            detector.push(audio[i : i + step])
+
+    def torch_stream() -> None:
+        model, state = vad.silero_model("cpu"), None
+        pending = np.zeros(0, np.float32)
+        context = np.zeros(vad.CONTEXT_SAMPLES, np.float32)
+        for i in range(0, len(audio), step):
+            pending = np.concatenate([pending, audio[i : i + step]])
+            n = len(pending) // vad.FRAME_SAMPLES
+            if n:
+                block = np.concatenate([context, pending[: n * vad.FRAME_SAMPLES]])
+                frames = np.lib.stride_tricks.sliding_window_view(block, 576)[:: vad.FRAME_SAMPLES]
+                _, state = model(frames, state)
+                context, pending = block[-vad.CONTEXT_SAMPLES :], pending[n * vad.FRAME_SAMPLES :]
+
+    print(f"\n| streaming, {append_ms} ms appends | ms CPU per s of audio |\n|---|---|")
+    for name, run in (("ONNX Runtime sequence model (StreamingVad)", onnx_stream),
+                      ("TorchScript batched path", torch_stream)):
+        started = time.process_time()
+        run()
+        print(f"| {name} | {1000 * (time.process_time() - started) / seconds:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
