@@ -13,6 +13,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 if TYPE_CHECKING:  # app.runtime may import torch; settings must stay light
+    from app.decoding.options import VadOptions
     from app.runtime import RuntimeOptions
 
 #: OpenAI's model name; clients written for OpenAI send it, so it names our default model.
@@ -106,8 +107,39 @@ class Settings(BaseSettings):
     )
     vad_long_form: bool = Field(
         False,
-        description="Long audio: cut at pauses and decode the chunks in parallel instead of "
-        "openai-whisper's sequential timestamp seeking.",
+        description="Long files (over 30 s) are cut at pauses into <= 30 s chunks that are "
+        "decoded together, instead of openai-whisper's sequential timestamp seeking (see "
+        "docs/vad.md for the measured trade-off).",
+    )
+
+    # Speech gating with Silero VAD (docs/vad.md)
+    vad: bool = Field(
+        True,
+        description="Decode only the speech Silero VAD finds: audio without speech returns no "
+        "text without reaching the model, and silences inside a file are skipped (timestamps "
+        "still refer to the original audio). Applies to uploads, streaming and realtime turns.",
+    )
+    vad_threshold: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="Silero speech probability at or above which a 32 ms frame is speech; "
+        "speech continues until frames fall below this minus 0.15.",
+    )
+    vad_min_speech_ms: int = Field(
+        250, ge=0, description="Speech regions shorter than this are dropped as clicks."
+    )
+    vad_min_silence_ms: int = Field(
+        2000,
+        ge=0,
+        description="A pause this long ends a speech region; shorter pauses are decoded "
+        "with the speech around them.",
+    )
+    vad_speech_pad_ms: int = Field(
+        400,
+        ge=0,
+        description="Audio kept on each side of a speech region (faster-whisper's "
+        "speech_pad_ms), so the first and last words are not clipped.",
     )
 
     # Limits and access
@@ -281,6 +313,20 @@ class Settings(BaseSettings):
     @property
     def default_model_name(self) -> str:
         return self.default_model or self.models[0]
+
+    @property
+    def vad_options(self) -> VadOptions | None:
+        """Speech gating for requests, or None with WHISPER_VAD=false."""
+        from app.decoding.options import VadOptions
+
+        if not self.vad:
+            return None
+        return VadOptions(
+            threshold=self.vad_threshold,
+            min_speech_ms=self.vad_min_speech_ms,
+            min_silence_ms=self.vad_min_silence_ms,
+            speech_pad_ms=self.vad_speech_pad_ms,
+        )
 
     @property
     def max_upload_bytes(self) -> int:

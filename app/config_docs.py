@@ -28,10 +28,10 @@ README_END = "<!-- end of settings table -->\n"
 #: The settings README.md lists, in this order; docs/configuration.md lists them all.
 COMMON = (
     "models",
-    "engines_dir",
     "device",
     "max_batch_size",
     "beam_size",
+    "vad",
     "vad_long_form",
     "int8_cross_kv",
     "fp8_encoder",

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from app import metrics
 from app.audio.constants import SAMPLE_RATE
-from app.decoding.options import TranscribeOptions
+from app.decoding.options import TranscribeOptions, VadOptions
 from app.decoding.results import TranscriptionResult
 from app.decoding.tokenizer import WhisperTokenizer
 from app.decoding.transcribe import ModelContext, SegmentCallback, Transcriber
@@ -113,6 +113,8 @@ class ModelRuntime:
             noise = (np.random.default_rng(0).standard_normal(SAMPLE_RATE) * 0.01).astype(np.float32)
             await self._transcribe(noise, TranscribeOptions.greedy(), record=False)
             await self._transcribe(noise, TranscribeOptions(), record=False)
+            # loads Silero VAD (on the engine's GPU if any) before the first gated request
+            await self._transcribe(noise, TranscribeOptions(vad=VadOptions()), record=False)
             log.info("model %s warmed up in %.1f s", self.name, time.perf_counter() - started)
         self.ready = True
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from app.audio.decode import decode_audio
-from app.decoding.options import TranscribeOptions
+from app.decoding.options import TranscribeOptions, VadOptions
 from app.errors import WhisperServeError
 from app.runtime import RuntimeOptions, load_runtime
 
@@ -25,7 +25,8 @@ def build_options(args: argparse.Namespace) -> TranscribeOptions:
     if args.beam_size is not None:
         window = replace(window, beam_size=args.beam_size)
     return replace(options, window=window, word_timestamps=args.word_timestamps,
-                   long_form="vad" if args.vad else "sequential", initial_prompt=args.prompt)
+                   long_form="vad" if args.vad else "sequential", initial_prompt=args.prompt,
+                   vad=None if args.no_gate else VadOptions())
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -41,6 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--greedy", action="store_true", help="greedy, temperature 0, no fallback, no timestamps")
     p.add_argument("--word-timestamps", action="store_true")
     p.add_argument("--vad", action="store_true", help="cut long audio at pauses and decode chunks together")
+    p.add_argument("--no-gate", action="store_true",
+                   help="decode all of the audio, not only the speech Silero VAD finds (WHISPER_VAD=false)")
     p.add_argument("--prompt", default=None, help="initial prompt")
     p.add_argument("--max-batch-size", type=int, default=None, help="decoder rows per step (default: the device's)")
     return p.parse_args(argv)

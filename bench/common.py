@@ -6,7 +6,8 @@ Both engines are fed the very same float32 16 kHz arrays (decoded once with our
 - greedy: beam 1, temperature 0 only, no fallback thresholds, no timestamps, no conditioning
   on previous text, no VAD (the parity setting);
 - defaults: each engine's own defaults (beam 5, temperature fallback, timestamps,
-  conditioning on previous text, thresholds).
+  conditioning on previous text, thresholds); ours with the service's Silero VAD gating
+  (WHISPER_VAD, on by default), faster-whisper without its vad_filter (off by default).
 
 `language="en"` is passed to both engines in both settings (the dev set is English).
 
@@ -198,7 +199,10 @@ def our_options(settings: str) -> TranscribeOptions:
     if settings == "greedy":
         options = TranscribeOptions.greedy()
     elif settings == "defaults":
-        options = TranscribeOptions()
+        from app.config import Settings
+
+        # the service's defaults: beam 5, fallback, timestamps and Silero VAD speech gating
+        options = TranscribeOptions(vad=Settings().vad_options)
     else:
         raise ValueError(f"unknown settings {settings!r}")
     return replace(options, window=replace(options.window, language="en"))

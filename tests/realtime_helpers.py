@@ -12,6 +12,7 @@ import base64
 import json
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +27,13 @@ from test_e2e_server import STARTUP_TIMEOUT_S, Server, _server_env
 from app.audio.constants import SAMPLE_RATE
 from app.audio.decode import decode_audio
 from app.audio.pcm import float_to_pcm16, pcm16_to_wav
+from app.audio.resample import resample
 from app.decoding.options import TranscribeOptions
 from app.decoding.results import TranscriptionResult
 from app.devserver import ServerStartError
 from app.devserver import serve as serve_subprocess
 
+DATA = Path(__file__).parent / "data"
 SCRIPT = [
     "one",
     "two",
@@ -202,12 +205,28 @@ async def connect(
         yield Client(ws)
 
 
-def tone(
-    seconds: float, rate: int = 24000, level: float = 0.3, frequency: float = 300.0
-) -> np.ndarray:
-    """A loud tone: 'speech' as far as the energy VAD is concerned."""
-    t = np.arange(round(seconds * rate)) / rate
-    return (level * np.sin(2 * np.pi * frequency * t)).astype(np.float32)
+#: (fixture, start s, end s): stretches Silero VAD scores as speech in every 32 ms frame.
+_VOICED = (
+    ("ljspeech-LJ001-0002.flac", 0.032, 1.856),
+    ("ljspeech-LJ001-0008.flac", 0.032, 1.76),
+)
+
+
+@cache
+def _voiced_16k() -> np.ndarray:
+    parts = []
+    for name, start, end in _VOICED:
+        audio = decode_audio((DATA / name).read_bytes(), sample_rate=SAMPLE_RATE)
+        parts.append(audio[round(start * SAMPLE_RATE) : round(end * SAMPLE_RATE)])
+    return np.concatenate(parts)
+
+
+def speech(seconds: float, rate: int = 24000) -> np.ndarray:
+    """`seconds` of continuous real speech (fixture clips, repeated as needed) at `rate`."""
+    voiced = _voiced_16k()
+    need = round(seconds * SAMPLE_RATE)
+    audio = np.tile(voiced, -(-need // len(voiced)))[:need]
+    return resample(audio, SAMPLE_RATE, rate) if rate != SAMPLE_RATE else audio.copy()
 
 
 def quiet(seconds: float, rate: int = 24000, level: float = 1e-4) -> np.ndarray:

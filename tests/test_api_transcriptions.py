@@ -123,6 +123,19 @@ async def test_prompt_language_and_defaults_from_settings(make_client, wav_bytes
     assert options.long_form == "vad"
 
 
+async def test_vad_gating_settings_reach_the_options(make_client, wav_bytes) -> None:
+    runtime = FakeRuntime()
+    client = await make_client({"tiny.en": runtime}, vad_threshold=0.6, vad_speech_pad_ms=200)
+    await client.post(TRANSCRIBE, files=audio_files(wav_bytes))
+    vad = runtime.last_options.vad
+    assert vad is not None and vad.threshold == 0.6 and vad.speech_pad_ms == 200
+    assert vad.min_silence_ms == 2000 and vad.min_speech_ms == 250  # the documented defaults
+    off = FakeRuntime()
+    client = await make_client({"tiny.en": off}, vad=False)
+    await client.post(TRANSCRIBE, files=audio_files(wav_bytes))
+    assert off.last_options.vad is None
+
+
 async def test_english_only_model_accepts_en_and_detects_nothing(make_client, wav_bytes) -> None:
     runtime = FakeRuntime()
     client = await make_client({"tiny.en": runtime})

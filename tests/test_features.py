@@ -158,3 +158,19 @@ def test_cuda_matches_cpu(n_mels: int) -> None:
     assert max_diff(double.cpu(), cpu) < MAX_ABS_DIFF
     padded = pad_or_trim(gpu[:, :1000])
     assert padded.device.type == "cuda" and padded.shape == (n_mels, 3000)
+
+
+@pytest.mark.parametrize("padding", [0, 160, 480])
+def test_long_inputs_are_transformed_block_by_block_with_the_same_result(
+    monkeypatch: pytest.MonkeyPatch, padding: int
+) -> None:
+    from app.audio import features
+
+    rng = np.random.default_rng(5)
+    audio = (0.1 * rng.standard_normal(16_000 * 7 + 123)).astype(np.float32)
+    audio[:16_000] = 0.0  # a quiet start: the floor comes from the whole input
+    whole = features.log_mel_spectrogram(audio, 80, padding=padding)
+    monkeypatch.setattr(features, "BLOCK_FRAMES", 300)  # 3.75 blocks, reflected at both ends
+    blocked = features.log_mel_spectrogram(audio, 80, padding=padding)
+    assert blocked.shape == whole.shape
+    torch.testing.assert_close(blocked, whole, rtol=0, atol=1e-6)

@@ -31,7 +31,7 @@ from test_e2e_server import engine_dir as engine_dir  # noqa: F401 (the fixture,
 
 from app.audio.pcm import pcm16_to_float
 from app.audio.resample import resample
-from app.audio.vad import speech_regions
+from app.audio.vad import VadOptions, speech_regions
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -68,10 +68,10 @@ class Stream:
 
 
 def speech_start_s(pcm: bytes) -> float:
-    """Where speech begins (offline VAD, which pads regions: an early, conservative mark)."""
+    """Where speech begins (Silero's onset less 100 ms of padding: an early, conservative mark)."""
     audio16 = resample(pcm16_to_float(pcm), RATE, 16000)
-    regions = speech_regions(audio16)
-    return regions[0][0] if regions else 0.0
+    regions = speech_regions(audio16, VadOptions(speech_pad_ms=100))
+    return regions[0][0] / 16000 if regions else 0.0
 
 
 def metric_sum(url: str, name: str) -> tuple[float, float]:

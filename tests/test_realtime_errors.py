@@ -12,7 +12,7 @@ import json
 
 import pytest
 import websockets
-from realtime_helpers import Client, ScriptedRuntime, connect, serve, tone
+from realtime_helpers import Client, ScriptedRuntime, connect, serve, speech
 
 from app.streaming.events import ErrorDetail, ErrorEvent
 from app.streaming.outbox import Outbox, SlowClientError
@@ -160,7 +160,7 @@ async def test_frame_too_large() -> None:
         connect(address) as client,
     ):
         await client.expect("session.created")
-        await client.append(tone(0.1))  # 4.8 kB of PCM16, 6.4 kB as base64
+        await client.append(speech(0.1))  # 4.8 kB of PCM16, 6.4 kB as base64
         assert_error(await client.recv(), "message_too_large")
         await still_works(client)
 
@@ -174,8 +174,8 @@ async def test_buffer_overflow_in_manual_mode() -> None:
         await client.expect("session.created")
         await client.send(type="session.update", session=MANUAL)
         await client.expect("session.updated")
-        await client.append(tone(0.8))
-        await client.append(tone(0.5))
+        await client.append(speech(0.8))
+        await client.append(speech(0.5))
         assert_error(await client.recv(), "input_audio_buffer_full", "audio")
         await client.send(type="input_audio_buffer.commit")
         completed = await client.expect("conversation.item.input_audio_transcription.completed")
@@ -193,7 +193,7 @@ async def test_long_turn_under_server_vad_is_committed_at_the_buffer_limit() -> 
     ):
         await client.expect("session.created")
         for _ in range(25):  # 2.5 s of uninterrupted "speech"
-            await client.append(tone(0.1))
+            await client.append(speech(0.1))
         committed = await client.expect_count("input_audio_buffer.committed", 2)
         assert committed[1]["previous_item_id"] == committed[0]["item_id"]
         assert not client.of_type("error")
@@ -221,7 +221,7 @@ async def test_waiting_for_a_final_is_not_idling() -> None:
         await client.expect("session.created")
         await client.send(type="session.update", session=MANUAL)
         await client.expect("session.updated")
-        await client.append(tone(0.5))
+        await client.append(speech(0.5))
         await client.send(type="input_audio_buffer.commit")
         await client.expect("conversation.item.input_audio_transcription.completed", timeout=3)
         assert not client.of_type("error")
@@ -238,7 +238,7 @@ async def test_session_length_is_limited_even_while_busy() -> None:
         await client.expect("session.created")
         with pytest.raises(websockets.ConnectionClosed):
             for _ in range(100):  # keeps sending, so it is never idle
-                await client.append(tone(0.05))
+                await client.append(speech(0.05))
                 await asyncio.sleep(0.02)
         # What arrived before the close is still readable.
         with pytest.raises(websockets.ConnectionClosed) as closed:

@@ -10,7 +10,7 @@ import asyncio
 
 import numpy as np
 import pytest
-from realtime_helpers import FINAL_SUFFIX, ScriptedRuntime, connect, quiet, serve, tone
+from realtime_helpers import FINAL_SUFFIX, ScriptedRuntime, connect, quiet, serve, speech
 
 from app import metrics
 from app.errors import QueueFullError
@@ -100,7 +100,7 @@ async def test_manual_commits_give_items_in_order_with_finals() -> None:
         await client.expect("session.updated")
         items = []
         for seconds in (1.0, 1.5):
-            await client.append(tone(seconds))
+            await client.append(speech(seconds))
             await client.send(type="input_audio_buffer.commit", event_id="evt_commit")
             committed = await client.expect("input_audio_buffer.committed")
             created = await client.expect("conversation.item.created")
@@ -132,7 +132,7 @@ async def test_finals_complete_in_turn_order_even_when_decoded_out_of_order() ->
         await client.expect("session.updated")
         committed = []
         for seconds in (1.0, 0.6):
-            await client.append(tone(seconds))
+            await client.append(speech(seconds))
             await client.send(type="input_audio_buffer.commit")
             committed.append((await client.expect("input_audio_buffer.committed"))["item_id"])
         finals = await client.expect_count(
@@ -158,7 +158,7 @@ async def test_16khz_input_is_accepted() -> None:
             },
         )
         await client.expect("session.updated")
-        await client.append(tone(1.2, rate=16000))
+        await client.append(speech(1.2, rate=16000))
         await client.send(type="input_audio_buffer.commit")
         completed = await client.expect("conversation.item.input_audio_transcription.completed")
         assert completed["usage"]["seconds"] == pytest.approx(1.2, abs=0.01)
@@ -173,7 +173,7 @@ async def test_partials_are_stable_prefixes_and_concatenate_to_the_final() -> No
         await client.expect("session.created")
         await client.send(type="session.update", session=MANUAL)
         await client.expect("session.updated")
-        for piece in chunks(tone(3.0)):
+        for piece in chunks(speech(3.0)):
             await client.append(piece)
             await asyncio.sleep(0.02)
         await asyncio.sleep(0.1)
@@ -197,7 +197,7 @@ async def test_a_final_that_differs_from_the_partials_is_sent_whole() -> None:
         await client.expect("session.created")
         await client.send(type="session.update", session=MANUAL)
         await client.expect("session.updated")
-        for piece in chunks(tone(2.0)):
+        for piece in chunks(speech(2.0)):
             await client.append(piece)
             await asyncio.sleep(0.02)
         await asyncio.sleep(0.1)
@@ -212,7 +212,7 @@ async def test_a_final_that_differs_from_the_partials_is_sent_whole() -> None:
 
 async def test_server_vad_turns() -> None:
     runtime = ScriptedRuntime()
-    audio = np.concatenate([quiet(0.6), tone(1.2), quiet(1.0), tone(0.9), quiet(1.0)])
+    audio = np.concatenate([quiet(0.6), speech(1.2), quiet(1.0), speech(0.9), quiet(1.0)])
     async with serve(runtime, realtime_partial_interval_s=0) as address, connect(address) as client:
         await client.expect("session.created")
         for piece in chunks(audio):
@@ -259,7 +259,7 @@ async def test_disconnect_cancels_in_flight_decodes() -> None:
             await client.expect("session.created")
             await client.send(type="session.update", session=MANUAL)
             await client.expect("session.updated")
-            await client.append(tone(1.0))
+            await client.append(speech(1.0))
             await client.send(type="input_audio_buffer.commit")
             await client.expect("conversation.item.created")
             for _ in range(100):
@@ -285,11 +285,11 @@ async def test_final_failure_is_a_failed_event_and_the_session_goes_on() -> None
         await client.expect("session.created")
         await client.send(type="session.update", session=MANUAL)
         await client.expect("session.updated")
-        await client.append(tone(0.5))
+        await client.append(speech(0.5))
         await client.send(type="input_audio_buffer.commit")
         failed = await client.expect("conversation.item.input_audio_transcription.failed")
         assert failed["error"]["code"] == "queue_full"
-        await client.append(tone(0.5))  # still open
+        await client.append(speech(0.5))  # still open
         await client.send(type="input_audio_buffer.commit")
         await client.expect("input_audio_buffer.committed")
 

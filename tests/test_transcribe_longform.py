@@ -10,16 +10,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 from fakes import SPECIAL, fake_tokenizer, torch_threads
 
 from app.audio.constants import HOP_LENGTH, N_FRAMES, SAMPLE_RATE
 from app.audio.features import log_mel_spectrogram, pad_or_trim
-from app.audio.vad import chunk_at_pauses
-from app.decoding.options import TranscribeOptions, WindowOptions
+from app.audio.vad import chunk_at_pauses, speech_regions
+from app.decoding.options import TranscribeOptions, VadOptions, WindowOptions
 from app.decoding.repetition import compression_ratio
 from app.decoding.results import TranscriptionResult
 from app.decoding.transcribe import (
@@ -32,6 +34,8 @@ from app.decoding.transcribe import (
     trimmed_frames,
 )
 from app.decoding.window import WindowResult, WindowTask
+
+DATA = Path(__file__).parent / "data"
 
 TB = SPECIAL.timestamp_begin
 TOKENIZER = fake_tokenizer()
@@ -428,15 +432,18 @@ def test_empty_text_segments_are_dropped() -> None:
 
 
 def speech_like(bursts: list[tuple[float, float]], total: float) -> np.ndarray:
+    """Silence with real speech (the JFK fixture) in each burst: what Silero VAD calls speech."""
+    clip, rate = sf.read(DATA / "jfk-inaugural-1961-excerpt.flac", dtype="float32")
+    assert rate == SAMPLE_RATE
     audio = np.zeros(int(total * SAMPLE_RATE), dtype=np.float32)
-    rng = np.random.default_rng(1)
     for start, end in bursts:
         a, b = int(start * SAMPLE_RATE), int(end * SAMPLE_RATE)
-        audio[a:b] = rng.standard_normal(b - a).astype(np.float32) * 0.1
+        audio[a:b] = clip[: b - a]
     return audio
 
 
-VAD_AUDIO = speech_like([(1.0, 9.0), (13.0, 24.0), (28.0, 38.0)], 40.0)
+# Each pair of neighbours spans more than 30 s, so VAD long-form makes three chunks.
+VAD_AUDIO = speech_like([(1.0, 11.0), (24.0, 33.0), (48.0, 56.0)], 60.0)
 
 
 class ChunkModel:
@@ -446,8 +453,10 @@ class ChunkModel:
 
     def __init__(self, audio: np.ndarray, answers: list[list[int]]) -> None:
         self.chunks = chunk_at_pauses(audio, max_chunk_s=30.0)
-        mel = log_mel_spectrogram(audio, 80, padding=HOP_LENGTH)
-        self.mels = [Transcriber._chunk_mel(mel, c) for c in self.chunks]
+        self.mels = [
+            pad_or_trim(log_mel_spectrogram(audio[a:b], 80, padding=HOP_LENGTH), N_FRAMES)
+            for a, b in self.chunks
+        ]
         self.answers = answers
         self.arrived: list[int] = []
         self.finished: list[int] = []
@@ -544,3 +553,48 @@ def test_trimmed_audio_context_encodes_the_audio_plus_padding() -> None:
         ctx = ModelContext(TOKENIZER, 80, False, submit, trims_audio_context=trims)
         asyncio.run(Transcriber(ctx).transcribe(audio, options))
     assert frames == [800, N_FRAMES]
+
+
+# --- Transcriber: speech gating ------------------------------------------------------------------
+
+
+def test_gating_decodes_nothing_without_speech() -> None:
+    calls: list[WindowTask] = []
+
+    async def submit(task: WindowTask) -> WindowResult:
+        calls.append(task)
+        return result([T(0), 1, T(1)])
+
+    rng = np.random.default_rng(0)
+    ctx = ModelContext(TOKENIZER, 80, False, submit)
+    options = TranscribeOptions(vad=VadOptions())
+    for audio in (np.zeros(90 * SAMPLE_RATE, np.float32),
+                  rng.uniform(-0.3, 0.3, 20 * SAMPLE_RATE).astype(np.float32)):
+        for long_form in ("sequential", "vad"):
+            out = asyncio.run(Transcriber(ctx).transcribe(audio, replace(options, long_form=long_form)))
+            assert out.text == "" and out.segments == []
+            assert out.duration == pytest.approx(len(audio) / SAMPLE_RATE)
+    assert calls == []
+
+
+def test_gated_speech_is_decoded_joined_and_timestamps_map_back() -> None:
+    # speech at 1-11 s and 24-33 s of 60 s: the decoder sees the two regions joined (~21 s,
+    # one window); its timestamps come back in the original's time
+    seen: list[int] = []
+
+    async def submit(task: WindowTask) -> WindowResult:
+        seen.append(int((task.mel != task.mel[:, -1:]).any(dim=0).sum()))
+        return result([T(1), 100, T(9), T(12), 101, T(20)])
+
+    audio = VAD_AUDIO[: 36 * SAMPLE_RATE]
+    ctx = ModelContext(TOKENIZER, 80, False, submit)
+    out = asyncio.run(Transcriber(ctx).transcribe(audio, TranscribeOptions(vad=VadOptions())))
+    assert len(seen) == 1 and seen[0] < 23 * 100  # one window of ~21 s of gated audio
+    (a1, b1), (a2, b2) = [(a / SAMPLE_RATE, b / SAMPLE_RATE) for a, b in speech_regions(audio)]
+    assert 0.5 < a1 < 1.5 and 20 < a2 < 25  # padded regions around the two bursts
+    first, second = out.segments
+    # gated 1-9 s lies in region 1; gated 12-20 s in region 2, whose gated start is b1 - a1
+    assert (first.start, first.end) == pytest.approx((a1 + 1, a1 + 9), abs=1e-3)
+    assert second.start == pytest.approx(a2 + 12 - (b1 - a1), abs=1e-3)
+    assert second.end == pytest.approx(min(b2, a2 + 20 - (b1 - a1)), abs=1e-3)
+    assert out.duration == pytest.approx(36.0)

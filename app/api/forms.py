@@ -111,4 +111,5 @@ def build_transcribe_options(
         initial_prompt=form.prompt or None,
         word_timestamps="word" in form.timestamp_granularities,
         long_form="vad" if settings.vad_long_form else "sequential",
+        vad=settings.vad_options,
     )

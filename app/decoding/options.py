@@ -41,6 +41,22 @@ class WindowOptions:
 
 
 @dataclass(frozen=True)
+class VadOptions:
+    """Speech gating with Silero VAD (app.audio.vad); faster-whisper's `vad_filter` defaults."""
+
+    #: Silero speech probability at or above which a frame starts speech.
+    threshold: float = 0.5
+    #: Below this probability a frame counts as silence (None: threshold - 0.15).
+    neg_threshold: float | None = None
+    #: Speech regions shorter than this are dropped (clicks, coughs).
+    min_speech_ms: int = 250
+    #: A region ends only after this much silence; shorter pauses stay inside it.
+    min_silence_ms: int = 2000
+    #: Audio kept on each side of a region, so no word onset or tail is clipped.
+    speech_pad_ms: int = 400
+
+
+@dataclass(frozen=True)
 class TranscribeOptions:
     """How to transcribe a file: window options plus the long-form rules around them."""
 
@@ -63,7 +79,10 @@ class TranscribeOptions:
     #: audio, at some cost in accuracy. For streaming partials; engines that cannot (the GPU's
     #: fused kernels read whole windows) ignore it.
     trim_audio_context: bool = False
-    hallucination_silence_threshold: float | None = None
+    #: Speech gating: only the speech regions Silero VAD finds are decoded (joined, their
+    #: timestamps mapped back), and audio without speech decodes to nothing. None: decode
+    #: everything (the VAD long-form mode still cuts its chunks with VadOptions()).
+    vad: VadOptions | None = None
 
     @classmethod
     def greedy(cls, **overrides: object) -> TranscribeOptions:

@@ -3,6 +3,8 @@
 Two modes:
 - sequential: openai-whisper's timestamp seeking. Each window starts where the last complete
   segment ended, so no text is lost at 30 s cuts; optionally conditioned on previous text.
+  With `options.vad`, only the speech regions Silero VAD finds are decoded, joined end to end,
+  and their timestamps mapped back (app.decoding.speech_map); no speech, no decoding.
 - vad: cut the audio at pauses into <= 30 s chunks and decode them all at once (batched).
 
 Everything model-specific is behind `submit` (decode one window, batched by the scheduler) and
@@ -21,9 +23,10 @@ from torch import Tensor
 
 from app.audio.constants import HOP_LENGTH, N_FRAMES, SAMPLE_RATE
 from app.audio.features import WindowedLogMel, log_mel_spectrogram, pad_or_trim
-from app.decoding.options import TranscribeOptions, WindowOptions
+from app.decoding.options import TranscribeOptions, VadOptions, WindowOptions
 from app.decoding.repetition import tokens_compression_ratio
 from app.decoding.results import Segment, TranscriptionResult, Word
+from app.decoding.speech_map import SpeechMap
 from app.decoding.tokenizer import WhisperTokenizer
 from app.decoding.window import WindowResult, WindowTask
 
@@ -191,34 +194,54 @@ class Transcriber:
     def __init__(self, ctx: ModelContext) -> None:
         self.ctx = ctx
         self.tokenizer = ctx.tokenizer
+        self._speech_map: SpeechMap | None = None  # set while decoding gated audio
 
     async def transcribe(self, audio: np.ndarray, options: TranscribeOptions,
                          on_segment: SegmentCallback | None = None) -> TranscriptionResult:
         duration = len(audio) / SAMPLE_RATE
-        # a long file's whole-file STFT would hold ~1.5 GB of GPU memory per 2 hours of audio
-        device = self.ctx.feature_device if duration <= GPU_FEATURES_MAX_SECONDS else None
-        mel: Tensor | WindowedLogMel
-        if device is None and duration > EAGER_FEATURES_MAX_SECONDS:
-            # window by window: the whole-file STFT's intermediates grow with the file (~1 GB
-            # for 30 minutes), the windows' don't
-            mel = await asyncio.to_thread(WindowedLogMel, audio, self.ctx.n_mels, padding=HOP_LENGTH)
-        else:
-            mel = await asyncio.to_thread(log_mel_spectrogram, audio, self.ctx.n_mels,
-                                          padding=HOP_LENGTH, device=device)
         window = options.window
         if not self.ctx.multilingual:
             window = replace(window, language="en")
-        if options.long_form == "vad" and duration > N_FRAMES / FRAMES_PER_SECOND:
-            segments, language, lang_prob = await self._transcribe_vad(audio, mel, options, window)
+        long_form_vad = options.long_form == "vad" and duration > N_FRAMES / FRAMES_PER_SECOND
+        if long_form_vad:
+            segments, language, lang_prob = await self._transcribe_vad(audio, options, window)
             for segment in segments if on_segment is not None else ():
                 await on_segment(segment)  # chunks finish together: nothing to send earlier
         else:
+            speech = await self._speech(audio, options)
+            if speech is None:  # no speech: nothing reaches the decoder
+                return TranscriptionResult(text="", segments=[], language=window.language or "en",
+                                           duration=duration, task=window.task)
+            self._speech_map = None if speech.is_identity(len(audio)) else speech
+            gated = speech.gate(audio)
+            # a long file's whole-file STFT would hold ~1.5 GB of GPU memory per 2 hours of audio
+            gated_s = len(gated) / SAMPLE_RATE
+            device = self.ctx.feature_device if gated_s <= GPU_FEATURES_MAX_SECONDS else None
+            mel: Tensor | WindowedLogMel
+            if device is None and gated_s > EAGER_FEATURES_MAX_SECONDS:
+                # window by window: the whole-file STFT's intermediates grow with the file (~1 GB
+                # for 30 minutes), the windows' don't
+                mel = await asyncio.to_thread(WindowedLogMel, gated, self.ctx.n_mels, padding=HOP_LENGTH)
+            else:
+                mel = await asyncio.to_thread(log_mel_spectrogram, gated, self.ctx.n_mels,
+                                              padding=HOP_LENGTH, device=device)
+            del gated
             segments, language, lang_prob = await self._transcribe_sequential(mel, options, window,
                                                                               on_segment)
         text = "".join(s.text for s in segments).strip()
         return TranscriptionResult(text=text, segments=segments, language=language or "en",
                                    duration=duration, language_probability=lang_prob,
                                    task=window.task)
+
+    async def _speech(self, audio: np.ndarray, options: TranscribeOptions) -> SpeechMap | None:
+        """The speech regions to decode (all of the audio without gating); None: no speech."""
+        if options.vad is None:
+            return SpeechMap([(0, len(audio))]) if len(audio) else None
+        from app.audio.vad import speech_regions
+
+        regions = await asyncio.to_thread(speech_regions, audio, options.vad,
+                                          device=self.ctx.feature_device)
+        return SpeechMap(regions) if regions else None
 
     async def _transcribe_sequential(self, mel: Tensor | WindowedLogMel, options: TranscribeOptions, window: WindowOptions,
                                      on_segment: SegmentCallback | None = None
@@ -280,15 +303,18 @@ class Transcriber:
                 seek = previous_seek + segment_size
         return segments, window.language, language_prob
 
-    async def _transcribe_vad(self, audio: np.ndarray, mel: Tensor | WindowedLogMel, options: TranscribeOptions,
+    async def _transcribe_vad(self, audio: np.ndarray, options: TranscribeOptions,
                               window: WindowOptions) -> tuple[list[Segment], str | None, float | None]:
         from app.audio.vad import chunk_at_pauses
 
-        chunks = chunk_at_pauses(audio, max_chunk_s=N_FRAMES / FRAMES_PER_SECOND)
+        chunks = await asyncio.to_thread(chunk_at_pauses, audio,
+                                         max_chunk_s=N_FRAMES / FRAMES_PER_SECOND,
+                                         options=options.vad or VadOptions(),
+                                         device=self.ctx.feature_device)
         language_prob = None
         if window.language is None and chunks:
             # detect once on the first chunk so every chunk is decoded in the same language
-            first = self._chunk_mel(mel, chunks[0])
+            first = await self._chunk_mel(audio, chunks[0])
             probe = await self.ctx.submit(WindowTask(first, replace(window, beam_size=1, max_new_tokens=1)))
             window = replace(window, language=probe.language)
             if probe.language_probs and probe.language:
@@ -296,7 +322,7 @@ class Transcriber:
         tb = self.tokenizer.timestamp_begin
 
         async def run_chunk(start: int, end: int) -> list[tuple[RawSegment, DecodeOutcome]]:
-            chunk_mel = self._chunk_mel(mel, (start, end))
+            chunk_mel = await self._chunk_mel(audio, (start, end))
             outcome = await decode_with_fallback(self.ctx, chunk_mel, [], options, window,
                                                  options.word_timestamps)
             if should_skip_window(outcome, options):
@@ -322,13 +348,15 @@ class Transcriber:
                 segments.append(self._segment(len(segments), raw.seek, raw, text, outcome))
         return segments, window.language, language_prob
 
-    @staticmethod
-    def _chunk_mel(mel: Tensor | WindowedLogMel, chunk: tuple[int, int]) -> Tensor:
-        start, end = chunk[0] // HOP_LENGTH, chunk[1] // HOP_LENGTH
-        return pad_or_trim(mel[:, start : min(end, start + N_FRAMES)], N_FRAMES)
+    async def _chunk_mel(self, audio: np.ndarray, chunk: tuple[int, int]) -> Tensor:
+        """A chunk's own log-mel, padded to a window: no whole-file spectrogram is held."""
+        start, end = chunk
+        mel = await asyncio.to_thread(log_mel_spectrogram, audio[start:end], self.ctx.n_mels,
+                                      padding=HOP_LENGTH, device=self.ctx.feature_device)
+        return pad_or_trim(mel[:, :N_FRAMES], N_FRAMES)
 
     def _segment(self, index: int, seek: int, raw: RawSegment, text: str, outcome: DecodeOutcome) -> Segment:
-        return Segment(
+        segment = Segment(
             id=index,
             seek=seek,
             start=round(raw.start, 3),
@@ -341,6 +369,8 @@ class Transcriber:
             no_speech_prob=outcome.result.no_speech_prob,
             words=raw.words,
         )
+        # gated audio: back to where it was said in the original
+        return segment if self._speech_map is None else self._speech_map.segment(segment)
 
     async def _add_words(self, raw: list[RawSegment], result: WindowResult, window: WindowOptions,
                          segment_size: int, time_offset: float, last_speech: float,
