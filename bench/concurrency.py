@@ -243,6 +243,13 @@ def percentile(values: Sequence[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
+def fmt(value: float | None, digits: int = 2) -> str:
+    """A table cell: `digits` decimals, "-" for a missing or NaN value."""
+    if value is None or (isinstance(value, float) and value != value):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
 def print_table(runs: Sequence[Run]) -> None:
     header = f"{'run':<16}{'requests':>9}{'audio s':>10}{'wall s':>9}{'audio-s/s':>11}{'p50 s':>8}{'p95 s':>8}"
     print("\n" + header)

@@ -47,6 +47,7 @@ from bench.concurrency import (  # noqa: E402
     DEV_SET,
     Clip,
     ensure_loopback,
+    fmt,
     load_clips,
     local_server,
     percentile,
@@ -187,14 +188,6 @@ async def one_run(
     return result
 
 
-def _fmt(value: float | None, digits: int = 2) -> str:
-    return (
-        "-"
-        if value is None or (isinstance(value, float) and math.isnan(value))
-        else f"{value:.{digits}f}"
-    )
-
-
 HEADER = (
     f"{'model':<9} {'long form':<11} {'load':<12} {'audio min':>9} {'wall s':>8} {'RTFx':>8} {'WER %':>7}"
     f" {'short done':>10} {'p50 s':>7} {'p95 s':>7}"
@@ -204,9 +197,9 @@ HEADER = (
 def print_row(r: RunResult) -> None:
     load = "alone" if r.load == 0 else f"+{r.load} clients"
     print(
-        f"{r.model:<9} {r.mode:<11} {load:<12} {r.audio_s / 60:>9.1f} {_fmt(r.wall_s):>8} {_fmt(r.rtfx, 1):>8}"
-        f" {_fmt(r.wer):>7} {r.short_done if r.load else '-':>10} {_fmt(r.short_p50_s):>7}"
-        f" {_fmt(r.short_p95_s):>7}" + (f"  ERROR: {r.error}" if r.error else ""),
+        f"{r.model:<9} {r.mode:<11} {load:<12} {r.audio_s / 60:>9.1f} {fmt(r.wall_s):>8} {fmt(r.rtfx, 1):>8}"
+        f" {fmt(r.wer):>7} {r.short_done if r.load else '-':>10} {fmt(r.short_p50_s):>7}"
+        f" {fmt(r.short_p95_s):>7}" + (f"  ERROR: {r.error}" if r.error else ""),
         flush=True,
     )
 

@@ -68,6 +68,7 @@ from bench.concurrency import (  # noqa: E402
     FIXTURES,
     Clip,
     ensure_loopback,
+    fmt,
     load_clips,
     local_server,
     percentile,
@@ -607,14 +608,6 @@ class Bench:
         return report
 
 
-def _fmt(value: float | None, digits: int = 2) -> str:
-    return (
-        "-"
-        if value is None or (isinstance(value, float) and math.isnan(value))
-        else f"{value:.{digits}f}"
-    )
-
-
 HEADER = (
     f"{'streams':>7} {'partial p50/p95/p99 s':>22} {'final p50/p95/p99/max s':>24} {'1st p50/p95':>12}"
     f" {'final=REST':>10} {'err':>4} {'lag p99':>7} {'win/s':>7} {'ms/win':>7} {'busy':>5}"
@@ -623,17 +616,17 @@ HEADER = (
 
 
 def print_step(s: StepReport, flush: bool = False) -> None:
-    partial = f"{_fmt(s.partial_p50_s)}/{_fmt(s.partial_p95_s)}/{_fmt(s.partial_p99_s)}"
+    partial = f"{fmt(s.partial_p50_s)}/{fmt(s.partial_p95_s)}/{fmt(s.partial_p99_s)}"
     final = (
-        f"{_fmt(s.final_p50_s)}/{_fmt(s.final_p95_s)}/{_fmt(s.final_p99_s)}/{_fmt(s.final_max_s)}"
+        f"{fmt(s.final_p50_s)}/{fmt(s.final_p95_s)}/{fmt(s.final_p99_s)}/{fmt(s.final_max_s)}"
     )
-    first = f"{_fmt(s.first_partial_p50_s)}/{_fmt(s.first_partial_p95_s)}"
+    first = f"{fmt(s.first_partial_p50_s)}/{fmt(s.first_partial_p95_s)}"
     same = f"{s.streams - s.mismatches - s.errors}/{s.streams}"
     verdict = "pass" if s.passed else "FAIL: " + "; ".join(s.reasons)
     print(
         f"{s.streams:>7} {partial:>22} {final:>24} {first:>12} {same:>10} {s.errors:>4}"
-        f" {_fmt(s.client_lag_p99_s):>7} {_fmt(s.windows_per_s, 1):>7} {_fmt(s.engine_ms_per_window, 1):>7}"
-        f" {_fmt(s.engine_busy):>5} {_fmt(100 * s.kept_share, 1):>6} {_fmt(100 * s.covered_share, 1):>7}"
+        f" {fmt(s.client_lag_p99_s):>7} {fmt(s.windows_per_s, 1):>7} {fmt(s.engine_ms_per_window, 1):>7}"
+        f" {fmt(s.engine_busy):>5} {fmt(100 * s.kept_share, 1):>6} {fmt(100 * s.covered_share, 1):>7}"
         f"  {verdict}",
         flush=flush,
     )

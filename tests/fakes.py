@@ -9,18 +9,22 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
+from app.decoding.search import rows_needed
 from app.decoding.tokenizer import WhisperTokenizer
+from app.decoding.window import WindowResult, WindowTask
 from app.engine.config import EngineConfig, ModelDims
 from app.engine.convert.tokenizer_info import expected_special_tokens
 from app.engine.torch_engine import TorchEngine
 from app.engine.torch_model import WhisperModel
+from app.scheduler.decode_loop import DecodeLoop
 
 ENGLISH_VOCAB = 51864
 #: special ids of an English-only vocabulary (eot 50256 ... timestamp_begin 50363)
@@ -122,3 +126,43 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+@dataclass
+class FakeLoop:
+    """Stands in for DecodeLoop under the scheduler: `rows` rows, every admitted window finishes
+    on the next step. `fault` is the fault-injection seam: called with the windows about to be
+    admitted or stepped, it may raise what an engine would."""
+
+    rows: int = 1
+    fault: Callable[[str, list[WindowTask]], None] = lambda phase, tasks: None
+    owner: list[object] = field(default_factory=list)
+    active: list[SimpleNamespace] = field(default_factory=list)
+    admitted: list[WindowTask] = field(default_factory=list)
+    most_active: int = 0
+
+    def __post_init__(self) -> None:
+        self.owner = [None] * self.rows
+
+    def rows_in_use(self) -> int:
+        return sum(rows_needed(w.task.options) for w in self.active)
+
+    def placement_plan(self) -> list[bool]:
+        used = self.rows_in_use()
+        return [r < used for r in range(self.rows)]
+
+    reserve = staticmethod(DecodeLoop.reserve)
+
+    def admit(self, tasks: list[WindowTask]) -> list[tuple[WindowTask, WindowResult]]:
+        self.fault("admit", [w.task for w in self.active] + tasks)
+        self.admitted.extend(tasks)
+        self.active.extend(SimpleNamespace(task=t) for t in tasks)
+        self.most_active = max(self.most_active, len(self.active))
+        return []
+
+    def step(self) -> list[tuple[WindowTask, WindowResult]]:
+        self.fault("step", [w.task for w in self.active])
+        done = [(w.task, WindowResult(list(w.task.previous_tokens), -1.0, -0.5, 0.1, 0.0, "en"))
+                for w in self.active if not getattr(w.task.handle, "cancelled", False)]
+        self.active = []
+        return done

@@ -12,7 +12,7 @@ import concurrent.futures
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 
 import pytest
@@ -39,6 +39,7 @@ from app.engine.torch_model import WhisperModel
 from app.errors import QueueFullError, ShuttingDownError
 from app.scheduler.decode_loop import DecodeLoop
 from app.scheduler.scheduler import Scheduler
+from tests.fakes import FakeLoop
 
 AUDIO_CTX = 250  # encoder positions; the mel has twice as many frames
 FRAMES = 2 * AUDIO_CTX
@@ -447,39 +448,6 @@ def test_int8_cross_kv_is_close_to_fp32(model: WhisperModel) -> None:
 
 
 # --- the scheduler ---------------------------------------------------------------------------
-
-
-@dataclass
-class FakeLoop:
-    """Stands in for DecodeLoop: `rows` rows, every admitted window finishes on the next step."""
-
-    rows: int = 1
-    owner: list[object] = field(default_factory=list)
-    active: list[SimpleNamespace] = field(default_factory=list)
-    admitted: list[WindowTask] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.owner = [None] * self.rows
-
-    def rows_in_use(self) -> int:
-        return sum(rows_needed(w.task.options) for w in self.active)
-
-    def placement_plan(self) -> list[bool]:
-        used = self.rows_in_use()
-        return [r < used for r in range(self.rows)]
-
-    reserve = staticmethod(DecodeLoop.reserve)
-
-    def admit(self, tasks: list[WindowTask]) -> list[tuple[WindowTask, WindowResult]]:
-        self.admitted.extend(tasks)
-        self.active.extend(SimpleNamespace(task=t) for t in tasks)
-        return []
-
-    def step(self) -> list[tuple[WindowTask, WindowResult]]:
-        done = [(w.task, WindowResult(list(w.task.previous_tokens), -1.0, -0.5, 0.1, 0.0, "en"))
-                for w in self.active if not getattr(w.task.handle, "cancelled", False)]
-        self.active = []
-        return done
 
 
 def labelled(label: int) -> WindowTask:

@@ -1,71 +1,27 @@
 """Faults inside the engine: a failing step fails only its windows; running out of device memory
 halves the batch and retries before failing anything.
 
-The fault-injection seam is the decode loop the scheduler drives: `FaultyLoop` stands in for
-DecodeLoop and raises, from admit() or step(), what a CUDA engine would (torch.cuda's
+The fault-injection seam is the decode loop the scheduler drives: `tests.fakes.FakeLoop` stands in
+for DecodeLoop and raises, from admit() or step(), what a CUDA engine would (torch.cuda's
 OutOfMemoryError exists in CPU builds of torch too), so the recovery runs on the CPU.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from types import SimpleNamespace
+from collections.abc import Iterator
 
 import pytest
 import torch
 
 from app.decoding.options import WindowOptions
-from app.decoding.search import rows_needed
-from app.decoding.window import WindowResult, WindowTask
+from app.decoding.window import WindowTask
 from app.errors import EngineStepError
-from app.scheduler.decode_loop import DecodeLoop
 from app.scheduler.scheduler import Scheduler, is_out_of_memory
+from tests.fakes import FakeLoop
 
 GREEDY = WindowOptions(beam_size=1, max_new_tokens=4)
 POISON = 99  # a window labelled so makes the fault fire whenever it is in the batch
-
-
-@dataclass
-class FaultyLoop:
-    """A DecodeLoop double: windows finish one step after admission; `fault` may raise."""
-
-    rows: int = 8
-    #: called with the windows about to be admitted/stepped; raises to inject a fault
-    fault: Callable[[str, list[WindowTask]], None] = lambda phase, tasks: None
-    owner: list[object] = field(default_factory=list)
-    active: list[SimpleNamespace] = field(default_factory=list)
-    admitted: list[WindowTask] = field(default_factory=list)
-    most_active: int = 0
-
-    def __post_init__(self) -> None:
-        self.owner = [None] * self.rows
-
-    def rows_in_use(self) -> int:
-        return sum(rows_needed(w.task.options) for w in self.active)
-
-    def placement_plan(self) -> list[bool]:
-        used = self.rows_in_use()
-        return [r < used for r in range(self.rows)]
-
-    reserve = staticmethod(DecodeLoop.reserve)
-
-    def admit(self, tasks: list[WindowTask]) -> list[tuple[WindowTask, WindowResult]]:
-        self.fault("admit", [w.task for w in self.active] + tasks)
-        self.admitted.extend(tasks)
-        self.active.extend(SimpleNamespace(task=t) for t in tasks)
-        self.most_active = max(self.most_active, len(self.active))
-        return []
-
-    def step(self) -> list[tuple[WindowTask, WindowResult]]:
-        self.fault("step", [w.task for w in self.active])
-        done = [
-            (w.task, WindowResult(list(w.task.previous_tokens), -1.0, -0.5, 0.1, 0.0, "en"))
-            for w in self.active
-        ]
-        self.active = []
-        return done
 
 
 def labelled(label: int) -> WindowTask:
@@ -84,7 +40,7 @@ def schedulers() -> Iterator[list[Scheduler]]:
         scheduler.stop(timeout=10)
 
 
-def run(loop: FaultyLoop, labels: dict[str, list[int]], started: list[Scheduler]) -> dict:
+def run(loop: FakeLoop, labels: dict[str, list[int]], started: list[Scheduler]) -> dict:
     scheduler = Scheduler(loop, model_name="test", batch_wait_ms=0)  # type: ignore[arg-type]
     tickets = {
         n: scheduler.submit_nowait(labelled(n), request)
@@ -109,7 +65,7 @@ def test_out_of_memory_halves_the_batch_and_every_window_succeeds(
         if len(tasks) > 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    loop = FaultyLoop(fault=fits_two)
+    loop = FakeLoop(fault=fits_two)
     outcome = run(loop, {"a": [1, 2, 3], "b": [4, 5], "c": [6]}, schedulers)
     assert outcome == {n: n for n in range(1, 7)}  # nothing failed
     assert loop.most_active <= 2
@@ -122,7 +78,7 @@ def test_a_window_out_of_memory_alone_fails_and_the_rest_go_on(
         if any(label(t) == POISON for t in tasks):
             raise RuntimeError("CUDA error: out of memory")
 
-    outcome = run(FaultyLoop(fault=poison), {"a": [1, POISON, 2], "b": [3, 4]}, schedulers)
+    outcome = run(FakeLoop(fault=poison), {"a": [1, POISON, 2], "b": [3, 4]}, schedulers)
     assert isinstance(outcome.pop(POISON), EngineStepError)
     assert outcome == {1: 1, 2: 2, 3: 3, 4: 4}
 
@@ -137,7 +93,7 @@ def test_a_failing_step_fails_only_its_windows(schedulers: list[Scheduler]) -> N
             failed_once = True
             raise IndexError("index 7 is out of bounds for dimension 0 with size 4")
 
-    loop = FaultyLoop(rows=2, fault=one_bad_step)
+    loop = FakeLoop(rows=2, fault=one_bad_step)
     outcome = run(loop, {"a": [1, 2], "b": [3, 4]}, schedulers)
     failed = {n for n, o in outcome.items() if isinstance(o, EngineStepError)}
     assert failed == {1, 3}  # the first step held one window of each request
