@@ -34,10 +34,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.devserver import serve  # noqa: E402
+from bench.concurrency import DEV_SET, FIXTURES  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEV_SET = REPO_ROOT.parent / "shared" / "data" / "speech" / "dev"
-FIXTURES = REPO_ROOT / "tests" / "data"
 MAX_CLIENTS = 64
 MAX_MINUTES = 60.0
 

@@ -13,6 +13,7 @@ import wave
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -48,6 +49,16 @@ def dev_set_dir() -> Path:
 
 # --- synthetic audio -------------------------------------------------------------------------
 
+
+
+async def started_port(server: Any, task: asyncio.Task[None]) -> int:
+    """Wait until a uvicorn server running as `task` listens; its port (it may have been 0)."""
+    while not server.started:
+        if task.done():
+            task.result()
+            raise RuntimeError("server stopped before starting")
+        await asyncio.sleep(0.01)
+    return server.servers[0].sockets[0].getsockname()[1]
 
 def make_wav(seconds: float = 1.0, sample_rate: int = 16_000, frequency: float = 440.0) -> bytes:
     """A 16-bit mono WAV of a quiet sine: decodes everywhere, costs nothing to build."""

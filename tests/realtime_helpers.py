@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import uvicorn
 import websockets
-from conftest import make_engine_config, make_result
+from conftest import make_engine_config, make_result, started_port
 from test_e2e_server import STARTUP_TIMEOUT_S, Server, _server_env
 
 from app.audio.constants import SAMPLE_RATE
@@ -143,12 +143,7 @@ async def serve(runtime: object, **settings: Any) -> AsyncIterator[str]:
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     try:
-        while not server.started:
-            if task.done():
-                task.result()
-                raise RuntimeError("server stopped before starting")
-            await asyncio.sleep(0.01)
-        port = server.servers[0].sockets[0].getsockname()[1]
+        port = await started_port(server, task)
         yield f"127.0.0.1:{port}"
     finally:
         server.should_exit = True

@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 import pytest
 import websockets
-from conftest import FakeRuntime, make_wav
+from conftest import FakeRuntime, make_wav, started_port
 
 from app.cli import build_server
 from app.config import Settings
@@ -77,12 +77,7 @@ async def running(runtime: object | None = None, **settings: Any) -> AsyncIterat
     server = build_server(app, config)
     task = asyncio.create_task(server.serve())
     try:
-        while not server.started:
-            if task.done():
-                task.result()
-                raise RuntimeError("server stopped before starting")
-            await asyncio.sleep(0.01)
-        port = server.servers[0].sockets[0].getsockname()[1]
+        port = await started_port(server, task)
         yield Running(server, task, "127.0.0.1", port)
     finally:
         if not task.done():
