@@ -21,6 +21,8 @@ class Engine(Protocol):
     cross_in_first_row: bool
     # True: windows may be shorter than 30 s (TranscribeOptions.trim_audio_context is honoured)
     trims_audio_context: bool
+    # True: greedy_chunk runs several greedy steps on the device per call (CUDA graphs captured)
+    greedy_chunks: bool
 
     def encode_into_rows(self, mel: Tensor, rows: list[int]) -> Tensor:
         """Encode mel [B, n_mels, frames <= 3000]; write cross-attention K/V into `rows`; return features."""
@@ -42,6 +44,13 @@ class Engine(Protocol):
 
     def copy_rows(self, src: list[int], dst: list[int], self_len: int, cross: bool = True) -> None:
         """Copy cached state between rows (compaction, beam reorder, replicas of one window)."""
+        ...
+
+    def greedy_chunk(self, tokens: Tensor, positions: Tensor, done: Tensor,
+                     suppress: tuple[int, ...], remaining: list[int]) -> tuple[Tensor, Tensor, Tensor] | None:
+        """Up to K greedy steps for rows [0, B), none past any row's `remaining` token budget;
+        returns (tokens [B, K], done [B], summed log-probs [B]), or None where no captured
+        bucket fits (the caller steps instead). Only called when `greedy_chunks` is True."""
         ...
 
     def cross_attention_weights(self, tokens: Tensor, audio_features: Tensor,

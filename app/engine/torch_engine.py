@@ -124,6 +124,10 @@ class TorchEngine:
                                      prefill_lengths=prompt_lengths(self.config.multilingual))
         self.graphs.capture_all()
 
+    @property
+    def greedy_chunks(self) -> bool:
+        return self.graphs is not None
+
     def greedy_chunk(self, tokens: Tensor, positions: Tensor, done: Tensor,
                      suppress: tuple[int, ...], remaining: list[int]) -> tuple[Tensor, Tensor, Tensor] | None:
         """Up to K greedy steps on the device for rows [0, B), none past any row's `remaining`

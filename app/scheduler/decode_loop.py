@@ -274,7 +274,7 @@ class DecodeLoop:
 
     # ---- greedy fast path: K steps on the device without a host round trip -----------------
     def _greedy_chunk_eligible(self) -> bool:
-        if getattr(self.engine, "graphs", None) is None:
+        if not self.engine.greedy_chunks:
             return False
         suppress = {w.rules.suppress for w in self.active if w.rules is not None}
         return len(suppress) == 1 and all(
@@ -297,7 +297,7 @@ class DecodeLoop:
             done[w.start] = False
             remaining[w.start] = w.max_new_tokens - len(w.search.sequences[0])  # type: ignore[attr-defined]
         suppress = self.active[0].rules.suppress  # type: ignore[union-attr]
-        out = self.engine.greedy_chunk(torch.tensor(tokens), torch.tensor(positions),  # type: ignore[attr-defined]
+        out = self.engine.greedy_chunk(torch.tensor(tokens), torch.tensor(positions),
                                        torch.tensor(done), suppress, remaining)
         if out is None:  # no captured bucket fits (near the context end): single steps instead
             return self._single_step()
