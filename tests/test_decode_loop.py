@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import math
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from types import SimpleNamespace
@@ -526,6 +528,28 @@ async def test_cancelling_a_waiting_submit_withdraws_its_window(stopper: list[Sc
     result = await asyncio.wait_for(scheduler.submit(kept, "stays"), timeout=10)
     assert result.tokens == [2]
     assert loop.admitted == [kept]
+
+
+async def test_an_answered_window_is_freed_without_the_cycle_collector(
+        engine: TorchEngine, stopper: list[Scheduler]) -> None:
+    # A finished window's mel and encoder output are megabytes: held in a reference cycle, they
+    # pile up under load until the cyclic collector happens to run.
+    scheduler = Scheduler(DecodeLoop(engine, TOKENIZER), model_name="test", batch_wait_ms=0)
+    stopper.append(scheduler)
+    scheduler.start()
+    task = Spec(11).task(keep_features=True)
+    mel = weakref.ref(task.mel)
+    gc.disable()
+    try:
+        result = await asyncio.wait_for(scheduler.submit(task, "freed"), timeout=30)
+        features = weakref.ref(result.audio_features)
+        del task, result
+        deadline = time.monotonic() + 5  # the engine thread may still be finishing its step
+        while (mel() is not None or features() is not None) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert mel() is None and features() is None
+    finally:
+        gc.enable()
 
 
 def test_stop_finishes_every_accepted_window() -> None:

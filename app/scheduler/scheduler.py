@@ -40,6 +40,18 @@ def is_out_of_memory(exc: BaseException) -> bool:
     )
 
 
+@dataclass
+class Cancellation:
+    """What the decode loop sees of a ticket (as `WindowTask.handle`): whether it was cancelled.
+
+    Not the ticket itself: ticket -> task -> ticket would be a reference cycle, and a finished
+    window's mel and encoder output (megabytes each) would then wait for the cyclic garbage
+    collector instead of being freed when the request is answered.
+    """
+
+    cancelled: bool = False
+
+
 @dataclass(eq=False)
 class Ticket:
     """The scheduler's handle on one submitted window."""
@@ -47,8 +59,12 @@ class Ticket:
     task: WindowTask
     request_id: object
     future: Future[WindowResult] = field(default_factory=Future)
-    cancelled: bool = False
+    cancellation: Cancellation = field(default_factory=Cancellation)
     submitted_at: float = field(default_factory=time.perf_counter)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancellation.cancelled
 
 
 class Scheduler:
@@ -113,7 +129,7 @@ class Scheduler:
 
     def submit_nowait(self, task: WindowTask, request_id: object) -> Ticket:
         ticket = Ticket(task, request_id)
-        task.handle = ticket
+        task.handle = ticket.cancellation
         with self._cond:
             if not self._accepting:
                 raise ShuttingDownError("The server is shutting down; retry on another instance.",
@@ -131,7 +147,7 @@ class Scheduler:
 
     def cancel(self, ticket: Ticket) -> None:
         with self._cond:
-            ticket.cancelled = True
+            ticket.cancellation.cancelled = True
             queue = self._queues.get(ticket.request_id)
             if queue is not None and ticket in queue:
                 queue.remove(ticket)
