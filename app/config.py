@@ -12,12 +12,11 @@ from typing import TYPE_CHECKING, Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.constants import OPENAI_ALIAS
+
 if TYPE_CHECKING:  # app.runtime may import torch; settings must stay light
     from app.decoding.options import VadOptions
     from app.runtime import RuntimeOptions
-
-#: OpenAI's model name; clients written for OpenAI send it, so it names our default model.
-OPENAI_ALIAS = "whisper-1"
 
 CommaList = Annotated[list[str], NoDecode]
 

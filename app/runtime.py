@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from app import metrics
-from app.audio.constants import SAMPLE_RATE
+from app.constants import SAMPLE_RATE
 from app.decoding.options import TranscribeOptions, VadOptions
 from app.decoding.results import TranscriptionResult
 from app.decoding.tokenizer import WhisperTokenizer

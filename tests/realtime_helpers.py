@@ -24,10 +24,10 @@ import websockets
 from conftest import make_engine_config, make_result, started_port
 from test_e2e_server import STARTUP_TIMEOUT_S, Server, _server_env
 
-from app.audio.constants import SAMPLE_RATE
 from app.audio.decode import decode_audio
 from app.audio.pcm import float_to_pcm16, pcm16_to_wav
 from app.audio.resample import resample
+from app.constants import SAMPLE_RATE
 from app.decoding.options import TranscribeOptions
 from app.decoding.results import TranscriptionResult
 from app.devserver import ServerStartError

@@ -9,9 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from app.api.registry import ServedModel
 from app.api.upload import MultipartForm
 from app.config import Settings
-from app.decoding.languages import LANGUAGES
 from app.decoding.options import DEFAULT_TEMPERATURES, Task, TranscribeOptions, WindowOptions
 from app.errors import InvalidRequestError
+from app.languages import LANGUAGES
 
 ResponseFormat = Literal["json", "text", "srt", "vtt", "verbose_json"]
 Granularity = Literal["word", "segment"]

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
-from app.config import OPENAI_ALIAS
+from app.constants import OPENAI_ALIAS
 
 ERROR_SCHEMA = "ErrorResponse"
 _ERROR_REF = {"$ref": f"#/components/schemas/{ERROR_SCHEMA}"}

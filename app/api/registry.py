@@ -8,7 +8,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from app.api.errors import ModelNotFoundError
-from app.config import OPENAI_ALIAS
+from app.constants import OPENAI_ALIAS
 
 if TYPE_CHECKING:
     from app.runtime import Runtime

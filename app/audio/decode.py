@@ -22,10 +22,10 @@ except ImportError:  # minimal installs (a GPU image without PyAV): soundfile's 
 import numpy as np
 import soundfile as sf
 
-from app.audio.constants import SAMPLE_RATE
 from app.audio.pcm import pcm16_to_float
 from app.audio.resample import StreamResampler, resample
 from app.audio.sniff import SNIFF_BYTES, is_audio_or_video, sniff_media
+from app.constants import SAMPLE_RATE
 from app.errors import (
     AudioBudgetError,
     AudioDecodeError,

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from app.audio.constants import SAMPLE_RATE
+from app.constants import SAMPLE_RATE
 from app.decoding.options import VadOptions
 
 if TYPE_CHECKING:  # torch loads with the first model, not with the API modules

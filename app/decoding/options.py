@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from app.constants import MAX_NEW_TOKENS
+
 Task = Literal["transcribe", "translate"]
 
 DEFAULT_TEMPERATURES: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -30,7 +32,7 @@ class WindowOptions:
     suppress_blank: bool = True
     #: None: the engine's default list (Whisper's "-1"); () disables; else explicit ids
     suppress_tokens: tuple[int, ...] | None = None
-    max_new_tokens: int = 224
+    max_new_tokens: int = MAX_NEW_TOKENS
     #: best-of sampling (temperature > 0) picks among the samples whose text compresses at or
     #: under this ratio when any does: the fallback rejects the others as repetition loops, which
     #: often have the best log-probability (TranscribeOptions.compression_ratio_threshold)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from app.constants import MAX_NEW_TOKENS, TIME_PRECISION
 from app.decoding.repetition import not_repetitive
 from app.decoding.rules import RowRules, apply_rules
 from app.decoding.search import (
@@ -68,7 +69,7 @@ class ActiveWindow:
     n_rows: int
     prompt: list[int]
     position: int = 0  # next self-attention cache position to write
-    max_new_tokens: int = 224
+    max_new_tokens: int = MAX_NEW_TOKENS
     next_tokens: list[int] = field(default_factory=list)
     no_speech_prob: float = 0.0
     language: str | None = None
@@ -130,7 +131,7 @@ class DecodeLoop:
             start = self._free_run(k)
             if start is None:
                 raise RuntimeError("admit() called without room; check can_admit() first")
-            window = ActiveWindow(task, make_search(task.options, self.tokenizer.eot, 224), start, k, [])
+            window = ActiveWindow(task, make_search(task.options, self.tokenizer.eot, MAX_NEW_TOKENS), start, k, [])
             for r in window.rows:
                 self.owner[r] = window
             placed.append(window)
@@ -184,7 +185,7 @@ class DecodeLoop:
             suppress = tuple(self.config.suppress_tokens)
         max_initial = None
         if options.max_initial_timestamp is not None:
-            max_initial = round(options.max_initial_timestamp / 0.02)
+            max_initial = round(options.max_initial_timestamp / TIME_PRECISION)
         w.rules = RowRules(
             sampled=[],
             suppress=tuple(suppress),

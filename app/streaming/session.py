@@ -35,11 +35,11 @@ from app import metrics
 from app.api.errors import ModelNotFoundError
 from app.api.forms import TranscriptionForm, build_transcribe_options
 from app.api.registry import ModelRegistry, ServedModel
-from app.audio.constants import SAMPLE_RATE
 from app.audio.pcm import pcm16_to_float
 from app.audio.resample import StreamResampler
 from app.audio.vad import StreamingVad
 from app.config import Settings
+from app.constants import SAMPLE_RATE
 from app.decoding.options import TranscribeOptions
 from app.errors import InvalidRequestError, WhisperServeError
 from app.streaming.budget import PartialBudget

@@ -1,4 +1,8 @@
-"""Audio constants fixed by the Whisper model family (the encoder sees 30 s at 100 frames/s)."""
+"""Numbers fixed by the Whisper model family and by OpenAI's API, defined once for every layer.
+
+The encoder sees 30 s windows at 100 mel frames a second; its stride-2 convolution halves that,
+so one audio position (and one timestamp token) is 20 ms.
+"""
 
 from __future__ import annotations
 
@@ -13,3 +17,10 @@ FRAMES_PER_SECOND: int = SAMPLE_RATE // HOP_LENGTH  # 100 (10 ms per mel frame)
 # also the resolution of Whisper's timestamp tokens.
 TOKENS_PER_SECOND: int = FRAMES_PER_SECOND // 2  # 50
 TIME_PRECISION: float = 1.0 / TOKENS_PER_SECOND  # 0.02 s
+
+#: Tokens one window may sample: half of the decoder's 448-position text context, the other
+#: half being left to the prompt (openai-whisper's `sample_len`).
+MAX_NEW_TOKENS: int = 224
+
+#: OpenAI's model name; clients written for OpenAI send it, so it names our default model.
+OPENAI_ALIAS = "whisper-1"
