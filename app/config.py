@@ -7,16 +7,12 @@ Each field's `description` is its documentation: docs/configuration.md is genera
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app.constants import OPENAI_ALIAS
-
-if TYPE_CHECKING:  # app.runtime may import torch; settings must stay light
-    from app.decoding.options import VadOptions
-    from app.runtime import RuntimeOptions
 
 CommaList = Annotated[list[str], NoDecode]
 
@@ -46,7 +42,7 @@ class Settings(BaseSettings):
         "Unset: the first of `WHISPER_MODELS`.",
     )
 
-    # Runtime (mapped onto app.runtime.RuntimeOptions)
+    # Runtime: app.runtime.RuntimeOptions.from_settings copies these by name
     device: str = Field(
         "auto", description="`auto` (CUDA if available, else CPU), `cpu`, `cuda` or `cuda:N`."
     )
@@ -314,41 +310,8 @@ class Settings(BaseSettings):
         return self.default_model or self.models[0]
 
     @property
-    def vad_options(self) -> VadOptions | None:
-        """Speech gating for requests, or None with WHISPER_VAD=false."""
-        from app.decoding.options import VadOptions
-
-        if not self.vad:
-            return None
-        return VadOptions(
-            threshold=self.vad_threshold,
-            min_speech_ms=self.vad_min_speech_ms,
-            min_silence_ms=self.vad_min_silence_ms,
-            speech_pad_ms=self.vad_speech_pad_ms,
-        )
-
-    @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
-
-    @property
-    def runtime_options(self) -> RuntimeOptions:
-        from app.runtime import RuntimeOptions
-
-        return RuntimeOptions(
-            device=self.device,
-            compute_dtype=self.compute_dtype,
-            max_batch_size=self.max_batch_size,
-            max_queue_windows=self.max_queue_windows,
-            batch_wait_ms=self.batch_wait_ms,
-            max_encode_batch=self.max_encode_batch,
-            int8_cross_kv=self.int8_cross_kv,
-            fp8_encoder=self.fp8_encoder,
-            cpu_threads=self.cpu_threads,
-            cuda_graphs=self.cuda_graphs,
-            cuda_trimmed_context=self.cuda_trimmed_context,
-            warmup=self.warmup,
-        )
 
     def engine_dir(self, model: str) -> Path:
         return self.engines_dir / model

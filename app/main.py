@@ -35,17 +35,18 @@ __version__ = "0.1.0"
 
 def _load_runtimes(settings: Settings) -> dict[str, Runtime]:
     # Imported here: the runtime pulls in torch, which must not load at import time.
-    from app.runtime import load_runtime
+    from app.runtime import RuntimeOptions, load_runtime
 
     # Check every engine directory first (cheap), so a typo in the last model fails in
     # milliseconds instead of after loading and warming all the others.
     for name in settings.models:
         load_engine_config(settings.engine_dir(name))
+    options = RuntimeOptions.from_settings(settings)
     runtimes: dict[str, Runtime] = {}
     for name in settings.models:
         engine_dir = settings.engine_dir(name)
         log.info("Loading engine %s from %s", name, engine_dir)
-        runtimes[name] = load_runtime(engine_dir, settings.runtime_options, name)
+        runtimes[name] = load_runtime(engine_dir, options, name)
     return runtimes
 
 

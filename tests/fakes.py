@@ -25,6 +25,7 @@ from app.engine.convert.tokenizer_info import expected_special_tokens
 from app.engine.torch_engine import TorchEngine
 from app.engine.torch_model import WhisperModel
 from app.scheduler.decode_loop import DecodeLoop
+from app.scheduler.scheduler import SchedulerOptions
 
 ENGLISH_VOCAB = 51864
 #: special ids of an English-only vocabulary (eot 50256 ... timestamp_begin 50363)
@@ -126,6 +127,10 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+#: Scheduler options for tests: windows are admitted at once, without a batch-gathering pause.
+NO_WAIT = SchedulerOptions(batch_wait_ms=0)
 
 
 @dataclass

@@ -38,8 +38,8 @@ from app.engine.torch_engine import TorchEngine
 from app.engine.torch_model import WhisperModel
 from app.errors import QueueFullError, ShuttingDownError
 from app.scheduler.decode_loop import DecodeLoop
-from app.scheduler.scheduler import Scheduler
-from tests.fakes import FakeLoop
+from app.scheduler.scheduler import Scheduler, SchedulerOptions
+from tests.fakes import NO_WAIT, FakeLoop
 
 AUDIO_CTX = 250  # encoder positions; the mel has twice as many frames
 FRAMES = 2 * AUDIO_CTX
@@ -463,7 +463,7 @@ def stopper() -> Iterator[list[Scheduler]]:
 
 
 def test_submit_beyond_the_queue_bound_raises_queue_full() -> None:
-    scheduler = Scheduler(FakeLoop(), model_name="test", max_queue_windows=2)  # type: ignore[arg-type]
+    scheduler = Scheduler(FakeLoop(), model_name="test", options=SchedulerOptions(max_queue_windows=2))  # type: ignore[arg-type]
     scheduler.submit_nowait(labelled(1), "a")
     scheduler.submit_nowait(labelled(2), "b")
     with pytest.raises(QueueFullError) as info:
@@ -481,7 +481,7 @@ def saturation(model: str) -> float:
 
 def test_saturation_is_the_larger_of_rows_and_queue_in_use(stopper: list[Scheduler]) -> None:
     loop = FakeLoop(rows=4)
-    scheduler = Scheduler(loop, model_name="saturation", max_queue_windows=4, batch_wait_ms=0)  # type: ignore[arg-type]
+    scheduler = Scheduler(loop, model_name="saturation", options=SchedulerOptions(max_queue_windows=4, batch_wait_ms=0))  # type: ignore[arg-type]
     tickets = [scheduler.submit_nowait(labelled(i), f"r{i}") for i in range(3)]
     assert saturation("saturation") == 0.75  # 3 of 4 queue places, no rows yet
     scheduler._publish_rows(4)  # what the engine thread reports with every row taken
@@ -497,7 +497,7 @@ def test_saturation_is_the_larger_of_rows_and_queue_in_use(stopper: list[Schedul
 
 def test_round_robin_across_requests(stopper: list[Scheduler]) -> None:
     loop = FakeLoop(rows=1)  # one window at a time: the admission order is the service order
-    scheduler = Scheduler(loop, model_name="test", batch_wait_ms=0)  # type: ignore[arg-type]
+    scheduler = Scheduler(loop, model_name="test", options=NO_WAIT)  # type: ignore[arg-type]
     tickets = [scheduler.submit_nowait(labelled(10 + i), "long") for i in range(4)]
     tickets += [scheduler.submit_nowait(labelled(20 + i), "medium") for i in range(2)]
     tickets += [scheduler.submit_nowait(labelled(30), "short")]
@@ -510,7 +510,7 @@ def test_round_robin_across_requests(stopper: list[Scheduler]) -> None:
 
 async def test_cancelling_a_waiting_submit_withdraws_its_window(stopper: list[Scheduler]) -> None:
     loop = FakeLoop()
-    scheduler = Scheduler(loop, model_name="test", batch_wait_ms=0)  # type: ignore[arg-type]
+    scheduler = Scheduler(loop, model_name="test", options=NO_WAIT)  # type: ignore[arg-type]
     withdrawn = labelled(1)
     waiter = asyncio.create_task(scheduler.submit(withdrawn, "gone"))
     await asyncio.sleep(0)
@@ -530,7 +530,7 @@ async def test_cancelling_a_waiting_submit_withdraws_its_window(stopper: list[Sc
 
 def test_stop_finishes_every_accepted_window() -> None:
     loop = FakeLoop(rows=1)
-    scheduler = Scheduler(loop, model_name="test", batch_wait_ms=0)  # type: ignore[arg-type]
+    scheduler = Scheduler(loop, model_name="test", options=NO_WAIT)  # type: ignore[arg-type]
     tickets = [scheduler.submit_nowait(labelled(i), f"r{i % 2}") for i in range(5)]
     scheduler.start()
     scheduler.stop(timeout=10)
@@ -542,7 +542,7 @@ def test_stop_finishes_every_accepted_window() -> None:
 
 async def test_scheduler_with_the_real_loop_matches_alone(engine: TorchEngine, alone: Alone,
                                                          stopper: list[Scheduler]) -> None:
-    scheduler = Scheduler(DecodeLoop(engine, TOKENIZER), model_name="test", batch_wait_ms=0)
+    scheduler = Scheduler(DecodeLoop(engine, TOKENIZER), model_name="test", options=NO_WAIT)
     stopper.append(scheduler)
     scheduler.start()
     specs = {"a": [Spec(1, BEAM), Spec(2, GREEDY, tokens(3))], "b": [Spec(3, GREEDY, tokens(7, 900))]}
@@ -576,7 +576,7 @@ def test_scheduler_admits_only_into_contiguous_free_rows(model: WhisperModel,
     # precondition: two free rows (0 and 4), but no two adjacent ones
     assert [(w.start, w.n_rows) for w in loop.active] == [(1, 3)]
     assert loop.rows_in_use() == 3
-    scheduler = Scheduler(loop, model_name="test", batch_wait_ms=0)
+    scheduler = Scheduler(loop, model_name="test", options=NO_WAIT)
     sampled = Spec(3, WindowOptions(temperature=0.5, best_of=2, max_new_tokens=3)).task()
     ticket = scheduler.submit_nowait(sampled, "request")  # needs 2 adjacent rows
     stopper.append(scheduler)

@@ -28,6 +28,7 @@ import importlib.util
 import math
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -35,7 +36,6 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from app.constants import SAMPLE_RATE
-from app.decoding.options import VadOptions
 
 if TYPE_CHECKING:  # torch loads with the first model, not with the API modules
     import torch
@@ -51,6 +51,22 @@ SILENT_PEAK = 1e-4
 SKIP_SILENT_FRAMES = 16
 #: Frames scored per model call offline: bounds the intermediate tensors (~10 MB) for any length.
 BLOCK_FRAMES = 4096
+
+
+@dataclass(frozen=True)
+class VadOptions:
+    """Speech gating with Silero VAD; faster-whisper's `vad_filter` defaults."""
+
+    #: Silero speech probability at or above which a frame starts speech.
+    threshold: float = 0.5
+    #: Below this probability a frame counts as silence (None: threshold - 0.15).
+    neg_threshold: float | None = None
+    #: Speech regions shorter than this are dropped (clicks, coughs).
+    min_speech_ms: int = 250
+    #: A region ends only after this much silence; shorter pauses stay inside it.
+    min_silence_ms: int = 2000
+    #: Audio kept on each side of a region, so no word onset or tail is clipped.
+    speech_pad_ms: int = 400
 
 
 def _model_path() -> Path:

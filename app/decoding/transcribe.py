@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from app.audio.features import WindowedLogMel, log_mel_spectrogram, pad_or_trim
+from app.audio.vad import VadOptions
 from app.constants import (
     FRAMES_PER_SECOND,
     HOP_LENGTH,
@@ -30,7 +31,7 @@ from app.constants import (
     TIME_PRECISION,
     TOKENS_PER_SECOND,
 )
-from app.decoding.options import TranscribeOptions, VadOptions, WindowOptions
+from app.decoding.options import TranscribeOptions, WindowOptions
 from app.decoding.repetition import tokens_compression_ratio
 from app.decoding.results import Segment, TranscriptionResult, Word
 from app.decoding.speech_map import SpeechMap

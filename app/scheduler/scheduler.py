@@ -40,6 +40,25 @@ def is_out_of_memory(exc: BaseException) -> bool:
     )
 
 
+@dataclass(frozen=True, kw_only=True)
+class SchedulerOptions:
+    """How the scheduler queues and batches windows (WHISPER_* settings of the same names).
+
+    app.runtime.RuntimeOptions extends this class, so the runtime hands the scheduler its own
+    options object and no field is copied from one to the other.
+    """
+
+    #: admission bound: windows queued beyond it make submit() raise QueueFullError
+    max_queue_windows: int = 1024
+    #: how long the idle scheduler waits for a first batch to grow
+    batch_wait_ms: float = 5.0
+    #: windows encoded together when joining a running batch
+    max_encode_batch: int = 8
+    #: the engine thread's torch intra-op threads (0: torch's default, one per physical core;
+    #: None: leave the thread as it is)
+    cpu_threads: int | None = None
+
+
 @dataclass(eq=False)
 class Ticket:
     """The scheduler's handle on one submitted window."""
@@ -52,16 +71,11 @@ class Ticket:
 
 
 class Scheduler:
-    def __init__(self, loop: DecodeLoop, *, model_name: str, max_queue_windows: int = 1024,
-                 batch_wait_ms: float = 5.0, max_encode_batch: int = 8,
-                 torch_threads: int | None = None) -> None:
+    def __init__(self, loop: DecodeLoop, *, model_name: str,
+                 options: SchedulerOptions = SchedulerOptions()) -> None:
         self.decode_loop = loop
         self.model_name = model_name
-        self.max_queue_windows = max_queue_windows
-        self.batch_wait_s = batch_wait_ms / 1000.0
-        self.max_encode_batch = max_encode_batch
-        # the engine thread's torch intra-op threads (0: the machine default; None: leave as is)
-        self.torch_threads = torch_threads
+        self.options = options
         self.engine_threads: int | None = None  # the count in effect on the engine thread, once started
         self._queues: OrderedDict[object, deque[Ticket]] = OrderedDict()
         self._queued = 0
@@ -118,7 +132,7 @@ class Scheduler:
             if not self._accepting:
                 raise ShuttingDownError("The server is shutting down; retry on another instance.",
                                         retry_after_s=5.0)
-            if self._queued >= self.max_queue_windows:
+            if self._queued >= self.options.max_queue_windows:
                 raise QueueFullError(
                     f"The server is at capacity ({self._queued} windows queued); retry shortly.",
                     retry_after_s=max(1.0, self._queued * 0.05),
@@ -159,7 +173,7 @@ class Scheduler:
         self._publish_saturation()
 
     def _publish_saturation(self) -> None:
-        queue_fraction = min(1.0, self._queued / self.max_queue_windows)
+        queue_fraction = min(1.0, self._queued / self.options.max_queue_windows)
         metrics.SATURATION.labels(self.model_name).set(max(self._rows_fraction, queue_fraction))
 
     # ---- engine thread ----------------------------------------------------------------------
@@ -171,7 +185,7 @@ class Scheduler:
         # Plan placements exactly as admit() will place them: a window needs a contiguous run
         # of free rows, so counting free rows is not enough once rows are fragmented.
         plan = loop.placement_plan()
-        while self._queues and len(taken) < self.max_encode_batch:
+        while self._queues and len(taken) < self.options.max_encode_batch:
             progressed = False
             for request_id in list(self._queues):
                 queue = self._queues[request_id]
@@ -201,7 +215,7 @@ class Scheduler:
                     del self._queues[request_id]
                 taken.append(ticket)
                 progressed = True
-                if len(taken) >= self.max_encode_batch:
+                if len(taken) >= self.options.max_encode_batch:
                     break
             if not progressed:
                 break
@@ -209,8 +223,8 @@ class Scheduler:
         return taken
 
     def _run(self) -> None:
-        if self.torch_threads is not None:
-            self.engine_threads = become_engine_thread(self.torch_threads)
+        if self.options.cpu_threads is not None:
+            self.engine_threads = become_engine_thread(self.options.cpu_threads)
         loop = self.decode_loop
         while True:
             with self._cond:
@@ -226,9 +240,9 @@ class Scheduler:
                         future.set_result(fn())
                     except BaseException as exc:  # noqa: BLE001 - delivered to the waiting caller
                         future.set_exception(exc)
-            if not loop.active and self.batch_wait_s > 0 and self._queued:
+            if not loop.active and self.options.batch_wait_ms > 0 and self._queued:
                 # idle: let a first batch gather for a moment
-                time.sleep(self.batch_wait_s)
+                time.sleep(self.options.batch_wait_ms / 1000.0)
             with self._cond:
                 tickets = self._take_round_robin()
             try:

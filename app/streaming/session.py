@@ -124,12 +124,14 @@ def resolve_decoding(
         ) from None
     # Partials are gated like finals: a turn (or, without turn detection, a buffer) of
     # silence or noise is never decoded and sends no delta.
-    greedy = TranscribeOptions.greedy(initial_prompt=final.initial_prompt, vad=final.vad)
+    greedy = TranscribeOptions.greedy()
     # Partials encode only the open turn's audio (not a 30 s window): on a CPU that is what
     # lets them keep pace with speech; the final decode uses whole windows, as REST does.
     partial = replace(
         greedy,
         window=replace(greedy.window, task=final.window.task, language=final.window.language),
+        initial_prompt=final.initial_prompt,
+        vad=final.vad,
         trim_audio_context=settings.realtime_partial_trim_audio,
     )
     return Decoding(model, final, partial)
