@@ -30,6 +30,7 @@ from app.audio.resample import resample
 from app.constants import SAMPLE_RATE
 from app.decoding.options import TranscribeOptions
 from app.decoding.results import TranscriptionResult
+from app.decoding.transcribe import SegmentCallback
 from app.devserver import ServerStartError
 from app.devserver import serve as serve_subprocess
 
@@ -102,6 +103,7 @@ class ScriptedRuntime:
         options: TranscribeOptions,
         *,
         duration_limit_s: float | None = None,
+        on_segment: SegmentCallback | None = None,
     ) -> TranscriptionResult:
         seconds = len(audio) / SAMPLE_RATE
         greedy = is_greedy(options)
@@ -123,7 +125,10 @@ class ScriptedRuntime:
         if self.error is not None and not greedy:
             raise self.error
         text = self.text_for(seconds) + ("" if greedy else self.final_suffix)
-        return make_result(" " + text, duration=seconds)
+        result = make_result(" " + text, duration=seconds)
+        for segment in result.segments if on_segment is not None else ():
+            await on_segment(segment)
+        return result
 
     def queue_depth(self) -> int:
         return 0

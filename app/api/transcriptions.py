@@ -16,6 +16,7 @@ from app.api.disconnect import ClientDisconnected, cancel_on_disconnect
 from app.api.errors import CLIENT_CLOSED_REQUEST
 from app.api.forms import TranscriptionForm, build_transcribe_options
 from app.api.registry import ModelRegistry, Phase
+from app.api.sse import check_streamable, stream_transcription
 from app.api.upload import read_multipart_form
 from app.audio.budget import AudioBudget, AudioLease
 from app.audio.decode import decode_audio
@@ -25,7 +26,6 @@ from app.decoding.options import Task
 from app.errors import InvalidRequestError, ShuttingDownError
 from app.formats import render
 from app.server import memory
-from app.streaming.sse import check_streamable, stream_transcription
 
 log = logging.getLogger(__name__)
 
