@@ -41,7 +41,7 @@ def schedulers() -> Iterator[list[Scheduler]]:
 
 
 def run(loop: FakeLoop, labels: dict[str, list[int]], started: list[Scheduler]) -> dict:
-    scheduler = Scheduler(loop, model_name="test", options=NO_WAIT)  # type: ignore[arg-type]
+    scheduler = Scheduler(loop, model_name="test", options=NO_WAIT)
     tickets = {
         n: scheduler.submit_nowait(labelled(n), request)
         for request, ns in labels.items()
