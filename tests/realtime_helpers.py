@@ -31,8 +31,8 @@ from app.constants import SAMPLE_RATE
 from app.decoding.options import TranscribeOptions
 from app.decoding.results import TranscriptionResult
 from app.decoding.transcribe import SegmentCallback
-from app.devserver import ServerStartError
-from app.devserver import serve as serve_subprocess
+from bench.server_process import ServerStartError
+from bench.server_process import serve as serve_subprocess
 
 DATA = Path(__file__).parent / "data"
 SCRIPT = [
