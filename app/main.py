@@ -116,7 +116,7 @@ def create_app(
     if runtimes is not None and default_model not in runtimes:
         default_model = next(iter(runtimes))
 
-    app = FastAPI(
+    app = openapi.DocumentedApp(
         title="whisper-serve",
         version=__version__,
         summary="OpenAI-compatible Whisper speech-to-text",
@@ -143,7 +143,6 @@ def create_app(
     for module in (transcriptions, realtime, models, health, metrics, demo):
         app.include_router(module.router)
     demo.mount_static(app)
-    openapi.install(app)
     return app
 
 
