@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from app.constants import OPENAI_ALIAS
+from app.constants import MIB, OPENAI_ALIAS
 
 CommaList = Annotated[list[str], NoDecode]
 
@@ -311,7 +311,11 @@ class Settings(BaseSettings):
 
     @property
     def max_upload_bytes(self) -> int:
-        return int(self.max_upload_mb * 1024 * 1024)
+        return int(self.max_upload_mb * MIB)
+
+    @property
+    def audio_memory_budget_bytes(self) -> int:
+        return int(self.audio_memory_budget_mb * MIB)
 
     def engine_dir(self, model: str) -> Path:
         return self.engines_dir / model

@@ -22,5 +22,8 @@ TIME_PRECISION: float = 1.0 / TOKENS_PER_SECOND  # 0.02 s
 #: half being left to the prompt (openai-whisper's `sample_len`).
 MAX_NEW_TOKENS: int = 224
 
+#: Bytes in a MiB: the *_MB settings count MiB, as OpenAI's 25 MB upload limit does.
+MIB: int = 1024 * 1024
+
 #: OpenAI's model name; clients written for OpenAI send it, so it names our default model.
 OPENAI_ALIAS = "whisper-1"

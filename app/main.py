@@ -127,7 +127,7 @@ def create_app(
     app.state.injected_runtimes = runtimes
     app.state.lifecycle = Lifecycle()
     app.state.audio_budget = AudioBudget(
-        int(settings.audio_memory_budget_mb * 1024 * 1024), wait_s=settings.audio_budget_wait_s
+        settings.audio_memory_budget_bytes, wait_s=settings.audio_budget_wait_s
     )
 
     install_exception_handlers(app)

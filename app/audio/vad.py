@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from app.constants import SAMPLE_RATE
+from app.constants import CHUNK_LENGTH, SAMPLE_RATE
 
 if TYPE_CHECKING:  # torch loads with the first model, not with the API modules
     import torch
@@ -275,7 +275,7 @@ def merge_into_chunks(regions: list[tuple[int, int]], max_samples: int) -> list[
 def chunk_at_pauses(
     audio: np.ndarray,
     *,
-    max_chunk_s: float = 30.0,
+    max_chunk_s: float = CHUNK_LENGTH,
     options: VadOptions | None = None,
     device: torch.device | str | None = None,
 ) -> list[tuple[int, int]]:

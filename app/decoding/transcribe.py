@@ -24,6 +24,7 @@ from torch import Tensor
 from app.audio.features import WindowedLogMel, log_mel_spectrogram, pad_or_trim
 from app.audio.vad import VadOptions
 from app.constants import (
+    CHUNK_LENGTH,
     FRAMES_PER_SECOND,
     HOP_LENGTH,
     N_FRAMES,
@@ -208,7 +209,7 @@ class Transcriber:
         window = options.window
         if not self.ctx.multilingual:
             window = replace(window, language="en")
-        long_form_vad = options.long_form == "vad" and duration > N_FRAMES / FRAMES_PER_SECOND
+        long_form_vad = options.long_form == "vad" and duration > CHUNK_LENGTH
         if long_form_vad:
             segments, language, lang_prob = await self._transcribe_vad(audio, options, window)
             for segment in segments if on_segment is not None else ():
@@ -314,7 +315,7 @@ class Transcriber:
         from app.audio.vad import chunk_at_pauses
 
         chunks = await asyncio.to_thread(chunk_at_pauses, audio,
-                                         max_chunk_s=N_FRAMES / FRAMES_PER_SECOND,
+                                         max_chunk_s=CHUNK_LENGTH,
                                          options=options.vad or VadOptions(),
                                          device=self.ctx.feature_device)
         language_prob = None
