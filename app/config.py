@@ -1,7 +1,7 @@
 """Service settings: every knob is an environment variable prefixed with ``WHISPER_``.
 
 Each field's `description` is its documentation: docs/configuration.md is generated from them
-(`python -m app.config_docs > docs/configuration.md`), and a test checks the page is current.
+(`python -m app.config_docs --write`), and a test checks the page is current.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -403,10 +403,3 @@ class StreamingVad:
             self._silence_since = None
             return VadEvent("speech_stopped", (index + 1) * FRAME_S)
         return None
-
-
-def iter_frames(audio: np.ndarray, frame_s: float = FRAME_S) -> Iterator[np.ndarray]:
-    """Consecutive pieces of `frame_s` seconds (tests and benches feed streams with it)."""
-    step = max(1, round(frame_s * SAMPLE_RATE))
-    for i in range(0, len(audio), step):
-        yield audio[i : i + step]
