@@ -37,7 +37,7 @@ from app.engine.torch_engine import TorchEngine
 from app.engine.torch_model import WhisperModel
 from app.errors import QueueFullError, ShuttingDownError
 from app.scheduler.decode_loop import DecodeLoop
-from app.scheduler.scheduler import Scheduler, SchedulerOptions
+from app.scheduler.scheduler import Scheduler, SchedulerOptions, Ticket
 from tests.fakes import NO_WAIT, FakeLoop
 
 AUDIO_CTX = 250  # encoder positions; the mel has twice as many frames
@@ -625,6 +625,31 @@ def test_scheduler_admits_only_into_contiguous_free_rows(model: WhisperModel,
     scheduler.start()
     result = ticket.future.result(timeout=60)  # RuntimeError: admit() called without room
     assert 0 < len(result.tokens) <= 3
+
+
+def test_a_window_withdrawn_while_others_join_leaves_them_their_planned_rows(
+        model: WhisperModel) -> None:
+    loop = DecodeLoop(random_engine(model, max_rows=4, config=CONFIG), TOKENIZER)
+    short = Spec(1, replace(GREEDY, max_new_tokens=2)).task()
+    withdrawn = Spec(2, replace(GREEDY, max_new_tokens=60)).task()
+    tail = Spec(3, replace(BEAM, beam_size=2, max_new_tokens=60)).task()
+    done = loop.admit([short, withdrawn, tail])  # rows: short 0, withdrawn 1, tail 2-3
+    while not done:
+        done += loop.step()
+    # a hole too small for the tail stays below it
+    assert sorted((w.start, w.n_rows) for w in loop.active) == [(1, 1), (2, 2)]
+    scheduler = Scheduler(loop, model_name="test", options=NO_WAIT)
+    withdrawn_ticket, tail_ticket = Ticket(withdrawn, "withdrawn"), Ticket(tail, "tail")
+    scheduler._in_flight.update({id(t.task): t for t in (withdrawn_ticket, tail_ticket)})
+    joining = Spec(4, replace(GREEDY, max_new_tokens=60)).task()
+    scheduler.submit_nowait(joining, "joining")
+    tickets, plan = scheduler._take_round_robin()
+    assert plan.start_of(joining) == 0
+    withdrawn_ticket.cancelled = True
+    # freeing row 1 first would let the tail move down into rows 0-1, where the plan put
+    # `joining`: admit() would find them taken and fail the whole step
+    scheduler._admit_and_step(tickets, plan, [withdrawn_ticket])
+    assert sorted((w.start, w.task is joining) for w in loop.active) == [(0, True), (2, False)]
 
 
 # --- trimmed audio context (streaming partials) ------------------------------------------------

@@ -286,9 +286,6 @@ class Scheduler:
 
     def _admit_and_step(self, tickets: list[Ticket], plan: RowPlan, withdrawn: list[Ticket]) -> None:
         loop = self.decode_loop
-        for t in withdrawn:
-            if self._in_flight.pop(id(t.task), None) is not None:
-                loop.cancel(t.task)
         done: list[tuple[WindowTask, WindowResult]] = []
         live = [t for t in tickets if not t.cancelled]
         for t in live:
@@ -298,6 +295,11 @@ class Scheduler:
             done += loop.admit([t.task for t in live], plan)
             metrics.ENCODE_SECONDS.labels(self.model_name).observe(time.perf_counter() - started)
             metrics.ENCODE_BATCH_SIZE.labels(self.model_name).observe(len(live))
+        # Withdrawn after admit(): freeing rows compacts the span, which would move running
+        # windows into rows the plan has given to the windows just admitted.
+        for t in withdrawn:
+            if self._in_flight.pop(id(t.task), None) is not None:
+                loop.cancel(t.task)
         if loop.active:
             rows = loop.rows_in_use()
             started = time.perf_counter()
