@@ -62,16 +62,16 @@ def resolve_decoding(
         raise ProtocolError(
             exc.message, code=exc.code or "invalid_value", param=f"{param_prefix}.{exc.param}"
         ) from None
-    # Partials are gated like finals: a turn (or, without turn detection, a buffer) of
-    # silence or noise is never decoded and sends no delta.
     greedy = TranscribeOptions.greedy()
-    # Partials encode only the open turn's audio (not a 30 s window): on a CPU that is what
-    # lets them keep pace with speech; the final decode uses whole windows, as REST does.
     partial = replace(
         greedy,
         window=replace(greedy.window, task=final.window.task, language=final.window.language),
         initial_prompt=final.initial_prompt,
+        # Partials are gated like finals: a turn (or, without turn detection, a buffer) of
+        # silence or noise is never decoded and sends no delta.
         vad=final.vad,
+        # Partials encode only the open turn's audio (not a 30 s window): on a CPU that is what
+        # lets them keep pace with speech; the final decode uses whole windows, as REST does.
         trim_audio_context=settings.realtime_partial_trim_audio,
     )
     return Decoding(runtime, final, partial)
