@@ -1,23 +1,18 @@
 """Service settings: every knob is an environment variable prefixed with ``WHISPER_``.
 
 Each field's `description` is its documentation: docs/configuration.md is generated from them
-(`python -m app.config_docs > docs/configuration.md`), and a test checks the page is current.
+(`python -m app.config_docs --write`), and a test checks the page is current.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-if TYPE_CHECKING:  # app.runtime may import torch; settings must stay light
-    from app.decoding.options import VadOptions
-    from app.runtime import RuntimeOptions
-
-#: OpenAI's model name; clients written for OpenAI send it, so it names our default model.
-OPENAI_ALIAS = "whisper-1"
+from app.constants import MIB, OPENAI_ALIAS
 
 CommaList = Annotated[list[str], NoDecode]
 
@@ -47,7 +42,7 @@ class Settings(BaseSettings):
         "Unset: the first of `WHISPER_MODELS`.",
     )
 
-    # Runtime (mapped onto app.runtime.RuntimeOptions)
+    # Runtime: app.runtime.RuntimeOptions.from_settings copies these by name
     device: str = Field(
         "auto", description="`auto` (CUDA if available, else CPU), `cpu`, `cuda` or `cuda:N`."
     )
@@ -315,41 +310,12 @@ class Settings(BaseSettings):
         return self.default_model or self.models[0]
 
     @property
-    def vad_options(self) -> VadOptions | None:
-        """Speech gating for requests, or None with WHISPER_VAD=false."""
-        from app.decoding.options import VadOptions
-
-        if not self.vad:
-            return None
-        return VadOptions(
-            threshold=self.vad_threshold,
-            min_speech_ms=self.vad_min_speech_ms,
-            min_silence_ms=self.vad_min_silence_ms,
-            speech_pad_ms=self.vad_speech_pad_ms,
-        )
-
-    @property
     def max_upload_bytes(self) -> int:
-        return int(self.max_upload_mb * 1024 * 1024)
+        return int(self.max_upload_mb * MIB)
 
     @property
-    def runtime_options(self) -> RuntimeOptions:
-        from app.runtime import RuntimeOptions
-
-        return RuntimeOptions(
-            device=self.device,
-            compute_dtype=self.compute_dtype,
-            max_batch_size=self.max_batch_size,
-            max_queue_windows=self.max_queue_windows,
-            batch_wait_ms=self.batch_wait_ms,
-            max_encode_batch=self.max_encode_batch,
-            int8_cross_kv=self.int8_cross_kv,
-            fp8_encoder=self.fp8_encoder,
-            cpu_threads=self.cpu_threads,
-            cuda_graphs=self.cuda_graphs,
-            cuda_trimmed_context=self.cuda_trimmed_context,
-            warmup=self.warmup,
-        )
+    def audio_memory_budget_bytes(self) -> int:
+        return int(self.audio_memory_budget_mb * MIB)
 
     def engine_dir(self, model: str) -> Path:
         return self.engines_dir / model

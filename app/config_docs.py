@@ -70,7 +70,7 @@ def env_name(field: str) -> str:
 
 def default_text(info: FieldInfo) -> str:
     if info.default_factory is not None:
-        value = info.default_factory()  # type: ignore[call-arg]
+        value = info.get_default(call_default_factory=True)
     elif info.default is PydanticUndefined:
         return "required"
     else:

@@ -25,6 +25,16 @@ class InvalidRequestError(WhisperServeError):
     code = "invalid_value"
 
 
+class ModelNotFoundError(InvalidRequestError):
+    """A request names a model this process does not serve."""
+
+    status_code = 404
+    code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model '{model}' does not exist", param="model")
+
+
 class AudioDecodeError(InvalidRequestError):
     """The bytes could not be decoded as audio (corrupt, truncated, empty, not audio)."""
 

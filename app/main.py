@@ -35,17 +35,18 @@ __version__ = "0.1.0"
 
 def _load_runtimes(settings: Settings) -> dict[str, Runtime]:
     # Imported here: the runtime pulls in torch, which must not load at import time.
-    from app.runtime import load_runtime
+    from app.runtime import RuntimeOptions, load_runtime
 
     # Check every engine directory first (cheap), so a typo in the last model fails in
     # milliseconds instead of after loading and warming all the others.
     for name in settings.models:
         load_engine_config(settings.engine_dir(name))
+    options = RuntimeOptions.from_settings(settings)
     runtimes: dict[str, Runtime] = {}
     for name in settings.models:
         engine_dir = settings.engine_dir(name)
         log.info("Loading engine %s from %s", name, engine_dir)
-        runtimes[name] = load_runtime(engine_dir, settings.runtime_options, name)
+        runtimes[name] = load_runtime(engine_dir, options, name)
     return runtimes
 
 
@@ -115,7 +116,7 @@ def create_app(
     if runtimes is not None and default_model not in runtimes:
         default_model = next(iter(runtimes))
 
-    app = FastAPI(
+    app = openapi.DocumentedApp(
         title="whisper-serve",
         version=__version__,
         summary="OpenAI-compatible Whisper speech-to-text",
@@ -126,7 +127,7 @@ def create_app(
     app.state.injected_runtimes = runtimes
     app.state.lifecycle = Lifecycle()
     app.state.audio_budget = AudioBudget(
-        int(settings.audio_memory_budget_mb * 1024 * 1024), wait_s=settings.audio_budget_wait_s
+        settings.audio_memory_budget_bytes, wait_s=settings.audio_budget_wait_s
     )
 
     install_exception_handlers(app)
@@ -142,7 +143,6 @@ def create_app(
     for module in (transcriptions, realtime, models, health, metrics, demo):
         app.include_router(module.router)
     demo.mount_static(app)
-    openapi.install(app)
     return app
 
 

@@ -9,7 +9,7 @@ import asyncio
 import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Protocol
 
@@ -18,8 +18,10 @@ import torch
 from torch import Tensor
 
 from app import metrics
-from app.audio.constants import SAMPLE_RATE
-from app.decoding.options import TranscribeOptions, VadOptions
+from app.audio.vad import VadOptions
+from app.config import Settings
+from app.constants import SAMPLE_RATE
+from app.decoding.options import TranscribeOptions
 from app.decoding.results import TranscriptionResult
 from app.decoding.tokenizer import WhisperTokenizer
 from app.decoding.transcribe import ModelContext, SegmentCallback, Transcriber
@@ -29,28 +31,37 @@ from app.engine.threads import confine_to_one_thread
 from app.engine.torch_engine import TorchEngine, load_engine
 from app.errors import AudioTooLongError
 from app.scheduler.decode_loop import DecodeLoop
-from app.scheduler.scheduler import Scheduler
+from app.scheduler.scheduler import Scheduler, SchedulerOptions
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class RuntimeOptions:
+@dataclass(frozen=True, kw_only=True)
+class RuntimeOptions(SchedulerOptions):
+    """How one model is served: the engine's, the scheduler's and the runtime's own options.
+
+    Each field has the name of the WHISPER_* setting it comes from (app.config.Settings, whose
+    descriptions document them), and from_settings() copies them by that name. The scheduler's
+    fields are inherited from SchedulerOptions, so the scheduler takes this object as it is.
+    """
+
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     compute_dtype: str | None = None  # None: float16 on CUDA, float32 on CPU
     # decoder rows in one step (beam hypotheses count as rows); None: the device's default
     # (app.engine.torch_engine.DEFAULT_MAX_ROWS)
     max_batch_size: int | None = None
-    max_queue_windows: int = 1024  # admission bound; beyond it transcribe() raises QueueFullError
-    batch_wait_ms: float = 5.0  # how long the idle scheduler waits to grow a first batch
-    max_encode_batch: int = 8  # windows encoded together when joining a running batch
     int8_cross_kv: bool = False
     fp8_encoder: bool = False  # the encoder's and cross-K/V GEMMs in fp8 (compute capability 8.9+)
     cuda_graphs: bool = True
     # GPU engines decode windows shorter than 30 s (realtime partials' trimmed audio context)
     cuda_trimmed_context: bool = False
-    cpu_threads: int = 0  # the engine thread's torch intra-op threads (0: torch's default, physical cores)
+    cpu_threads: int | None = 0  # serving sets the engine thread's torch threads (0: torch's default)
     warmup: bool = True
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RuntimeOptions:
+        """The options WHISPER_* settings give: every field from the setting of its name."""
+        return cls(**{option.name: getattr(settings, option.name) for option in fields(cls)})
 
 
 class Runtime(Protocol):
@@ -79,14 +90,7 @@ class ModelRuntime:
         self.config = engine.config
         self.options = options
         self.tokenizer = WhisperTokenizer.from_engine(engine.engine_dir, engine.config)
-        self.scheduler = Scheduler(
-            DecodeLoop(engine, self.tokenizer),
-            model_name=name,
-            max_queue_windows=options.max_queue_windows,
-            batch_wait_ms=options.batch_wait_ms,
-            max_encode_batch=options.max_encode_batch,
-            torch_threads=options.cpu_threads,
-        )
+        self.scheduler = Scheduler(DecodeLoop(engine, self.tokenizer), model_name=name, options=options)
         self.ready = False
         self._pending_samples = 0  # audio accepted and not yet transcribed (load signal)
 

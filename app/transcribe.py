@@ -14,7 +14,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from app.audio.decode import decode_audio
-from app.decoding.options import TranscribeOptions, VadOptions
+from app.audio.vad import VadOptions
+from app.decoding.options import TranscribeOptions
 from app.errors import WhisperServeError
 from app.runtime import RuntimeOptions, load_runtime
 

@@ -199,10 +199,11 @@ def our_options(settings: str) -> TranscribeOptions:
     if settings == "greedy":
         options = TranscribeOptions.greedy()
     elif settings == "defaults":
+        from app.api.forms import vad_options
         from app.config import Settings
 
         # the service's defaults: beam 5, fallback, timestamps and Silero VAD speech gating
-        options = TranscribeOptions(vad=Settings().vad_options)
+        options = TranscribeOptions(vad=vad_options(Settings()))
     else:
         raise ValueError(f"unknown settings {settings!r}")
     return replace(options, window=replace(options.window, language="en"))

@@ -41,7 +41,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.devserver import ServerStartError, serve  # noqa: E402
+from bench.server_process import ServerStartError, serve  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEV_SET = REPO_ROOT.parent / "shared" / "data" / "speech" / "dev"

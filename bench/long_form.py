@@ -99,7 +99,7 @@ async def measure(url: str, long_file: bytes, clips: list[tuple[bytes, float]], 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    from app.devserver import serve
+    from bench.server_process import serve
 
     print(f"$ python -m bench.long_form {' '.join(sys.argv[1:] if argv is None else argv)}")
     print(f"{common.cpu_model()}; {dt.date.today().isoformat()}; others' CPU "

@@ -28,7 +28,7 @@ import soundfile as sf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.devserver import serve  # noqa: E402
+from bench.server_process import serve  # noqa: E402
 
 MIB = 1024 * 1024
 

@@ -29,7 +29,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.config import Settings  # noqa: E402
-from app.devserver import serve  # noqa: E402
+from bench.server_process import serve  # noqa: E402
 
 CLIP = Path(__file__).resolve().parents[1] / "tests" / "data" / "ljspeech-LJ001-0008.flac"
 

@@ -33,8 +33,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.devserver import serve  # noqa: E402
 from bench.concurrency import DEV_SET, FIXTURES  # noqa: E402
+from bench.server_process import serve  # noqa: E402
 
 MAX_CLIENTS = 64
 MAX_MINUTES = 60.0

@@ -137,7 +137,7 @@ def _reset_peak(pid: int) -> None:
 def run_ours(args: argparse.Namespace, inputs: list[Input], log: Path) -> list[Row]:
     import httpx
 
-    from app.devserver import serve
+    from bench.server_process import serve
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("WHISPER_")}
     env.update(WHISPER_ENGINES_DIR=str(common.engine_dir(args.model).parent),

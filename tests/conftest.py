@@ -21,6 +21,7 @@ import pytest
 
 from app.decoding.options import TranscribeOptions
 from app.decoding.results import Segment, TranscriptionResult, Word
+from app.decoding.transcribe import SegmentCallback
 from app.engine.config import EngineConfig, ModelDims, SpecialTokens
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -173,6 +174,7 @@ class FakeRuntime:
         options: TranscribeOptions,
         *,
         duration_limit_s: float | None = None,
+        on_segment: SegmentCallback | None = None,
     ) -> TranscriptionResult:
         self.calls.append((audio, options, duration_limit_s))
         self.entered.set()
@@ -184,6 +186,8 @@ class FakeRuntime:
             except asyncio.CancelledError:
                 self.cancelled = True
                 raise
+        for segment in self.result.segments if on_segment is not None else ():
+            await on_segment(segment)
         return self.result
 
     def queue_depth(self) -> int:

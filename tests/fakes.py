@@ -24,7 +24,8 @@ from app.engine.config import EngineConfig, ModelDims
 from app.engine.convert.tokenizer_info import expected_special_tokens
 from app.engine.torch_engine import TorchEngine
 from app.engine.torch_model import WhisperModel
-from app.scheduler.decode_loop import DecodeLoop
+from app.scheduler.rows import RowPlan
+from app.scheduler.scheduler import SchedulerOptions
 
 ENGLISH_VOCAB = 51864
 #: special ids of an English-only vocabulary (eot 50256 ... timestamp_begin 50363)
@@ -128,6 +129,10 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+#: Scheduler options for tests: windows are admitted at once, without a batch-gathering pause.
+NO_WAIT = SchedulerOptions(batch_wait_ms=0)
+
+
 @dataclass
 class FakeLoop:
     """Stands in for DecodeLoop under the scheduler: `rows` rows, every admitted window finishes
@@ -136,24 +141,20 @@ class FakeLoop:
 
     rows: int = 1
     fault: Callable[[str, list[WindowTask]], None] = lambda phase, tasks: None
-    owner: list[object] = field(default_factory=list)
     active: list[SimpleNamespace] = field(default_factory=list)
     admitted: list[WindowTask] = field(default_factory=list)
+    cancelled: list[WindowTask] = field(default_factory=list)
     most_active: int = 0
-
-    def __post_init__(self) -> None:
-        self.owner = [None] * self.rows
 
     def rows_in_use(self) -> int:
         return sum(rows_needed(w.task.options) for w in self.active)
 
-    def placement_plan(self) -> list[bool]:
+    def plan(self) -> RowPlan:
         used = self.rows_in_use()
-        return [r < used for r in range(self.rows)]
+        return RowPlan([r < used for r in range(self.rows)])
 
-    reserve = staticmethod(DecodeLoop.reserve)
-
-    def admit(self, tasks: list[WindowTask]) -> list[tuple[WindowTask, WindowResult]]:
+    def admit(self, tasks: list[WindowTask], plan: RowPlan | None = None
+              ) -> list[tuple[WindowTask, WindowResult]]:
         self.fault("admit", [w.task for w in self.active] + tasks)
         self.admitted.extend(tasks)
         self.active.extend(SimpleNamespace(task=t) for t in tasks)
@@ -163,6 +164,13 @@ class FakeLoop:
     def step(self) -> list[tuple[WindowTask, WindowResult]]:
         self.fault("step", [w.task for w in self.active])
         done = [(w.task, WindowResult(list(w.task.previous_tokens), -1.0, -0.5, 0.1, 0.0, "en"))
-                for w in self.active if not getattr(w.task.handle, "cancelled", False)]
+                for w in self.active]
         self.active = []
         return done
+
+    def cancel(self, task: WindowTask) -> None:
+        self.cancelled.append(task)
+        self.active = [w for w in self.active if w.task is not task]
+
+    def reset(self) -> None:
+        self.active = []

@@ -24,14 +24,15 @@ import websockets
 from conftest import make_engine_config, make_result, started_port
 from test_e2e_server import STARTUP_TIMEOUT_S, Server, _server_env
 
-from app.audio.constants import SAMPLE_RATE
 from app.audio.decode import decode_audio
 from app.audio.pcm import float_to_pcm16, pcm16_to_wav
 from app.audio.resample import resample
+from app.constants import SAMPLE_RATE
 from app.decoding.options import TranscribeOptions
 from app.decoding.results import TranscriptionResult
-from app.devserver import ServerStartError
-from app.devserver import serve as serve_subprocess
+from app.decoding.transcribe import SegmentCallback
+from bench.server_process import ServerStartError
+from bench.server_process import serve as serve_subprocess
 
 DATA = Path(__file__).parent / "data"
 SCRIPT = [
@@ -102,6 +103,7 @@ class ScriptedRuntime:
         options: TranscribeOptions,
         *,
         duration_limit_s: float | None = None,
+        on_segment: SegmentCallback | None = None,
     ) -> TranscriptionResult:
         seconds = len(audio) / SAMPLE_RATE
         greedy = is_greedy(options)
@@ -123,7 +125,10 @@ class ScriptedRuntime:
         if self.error is not None and not greedy:
             raise self.error
         text = self.text_for(seconds) + ("" if greedy else self.final_suffix)
-        return make_result(" " + text, duration=seconds)
+        result = make_result(" " + text, duration=seconds)
+        for segment in result.segments if on_segment is not None else ():
+            await on_segment(segment)
+        return result
 
     def queue_depth(self) -> int:
         return 0

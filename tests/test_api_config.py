@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from app.config import Settings
+from app.runtime import RuntimeOptions
 
 
 def test_defaults(clean_env) -> None:
@@ -17,7 +19,7 @@ def test_defaults(clean_env) -> None:
     assert settings.default_model_name == "tiny.en"
     assert settings.api_key is None
     assert settings.max_upload_bytes == 25 * 1024 * 1024
-    assert settings.runtime_options.max_batch_size is None  # the device's default
+    assert RuntimeOptions.from_settings(settings).max_batch_size is None  # the device's default
 
 
 def test_environment(clean_env, monkeypatch) -> None:
@@ -46,7 +48,7 @@ def test_environment(clean_env, monkeypatch) -> None:
     assert settings.api_key is not None and settings.api_key.get_secret_value() == "k"
     assert settings.cors_origins == ["https://a.example", "https://b.example"]
     assert settings.log_level == "debug"
-    options = settings.runtime_options
+    options = RuntimeOptions.from_settings(settings)
     assert (options.device, options.compute_dtype) == ("cuda:1", "bfloat16")
     assert (options.max_batch_size, options.max_queue_windows, options.batch_wait_ms) == (
         64,
@@ -54,6 +56,11 @@ def test_environment(clean_env, monkeypatch) -> None:
         2.5,
     )
     assert options.int8_cross_kv is True and options.cuda_graphs is False
+
+
+def test_runtime_options_default_to_the_settings_defaults(clean_env) -> None:
+    assert all(option.name in Settings.model_fields for option in fields(RuntimeOptions))
+    assert RuntimeOptions() == RuntimeOptions.from_settings(Settings())
 
 
 def test_empty_api_key_disables_auth(clean_env, monkeypatch) -> None:

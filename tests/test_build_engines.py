@@ -26,7 +26,6 @@ from helpers_checkpoints import (
 from safetensors.torch import load_file
 
 import build_engines
-from app.decoding.languages import LANGUAGES, TO_LANGUAGE_CODE, to_language_code
 from app.engine.config import EngineConfig, load_engine_config
 from app.engine.convert import writer
 from app.engine.convert.build import BuildOptions, BuildResult, build_engine
@@ -39,6 +38,7 @@ from app.engine.convert.tokenizer_info import (
     special_tokens,
 )
 from app.errors import CheckpointError, EngineError
+from app.languages import LANGUAGES, TO_LANGUAGE_CODE, to_language_code
 
 
 @dataclass(frozen=True)

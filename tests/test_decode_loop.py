@@ -15,7 +15,6 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -40,8 +39,8 @@ from app.engine.torch_engine import TorchEngine
 from app.engine.torch_model import WhisperModel
 from app.errors import QueueFullError, ShuttingDownError
 from app.scheduler.decode_loop import DecodeLoop
-from app.scheduler.scheduler import Scheduler
-from tests.fakes import FakeLoop
+from app.scheduler.scheduler import Scheduler, SchedulerOptions, Ticket
+from tests.fakes import NO_WAIT, FakeLoop
 
 AUDIO_CTX = 250  # encoder positions; the mel has twice as many frames
 FRAMES = 2 * AUDIO_CTX
@@ -312,12 +311,11 @@ def test_cancelled_window_is_dropped_and_its_rows_freed(engine: TorchEngine, alo
     specs = [Spec(1, GREEDY), Spec(2, BEAM, tokens(2)), Spec(3, GREEDY)]
     loop = DecodeLoop(engine, TOKENIZER)
     tasks = [s.task() for s in specs]
-    for task in tasks:
-        task.handle = SimpleNamespace(cancelled=False)
     done = loop.admit(tasks)
     done += loop.step() + loop.step()
     assert loop.rows_in_use() == 5
-    tasks[1].handle.cancelled = True  # type: ignore[union-attr]
+    loop.cancel(tasks[1])
+    assert loop.rows_in_use() == 2 and loop.span() == 2  # freed and compacted at once
     done += loop.step()
     assert all(w.task is not tasks[1] for w in loop.active)
     assert loop.rows_in_use() == 2 and loop.span() == 2
@@ -367,19 +365,31 @@ def test_previous_text_is_cut_to_half_the_context(engine: TorchEngine) -> None:
 
 def test_admission_respects_the_rows(engine: TorchEngine) -> None:
     loop = DecodeLoop(engine, TOKENIZER)
-    with pytest.raises(ValueError, match="rows"):
-        loop.can_admit(Spec(1, replace(BEAM, beam_size=17)).task())
+    assert loop.rows == 16 and loop.plan().place(Spec(1, replace(BEAM, beam_size=17)).task()) is None
     tasks = [Spec(i, BEAM).task() for i in range(5)]  # 15 of 16 rows
     loop.admit(tasks)
     assert loop.rows_in_use() == 15
-    assert loop.can_admit(Spec(7, GREEDY).task())
-    assert not loop.can_admit(Spec(8, BEAM).task())
+    assert loop.plan().place(Spec(7, GREEDY).task()) == 15
+    assert loop.plan().place(Spec(8, BEAM).task()) is None
     with pytest.raises(RuntimeError):
         loop.admit([Spec(8, BEAM).task()])
     for task in tasks:
-        task.handle = SimpleNamespace(cancelled=True)
+        loop.cancel(task)
     assert loop.step() == []
-    assert loop.rows_in_use() == 0 and loop.can_admit(Spec(8, BEAM).task())
+    assert loop.rows_in_use() == 0 and loop.plan().place(Spec(8, BEAM).task()) == 0
+
+
+def test_admit_puts_windows_where_the_plan_placed_them(engine: TorchEngine) -> None:
+    loop = DecodeLoop(engine, TOKENIZER)
+    first, second = Spec(1, BEAM).task(), Spec(2, GREEDY).task()
+    plan = loop.plan()
+    assert plan.place(first) == 0 and plan.place(second) == 3
+    loop.admit([second], plan)  # the plan's rows, not the first free ones
+    assert [(w.start, w.n_rows) for w in loop.active] == [(3, 1)]
+    loop.admit([first], plan)
+    assert sorted((w.start, w.n_rows) for w in loop.active) == [(0, 3), (3, 1)]
+    with pytest.raises(RuntimeError, match="without room"):
+        loop.admit([first], plan)  # its planned rows are taken now
 
 
 # --- the runner: rows at different positions, int8 cross-K/V ----------------------------------
@@ -465,7 +475,7 @@ def stopper() -> Iterator[list[Scheduler]]:
 
 
 def test_submit_beyond_the_queue_bound_raises_queue_full() -> None:
-    scheduler = Scheduler(FakeLoop(), model_name="test", max_queue_windows=2)  # type: ignore[arg-type]
+    scheduler = Scheduler(FakeLoop(), model_name="test", options=SchedulerOptions(max_queue_windows=2))
     scheduler.submit_nowait(labelled(1), "a")
     scheduler.submit_nowait(labelled(2), "b")
     with pytest.raises(QueueFullError) as info:
@@ -483,7 +493,7 @@ def saturation(model: str) -> float:
 
 def test_saturation_is_the_larger_of_rows_and_queue_in_use(stopper: list[Scheduler]) -> None:
     loop = FakeLoop(rows=4)
-    scheduler = Scheduler(loop, model_name="saturation", max_queue_windows=4, batch_wait_ms=0)  # type: ignore[arg-type]
+    scheduler = Scheduler(loop, model_name="saturation", options=SchedulerOptions(max_queue_windows=4, batch_wait_ms=0))
     tickets = [scheduler.submit_nowait(labelled(i), f"r{i}") for i in range(3)]
     assert saturation("saturation") == 0.75  # 3 of 4 queue places, no rows yet
     scheduler._publish_rows(4)  # what the engine thread reports with every row taken
@@ -499,7 +509,7 @@ def test_saturation_is_the_larger_of_rows_and_queue_in_use(stopper: list[Schedul
 
 def test_round_robin_across_requests(stopper: list[Scheduler]) -> None:
     loop = FakeLoop(rows=1)  # one window at a time: the admission order is the service order
-    scheduler = Scheduler(loop, model_name="test", batch_wait_ms=0)  # type: ignore[arg-type]
+    scheduler = Scheduler(loop, model_name="test", options=NO_WAIT)
     tickets = [scheduler.submit_nowait(labelled(10 + i), "long") for i in range(4)]
     tickets += [scheduler.submit_nowait(labelled(20 + i), "medium") for i in range(2)]
     tickets += [scheduler.submit_nowait(labelled(30), "short")]
@@ -512,7 +522,7 @@ def test_round_robin_across_requests(stopper: list[Scheduler]) -> None:
 
 async def test_cancelling_a_waiting_submit_withdraws_its_window(stopper: list[Scheduler]) -> None:
     loop = FakeLoop()
-    scheduler = Scheduler(loop, model_name="test", batch_wait_ms=0)  # type: ignore[arg-type]
+    scheduler = Scheduler(loop, model_name="test", options=NO_WAIT)
     withdrawn = labelled(1)
     waiter = asyncio.create_task(scheduler.submit(withdrawn, "gone"))
     await asyncio.sleep(0)
@@ -521,7 +531,6 @@ async def test_cancelling_a_waiting_submit_withdraws_its_window(stopper: list[Sc
     with pytest.raises(asyncio.CancelledError):
         await waiter
     assert scheduler.queue_depth() == 0
-    assert getattr(withdrawn.handle, "cancelled", False)
     stopper.append(scheduler)
     scheduler.start()
     kept = labelled(2)
@@ -530,11 +539,44 @@ async def test_cancelling_a_waiting_submit_withdraws_its_window(stopper: list[Sc
     assert loop.admitted == [kept]
 
 
+class RunningLoop(FakeLoop):
+    """A FakeLoop whose windows never finish: they stay in the loop until cancelled."""
+
+    def step(self) -> list[tuple[WindowTask, WindowResult]]:
+        time.sleep(0.001)
+        return []
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.005)
+
+
+async def test_cancelling_a_running_submit_frees_its_rows(stopper: list[Scheduler]) -> None:
+    loop = RunningLoop(rows=1)
+    scheduler = Scheduler(loop, model_name="test", options=NO_WAIT)
+    stopper.append(scheduler)
+    scheduler.start()
+    first, second = labelled(1), labelled(2)
+    running = asyncio.create_task(scheduler.submit(first, "gone"))
+    await until(lambda: loop.admitted == [first])
+    waiting = asyncio.create_task(scheduler.submit(second, "next"))
+    await until(lambda: scheduler.queue_depth() == 1)  # the only row is taken
+    running.cancel()
+    await until(lambda: loop.admitted == [first, second])  # the row was freed for it
+    assert loop.cancelled == [first]
+    waiting.cancel()
+    await until(lambda: not loop.active)
+    assert loop.cancelled == [first, second]
+
+
 async def test_an_answered_window_is_freed_without_the_cycle_collector(
         engine: TorchEngine, stopper: list[Scheduler]) -> None:
     # A finished window's mel and encoder output are megabytes: held in a reference cycle, they
     # pile up under load until the cyclic collector happens to run.
-    scheduler = Scheduler(DecodeLoop(engine, TOKENIZER), model_name="test", batch_wait_ms=0)
+    scheduler = Scheduler(DecodeLoop(engine, TOKENIZER), model_name="test", options=NO_WAIT)
     stopper.append(scheduler)
     scheduler.start()
     task = Spec(11).task(keep_features=True)
@@ -554,7 +596,7 @@ async def test_an_answered_window_is_freed_without_the_cycle_collector(
 
 def test_stop_finishes_every_accepted_window() -> None:
     loop = FakeLoop(rows=1)
-    scheduler = Scheduler(loop, model_name="test", batch_wait_ms=0)  # type: ignore[arg-type]
+    scheduler = Scheduler(loop, model_name="test", options=NO_WAIT)
     tickets = [scheduler.submit_nowait(labelled(i), f"r{i % 2}") for i in range(5)]
     scheduler.start()
     scheduler.stop(timeout=10)
@@ -566,7 +608,7 @@ def test_stop_finishes_every_accepted_window() -> None:
 
 async def test_scheduler_with_the_real_loop_matches_alone(engine: TorchEngine, alone: Alone,
                                                          stopper: list[Scheduler]) -> None:
-    scheduler = Scheduler(DecodeLoop(engine, TOKENIZER), model_name="test", batch_wait_ms=0)
+    scheduler = Scheduler(DecodeLoop(engine, TOKENIZER), model_name="test", options=NO_WAIT)
     stopper.append(scheduler)
     scheduler.start()
     specs = {"a": [Spec(1, BEAM), Spec(2, GREEDY, tokens(3))], "b": [Spec(3, GREEDY, tokens(7, 900))]}
@@ -600,13 +642,38 @@ def test_scheduler_admits_only_into_contiguous_free_rows(model: WhisperModel,
     # precondition: two free rows (0 and 4), but no two adjacent ones
     assert [(w.start, w.n_rows) for w in loop.active] == [(1, 3)]
     assert loop.rows_in_use() == 3
-    scheduler = Scheduler(loop, model_name="test", batch_wait_ms=0)
+    scheduler = Scheduler(loop, model_name="test", options=NO_WAIT)
     sampled = Spec(3, WindowOptions(temperature=0.5, best_of=2, max_new_tokens=3)).task()
     ticket = scheduler.submit_nowait(sampled, "request")  # needs 2 adjacent rows
     stopper.append(scheduler)
     scheduler.start()
     result = ticket.future.result(timeout=60)  # RuntimeError: admit() called without room
     assert 0 < len(result.tokens) <= 3
+
+
+def test_a_window_withdrawn_while_others_join_leaves_them_their_planned_rows(
+        model: WhisperModel) -> None:
+    loop = DecodeLoop(random_engine(model, max_rows=4, config=CONFIG), TOKENIZER)
+    short = Spec(1, replace(GREEDY, max_new_tokens=2)).task()
+    withdrawn = Spec(2, replace(GREEDY, max_new_tokens=60)).task()
+    tail = Spec(3, replace(BEAM, beam_size=2, max_new_tokens=60)).task()
+    done = loop.admit([short, withdrawn, tail])  # rows: short 0, withdrawn 1, tail 2-3
+    while not done:
+        done += loop.step()
+    # a hole too small for the tail stays below it
+    assert sorted((w.start, w.n_rows) for w in loop.active) == [(1, 1), (2, 2)]
+    scheduler = Scheduler(loop, model_name="test", options=NO_WAIT)
+    withdrawn_ticket, tail_ticket = Ticket(withdrawn, "withdrawn"), Ticket(tail, "tail")
+    scheduler._in_flight.update({id(t.task): t for t in (withdrawn_ticket, tail_ticket)})
+    joining = Spec(4, replace(GREEDY, max_new_tokens=60)).task()
+    scheduler.submit_nowait(joining, "joining")
+    tickets, plan = scheduler._take_round_robin()
+    assert plan.start_of(joining) == 0
+    withdrawn_ticket.cancelled = True
+    # freeing row 1 first would let the tail move down into rows 0-1, where the plan put
+    # `joining`: admit() would find them taken and fail the whole step
+    scheduler._admit_and_step(tickets, plan, [withdrawn_ticket])
+    assert sorted((w.start, w.task is joining) for w in loop.active) == [(0, True), (2, False)]
 
 
 # --- trimmed audio context (streaming partials) ------------------------------------------------

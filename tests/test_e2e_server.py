@@ -24,7 +24,7 @@ import openai
 import pytest
 from conftest import REPO_ROOT, TEST_DATA
 
-from app.devserver import ServerStartError, free_port, serve
+from bench.server_process import ServerStartError, free_port, serve
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -18,7 +18,7 @@ from app.decoding.options import WindowOptions
 from app.decoding.window import WindowTask
 from app.errors import EngineStepError
 from app.scheduler.scheduler import Scheduler, is_out_of_memory
-from tests.fakes import FakeLoop
+from tests.fakes import NO_WAIT, FakeLoop
 
 GREEDY = WindowOptions(beam_size=1, max_new_tokens=4)
 POISON = 99  # a window labelled so makes the fault fire whenever it is in the batch
@@ -41,7 +41,7 @@ def schedulers() -> Iterator[list[Scheduler]]:
 
 
 def run(loop: FakeLoop, labels: dict[str, list[int]], started: list[Scheduler]) -> dict:
-    scheduler = Scheduler(loop, model_name="test", batch_wait_ms=0)  # type: ignore[arg-type]
+    scheduler = Scheduler(loop, model_name="test", options=NO_WAIT)
     tickets = {
         n: scheduler.submit_nowait(labelled(n), request)
         for request, ns in labels.items()

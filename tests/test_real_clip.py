@@ -21,8 +21,8 @@ import pytest
 from fakes import torch_threads
 from whisper_normalizer.english import EnglishTextNormalizer
 
-from app.audio.constants import SAMPLE_RATE
 from app.audio.decode import decode_audio
+from app.constants import SAMPLE_RATE
 from app.decoding.options import TranscribeOptions
 from app.decoding.results import TranscriptionResult
 from app.runtime import ModelRuntime, RuntimeOptions, load_runtime

@@ -36,8 +36,8 @@ from realtime_helpers import Client, clip_pcm24
 from test_e2e_server import CLIPS, wer
 from test_e2e_server import engine_dir as engine_dir  # noqa: F401 (the fixture, reused)
 
-from app.devserver import free_port
-from app.devserver import stop as stop_process
+from bench.server_process import free_port
+from bench.server_process import stop as stop_process
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -40,7 +40,7 @@ def segment(index: int, text: str) -> Segment:
 
 
 class SegmentRuntime(FakeRuntime):
-    """A runtime whose transcribe() forwards `on_segment`, as the transcriber offers it.
+    """A runtime that sends each of `texts` to `on_segment` as a segment of its own.
 
     After the first segment it waits for `release`, so a test can check that the first
     delta reached the client while the transcription was still running.
@@ -52,7 +52,7 @@ class SegmentRuntime(FakeRuntime):
         self.release = asyncio.Event()
         self.error_after_first = error_after_first
 
-    async def transcribe(  # type: ignore[override]
+    async def transcribe(
         self,
         audio: np.ndarray,
         options: TranscribeOptions,
@@ -78,7 +78,7 @@ class SegmentRuntime(FakeRuntime):
         return TranscriptionResult(text=text, segments=segments, language="en", duration=3.0)
 
 
-async def test_stream_without_segment_callback_sends_deltas_then_done(
+async def test_stream_sends_a_delta_per_segment_then_done(
     make_client, wav_bytes
 ) -> None:
     runtime = FakeRuntime(result=make_result(" Hello world."))

@@ -18,10 +18,10 @@ import soundfile as sf
 import torch
 from fakes import SPECIAL, fake_tokenizer, torch_threads
 
-from app.audio.constants import HOP_LENGTH, N_FRAMES, SAMPLE_RATE
 from app.audio.features import log_mel_spectrogram, pad_or_trim
-from app.audio.vad import chunk_at_pauses, speech_regions
-from app.decoding.options import TranscribeOptions, VadOptions, WindowOptions
+from app.audio.vad import VadOptions, chunk_at_pauses, speech_regions
+from app.constants import HOP_LENGTH, N_FRAMES, SAMPLE_RATE
+from app.decoding.options import TranscribeOptions, WindowOptions
 from app.decoding.repetition import compression_ratio
 from app.decoding.results import TranscriptionResult
 from app.decoding.transcribe import (

@@ -80,9 +80,10 @@ def test_lengths_apply_to_every_query_of_a_row() -> None:
 
 def test_the_setting_reaches_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
     from app.config import Settings
+    from app.runtime import RuntimeOptions
 
     monkeypatch.setenv("WHISPER_CUDA_TRIMMED_CONTEXT", "1")
-    assert Settings().runtime_options.cuda_trimmed_context
+    assert RuntimeOptions.from_settings(Settings()).cuda_trimmed_context
     # a CPU engine trims whatever the setting says (cross_runs carry each window's length)
     assert random_engine(random_model(seed=4), 4).trims_audio_context
 

@@ -30,14 +30,6 @@ class AuthenticationError(WhisperServeError):
     code = "invalid_api_key"
 
 
-class ModelNotFoundError(InvalidRequestError):
-    status_code = 404
-    code = "model_not_found"
-
-    def __init__(self, model: str) -> None:
-        super().__init__(f"The model '{model}' does not exist", param="model")
-
-
 class UploadTooLargeError(InvalidRequestError):
     status_code = 413
     code = "upload_too_large"

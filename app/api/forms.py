@@ -8,10 +8,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from app.api.registry import ServedModel
 from app.api.upload import MultipartForm
+from app.audio.vad import VadOptions
 from app.config import Settings
-from app.decoding.languages import LANGUAGES
 from app.decoding.options import DEFAULT_TEMPERATURES, Task, TranscribeOptions, WindowOptions
 from app.errors import InvalidRequestError
+from app.languages import LANGUAGES
 
 ResponseFormat = Literal["json", "text", "srt", "vtt", "verbose_json"]
 Granularity = Literal["word", "segment"]
@@ -91,6 +92,18 @@ def resolve_language(language: str | None, model: ServedModel) -> str | None:
     return code
 
 
+def vad_options(settings: Settings) -> VadOptions | None:
+    """Speech gating for requests, or None with WHISPER_VAD=false."""
+    if not settings.vad:
+        return None
+    return VadOptions(
+        threshold=settings.vad_threshold,
+        min_speech_ms=settings.vad_min_speech_ms,
+        min_silence_ms=settings.vad_min_silence_ms,
+        speech_pad_ms=settings.vad_speech_pad_ms,
+    )
+
+
 def build_transcribe_options(
     form: TranscriptionForm, *, task: Task, model: ServedModel, settings: Settings
 ) -> TranscribeOptions:
@@ -111,5 +124,5 @@ def build_transcribe_options(
         initial_prompt=form.prompt or None,
         word_timestamps="word" in form.timestamp_granularities,
         long_form="vad" if settings.vad_long_form else "sequential",
-        vad=settings.vad_options,
+        vad=vad_options(settings),
     )

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
-from app.config import OPENAI_ALIAS
+from app.constants import OPENAI_ALIAS
 
 ERROR_SCHEMA = "ErrorResponse"
 _ERROR_REF = {"$ref": f"#/components/schemas/{ERROR_SCHEMA}"}
@@ -122,12 +122,11 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
     return schema
 
 
-def install(app: FastAPI) -> None:
-    """Serve `build_openapi`'s document at /openapi.json (built once, on first request)."""
+class DocumentedApp(FastAPI):
+    """The service's FastAPI app: /openapi.json serves `build_openapi`'s document (built once,
+    on first request, when every route is in place)."""
 
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            app.openapi_schema = build_openapi(app)
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None:
+            self.openapi_schema = build_openapi(self)
+        return self.openapi_schema

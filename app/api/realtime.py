@@ -13,20 +13,26 @@ import hmac
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, WebSocket
 from starlette.datastructures import State
 
 from app import metrics
 from app.api.errors import error_response
+from app.api.forms import TranscriptionForm, build_transcribe_options
 from app.api.registry import ModelRegistry, Phase
 from app.config import Settings
+from app.decoding.options import TranscribeOptions
 from app.server.lifecycle import Lifecycle
 from app.streaming.budget import PartialBudget
 from app.streaming.events import ErrorDetail, ErrorEvent, ProtocolError
+from app.streaming.options import ModelResolver
 from app.streaming.outbox import Outbox, SlowClientError
 from app.streaming.session import TranscriptionSession
+
+if TYPE_CHECKING:  # app.runtime imports torch, which must not load with the API modules
+    from app.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +172,20 @@ async def _refuse_busy(websocket: WebSocket, limit: int) -> None:
         await asyncio.wait_for(websocket.close(TRY_AGAIN_LATER, "server busy"), DRAIN_TIMEOUT_S)
 
 
+def _upload_decoding(registry: ModelRegistry, settings: Settings) -> ModelResolver:
+    """A session's finals are decoded as uploads are: the same model lookup, the same options."""
+
+    def resolve(
+        *, model: str | None, language: str | None, prompt: str | None
+    ) -> tuple[Runtime, TranscribeOptions]:
+        served = registry.resolve(model)
+        form = TranscriptionForm(language=language, prompt=prompt)
+        options = build_transcribe_options(form, task="transcribe", model=served, settings=settings)
+        return served.runtime, options
+
+    return resolve
+
+
 async def _run_session(websocket: WebSocket, settings: Settings, registry: ModelRegistry) -> None:
     outbox = Outbox(
         websocket.send_text,
@@ -173,7 +193,7 @@ async def _run_session(websocket: WebSocket, settings: Settings, registry: Model
         send_timeout_s=settings.realtime_send_timeout_s,
     )
     session = TranscriptionSession(
-        registry=registry,
+        resolve=_upload_decoding(registry, settings),
         settings=settings,
         emit=outbox.put,
         budget=_partial_budget(websocket.app.state, settings),

@@ -16,16 +16,16 @@ from app.api.disconnect import ClientDisconnected, cancel_on_disconnect
 from app.api.errors import CLIENT_CLOSED_REQUEST
 from app.api.forms import TranscriptionForm, build_transcribe_options
 from app.api.registry import ModelRegistry, Phase
+from app.api.sse import check_streamable, stream_transcription
 from app.api.upload import read_multipart_form
 from app.audio.budget import AudioBudget, AudioLease
-from app.audio.constants import SAMPLE_RATE
 from app.audio.decode import decode_audio
 from app.config import Settings
+from app.constants import OPENAI_ALIAS, SAMPLE_RATE
 from app.decoding.options import Task
 from app.errors import InvalidRequestError, ShuttingDownError
 from app.formats import render
 from app.server import memory
-from app.streaming.sse import check_streamable, stream_transcription
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ router = APIRouter(prefix="/v1/audio", tags=["audio"], dependencies=[Depends(req
 def _form_schema(*, streams: bool) -> dict:
     properties: dict[str, object] = {
         "file": {"type": "string", "format": "binary"},
-        "model": {"type": "string", "default": "whisper-1"},
+        "model": {"type": "string", "default": OPENAI_ALIAS},
         "language": {"type": "string"},
         "prompt": {"type": "string"},
         "response_format": {

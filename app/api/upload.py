@@ -15,10 +15,11 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
 from app.api.errors import UploadTooLargeError
+from app.constants import MIB
 from app.errors import InvalidRequestError
 
 #: Room for the multipart framing and the small text fields on top of the file limit.
-FORM_OVERHEAD_BYTES = 1024 * 1024
+FORM_OVERHEAD_BYTES = MIB
 MAX_FIELD_BYTES = 64 * 1024
 MAX_PARTS = 64
 
@@ -45,7 +46,7 @@ class MultipartForm:
 
 def _too_large(limit: int) -> UploadTooLargeError:
     return UploadTooLargeError(
-        f"Maximum upload size is {limit / (1024 * 1024):g} MB; the request body is larger.",
+        f"Maximum upload size is {limit / MIB:g} MB; the request body is larger.",
         param="file",
     )
 

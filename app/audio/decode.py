@@ -17,15 +17,17 @@ from typing import BinaryIO
 
 try:
     import av
+
+    HAVE_PYAV = True
 except ImportError:  # minimal installs (a GPU image without PyAV): soundfile's formats only
-    av = None  # type: ignore[assignment]
+    HAVE_PYAV = False
 import numpy as np
 import soundfile as sf
 
-from app.audio.constants import SAMPLE_RATE
 from app.audio.pcm import pcm16_to_float
 from app.audio.resample import StreamResampler, resample
 from app.audio.sniff import SNIFF_BYTES, is_audio_or_video, sniff_media
+from app.constants import SAMPLE_RATE
 from app.errors import (
     AudioBudgetError,
     AudioDecodeError,
@@ -209,7 +211,7 @@ def _describe(exc: BaseException) -> str:
     """The library's own short reason, without object reprs or errno noise."""
     if isinstance(exc, sf.LibsndfileError):
         return exc.error_string
-    if av is not None and isinstance(exc, av.error.FFmpegError) and exc.strerror:
+    if HAVE_PYAV and isinstance(exc, av.error.FFmpegError) and exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__
 
@@ -287,7 +289,7 @@ def _av_header_duration(container: av.container.InputContainer, stream: av.Audio
 
 
 def _decode_av(src: _Source, out: _Collector) -> None:
-    if av is None:
+    if not HAVE_PYAV:
         raise _NotDecodable("PyAV is not installed, so only soundfile's formats can be read")
     try:
         container = av.open(src.handle(), mode="r", metadata_errors="ignore")

@@ -13,8 +13,8 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from app.audio.constants import HOP_LENGTH, N_FFT, N_FRAMES
 from app.audio.mel import mel_filters
+from app.constants import HOP_LENGTH, N_FFT, N_FRAMES
 
 #: log10 floor for the mel power, and the dynamic range kept below the loudest bin.
 _LOG_FLOOR: float = 1e-10

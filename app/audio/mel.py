@@ -12,7 +12,7 @@ import functools
 import numpy as np
 import torch
 
-from app.audio.constants import N_FFT, SAMPLE_RATE
+from app.constants import N_FFT, SAMPLE_RATE
 
 # Slaney's auditory-toolbox mel scale: linear (3 mels per 200 Hz) below 1 kHz, then
 # logarithmic with 27 mels per factor of 6.4 in frequency.

@@ -27,15 +27,15 @@ from __future__ import annotations
 import importlib.util
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from app.audio.constants import SAMPLE_RATE
-from app.decoding.options import VadOptions
+from app.constants import CHUNK_LENGTH, SAMPLE_RATE
 
 if TYPE_CHECKING:  # torch loads with the first model, not with the API modules
     import torch
@@ -51,6 +51,22 @@ SILENT_PEAK = 1e-4
 SKIP_SILENT_FRAMES = 16
 #: Frames scored per model call offline: bounds the intermediate tensors (~10 MB) for any length.
 BLOCK_FRAMES = 4096
+
+
+@dataclass(frozen=True)
+class VadOptions:
+    """Speech gating with Silero VAD; faster-whisper's `vad_filter` defaults."""
+
+    #: Silero speech probability at or above which a frame starts speech.
+    threshold: float = 0.5
+    #: Below this probability a frame counts as silence (None: threshold - 0.15).
+    neg_threshold: float | None = None
+    #: Speech regions shorter than this are dropped (clicks, coughs).
+    min_speech_ms: int = 250
+    #: A region ends only after this much silence; shorter pauses stay inside it.
+    min_silence_ms: int = 2000
+    #: Audio kept on each side of a region, so no word onset or tail is clipped.
+    speech_pad_ms: int = 400
 
 
 def _model_path() -> Path:
@@ -259,7 +275,7 @@ def merge_into_chunks(regions: list[tuple[int, int]], max_samples: int) -> list[
 def chunk_at_pauses(
     audio: np.ndarray,
     *,
-    max_chunk_s: float = 30.0,
+    max_chunk_s: float = CHUNK_LENGTH,
     options: VadOptions | None = None,
     device: torch.device | str | None = None,
 ) -> list[tuple[int, int]]:
@@ -387,10 +403,3 @@ class StreamingVad:
             self._silence_since = None
             return VadEvent("speech_stopped", (index + 1) * FRAME_S)
         return None
-
-
-def iter_frames(audio: np.ndarray, frame_s: float = FRAME_S) -> Iterator[np.ndarray]:
-    """Consecutive pieces of `frame_s` seconds (tests and benches feed streams with it)."""
-    step = max(1, round(frame_s * SAMPLE_RATE))
-    for i in range(0, len(audio), step):
-        yield audio[i : i + step]

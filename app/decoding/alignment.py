@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from numpy.lib.stride_tricks import sliding_window_view
 from torch import Tensor
 
-from app.audio.constants import TOKENS_PER_SECOND
+from app.constants import TOKENS_PER_SECOND
 from app.decoding.results import Word
 
 #: Whisper's defaults for which punctuation joins the following / the previous word.

@@ -6,8 +6,11 @@ timestamps, conditioning on previous text), which reach the best accuracy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal
+
+from app.audio.vad import VadOptions
+from app.constants import MAX_NEW_TOKENS
 
 Task = Literal["transcribe", "translate"]
 
@@ -30,30 +33,11 @@ class WindowOptions:
     suppress_blank: bool = True
     #: None: the engine's default list (Whisper's "-1"); () disables; else explicit ids
     suppress_tokens: tuple[int, ...] | None = None
-    max_new_tokens: int = 224
+    max_new_tokens: int = MAX_NEW_TOKENS
     #: best-of sampling (temperature > 0) picks among the samples whose text compresses at or
     #: under this ratio when any does: the fallback rejects the others as repetition loops, which
     #: often have the best log-probability (TranscribeOptions.compression_ratio_threshold)
     compression_ratio_threshold: float | None = None
-
-    def with_temperature(self, temperature: float) -> WindowOptions:
-        return replace(self, temperature=temperature)
-
-
-@dataclass(frozen=True)
-class VadOptions:
-    """Speech gating with Silero VAD (app.audio.vad); faster-whisper's `vad_filter` defaults."""
-
-    #: Silero speech probability at or above which a frame starts speech.
-    threshold: float = 0.5
-    #: Below this probability a frame counts as silence (None: threshold - 0.15).
-    neg_threshold: float | None = None
-    #: Speech regions shorter than this are dropped (clicks, coughs).
-    min_speech_ms: int = 250
-    #: A region ends only after this much silence; shorter pauses stay inside it.
-    min_silence_ms: int = 2000
-    #: Audio kept on each side of a region, so no word onset or tail is clipped.
-    speech_pad_ms: int = 400
 
 
 @dataclass(frozen=True)
@@ -85,14 +69,12 @@ class TranscribeOptions:
     vad: VadOptions | None = None
 
     @classmethod
-    def greedy(cls, **overrides: object) -> TranscribeOptions:
+    def greedy(cls) -> TranscribeOptions:
         """Greedy, temperature 0, no fallback, no timestamps: the parity setting."""
-        window = WindowOptions(beam_size=1, without_timestamps=True)
-        base = cls(
-            window=window,
+        return cls(
+            window=WindowOptions(beam_size=1, without_timestamps=True),
             temperatures=(0.0,),
             compression_ratio_threshold=None,
             log_prob_threshold=None,
             condition_on_previous_text=False,
         )
-        return replace(base, **overrides)  # type: ignore[arg-type]

@@ -12,7 +12,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from app.constants import TIME_PRECISION
+from app.decoding.options import WindowOptions
 from app.decoding.tokenizer import WhisperTokenizer
+from app.engine.config import EngineConfig
 from app.engine.host_copy import device_tensor
 
 
@@ -25,6 +28,23 @@ class RowRules:
     suppress_begin: tuple[int, ...]  # ids suppressed at the first sampled position ((): off)
     timestamps: bool
     max_initial_timestamp_index: int | None
+
+    @classmethod
+    def for_window(cls, options: WindowOptions, config: EngineConfig) -> RowRules:
+        """The rules a window's options give, before it has sampled anything."""
+        suppress = options.suppress_tokens
+        if suppress is None:
+            suppress = tuple(config.suppress_tokens)
+        max_initial = None
+        if options.max_initial_timestamp is not None:
+            max_initial = round(options.max_initial_timestamp / TIME_PRECISION)
+        return cls(
+            sampled=[],
+            suppress=tuple(suppress),
+            suppress_begin=tuple(config.suppress_tokens_begin) if options.suppress_blank else (),
+            timestamps=not options.without_timestamps,
+            max_initial_timestamp_index=max_initial,
+        )
 
 
 def apply_rules(logits: Tensor, rows: list[RowRules], tokenizer: WhisperTokenizer,

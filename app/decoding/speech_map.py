@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from app.audio.constants import SAMPLE_RATE
+from app.constants import SAMPLE_RATE
 from app.decoding.results import Segment, Word
 
 

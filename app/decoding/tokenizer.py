@@ -12,10 +12,9 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as BpeTokenizer
 
+from app.constants import TIME_PRECISION
 from app.engine.config import EngineConfig, SpecialTokens
-
-# Scripts written without spaces between words: word timestamps split them per unicode character.
-NO_SPACE_LANGUAGES = {"zh", "ja", "th", "lo", "my", "yue"}
+from app.languages import NO_SPACE_LANGUAGES
 
 
 class WhisperTokenizer:
@@ -51,7 +50,7 @@ class WhisperTokenizer:
             if t >= self.timestamp_begin:
                 out.append(self.decode(text))
                 text = []
-                out.append(f"<|{(t - self.timestamp_begin) * 0.02:.2f}|>")
+                out.append(f"<|{(t - self.timestamp_begin) * TIME_PRECISION:.2f}|>")
             else:
                 text.append(t)
         out.append(self.decode(text))

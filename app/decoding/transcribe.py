@@ -21,20 +21,27 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from app.audio.constants import HOP_LENGTH, N_FRAMES, SAMPLE_RATE
 from app.audio.features import WindowedLogMel, log_mel_spectrogram, pad_or_trim
-from app.decoding.options import TranscribeOptions, VadOptions, WindowOptions
+from app.audio.vad import VadOptions
+from app.constants import (
+    CHUNK_LENGTH,
+    FRAMES_PER_SECOND,
+    HOP_LENGTH,
+    N_FRAMES,
+    SAMPLE_RATE,
+    TIME_PRECISION,
+    TOKENS_PER_SECOND,
+)
+from app.decoding.options import TranscribeOptions, WindowOptions
 from app.decoding.repetition import tokens_compression_ratio
 from app.decoding.results import Segment, TranscriptionResult, Word
 from app.decoding.speech_map import SpeechMap
 from app.decoding.tokenizer import WhisperTokenizer
 from app.decoding.window import WindowResult, WindowTask
 
-TIME_PRECISION = 0.02  # seconds per timestamp token
-INPUT_STRIDE = 2  # mel frames per encoder position
+INPUT_STRIDE = FRAMES_PER_SECOND // TOKENS_PER_SECOND  # mel frames per encoder position
 GPU_FEATURES_MAX_SECONDS = 600.0  # longer files: log-mel on the CPU (ModelContext.feature_device)
 EAGER_FEATURES_MAX_SECONDS = 120.0  # longer files on the CPU: log-mel window by window
-FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH
 TRIM_PADDING_FRAMES = 5 * FRAMES_PER_SECOND  # silence after a trimmed window's audio
 #: When a window leaves less audio than this after it, transcription stops there instead of
 #: decoding the sliver as a window of its own: conditioned on the text before it, Whisper tends to
@@ -202,7 +209,7 @@ class Transcriber:
         window = options.window
         if not self.ctx.multilingual:
             window = replace(window, language="en")
-        long_form_vad = options.long_form == "vad" and duration > N_FRAMES / FRAMES_PER_SECOND
+        long_form_vad = options.long_form == "vad" and duration > CHUNK_LENGTH
         if long_form_vad:
             segments, language, lang_prob = await self._transcribe_vad(audio, options, window)
             for segment in segments if on_segment is not None else ():
@@ -308,7 +315,7 @@ class Transcriber:
         from app.audio.vad import chunk_at_pauses
 
         chunks = await asyncio.to_thread(chunk_at_pauses, audio,
-                                         max_chunk_s=N_FRAMES / FRAMES_PER_SECOND,
+                                         max_chunk_s=CHUNK_LENGTH,
                                          options=options.vad or VadOptions(),
                                          device=self.ctx.feature_device)
         language_prob = None

@@ -16,8 +16,6 @@ class WindowTask:
     mel: Tensor  # [n_mels, 3000], already padded/trimmed
     options: WindowOptions
     previous_tokens: list[int] = field(default_factory=list)
-    #: filled in by the scheduler/decode loop; opaque to callers
-    handle: object | None = None
     #: keep the encoder output (word timestamps; a retry at a higher temperature)
     keep_audio_features: bool = False
     #: the encoder output of `mel` from an earlier attempt ([1, positions, d]): the window is

@@ -16,7 +16,7 @@ def language_name(code: str) -> str:
     try:
         # Imported late: the language table lives with the decoder, which formats must not
         # require at import time.
-        from app.decoding.languages import LANGUAGES
+        from app.languages import LANGUAGES
     except ImportError:
         return code
     key = code.lower()

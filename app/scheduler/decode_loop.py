@@ -1,9 +1,10 @@
 """The in-flight batching decode loop: windows join and leave a running batch between steps.
 
 Rows of the engine's preallocated caches are the unit of space. A window takes a contiguous run
-of rows (1 for greedy, beam_size or best_of otherwise). Every step decodes all occupied rows in
-one engine call; finished windows free their rows, the last windows move down into the holes
-(so the decoded span stays dense), and waiting windows are encoded and prefilled into free rows.
+of rows (1 for greedy, beam_size or best_of otherwise) where the scheduler's RowPlan put it
+(app.scheduler.rows). Every step decodes all occupied rows in one engine call; finished and
+cancelled windows free their rows, the last windows move down into the holes (so the decoded span
+stays dense), and waiting windows are encoded and prefilled into free rows.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from app.constants import MAX_NEW_TOKENS
+from app.decoding.prompt import window_prompt
 from app.decoding.repetition import not_repetitive
 from app.decoding.rules import RowRules, apply_rules
 from app.decoding.search import (
@@ -27,16 +30,7 @@ from app.decoding.tokenizer import WhisperTokenizer
 from app.decoding.window import WindowResult, WindowTask
 from app.engine.base import Engine
 from app.engine.host_copy import device_tensor
-
-
-def first_fit(taken: list[bool], k: int, before: int | None = None) -> int | None:
-    """Start of the first run of k free rows below `before` (the placement rule admit() uses)."""
-    run = 0
-    for r in range(len(taken) if before is None else before):
-        run = 0 if taken[r] else run + 1
-        if run == k:
-            return r - k + 1
-    return None
+from app.scheduler.rows import RowPlan, cross_runs, first_fit
 
 
 def stack_on_one_device(mels: list[Tensor]) -> Tensor:
@@ -44,20 +38,6 @@ def stack_on_one_device(mels: list[Tensor]) -> Tensor:
     are computed on the CPU, the others' where the engine runs (ModelContext.feature_device)."""
     device = next((m.device for m in mels if m.device.type != "cpu"), mels[0].device)
     return torch.stack([m.to(device) for m in mels])
-
-
-def cross_runs(windows: list[tuple[int, int, int]]) -> list[tuple[int, int, int, int]]:
-    """decode()'s cross_runs for windows (first row, rows, audio positions) in row order:
-    adjacent windows with the same row count and audio length merge into one run."""
-    runs: list[tuple[int, int, int, int]] = []
-    for start, n_rows, n_audio in windows:
-        if runs:
-            offset, n, g, audio = runs[-1]
-            if g == n_rows and audio == n_audio and offset + n == start:
-                runs[-1] = (offset, n + g, g, audio)
-                continue
-        runs.append((start, n_rows, n_rows, n_audio))
-    return runs
 
 
 @dataclass(eq=False)
@@ -68,7 +48,7 @@ class ActiveWindow:
     n_rows: int
     prompt: list[int]
     position: int = 0  # next self-attention cache position to write
-    max_new_tokens: int = 224
+    max_new_tokens: int = MAX_NEW_TOKENS
     next_tokens: list[int] = field(default_factory=list)
     no_speech_prob: float = 0.0
     language: str | None = None
@@ -100,60 +80,48 @@ class DecodeLoop:
     def span(self) -> int:
         return max((w.start + w.n_rows for w in self.active), default=0)
 
-    def _free_run(self, k: int, before: int | None = None) -> int | None:
-        return first_fit([w is not None for w in self.owner], k, before)
+    @property
+    def rows(self) -> int:
+        """Decoder rows of the engine's caches."""
+        return len(self.owner)
 
-    def placement_plan(self) -> list[bool]:
-        """A scratch copy of row occupancy for planning admissions (True = taken)."""
-        return [w is not None for w in self.owner]
+    def plan(self) -> RowPlan:
+        """A plan over the rows free now, for placing windows before admit()."""
+        return RowPlan([w is not None for w in self.owner])
 
-    @staticmethod
-    def reserve(plan: list[bool], k: int) -> bool:
-        """Take the first free run of k rows in `plan` (as admit() will); False if none."""
-        start = first_fit(plan, k)
-        if start is None:
-            return False
-        plan[start : start + k] = [True] * k
-        return True
+    def cancel(self, task: WindowTask) -> None:
+        """Drop `task`'s window (its client went away): its rows are free from now on."""
+        gone = [w for w in self.active if w.task is task]
+        if gone:
+            self.active = [w for w in self.active if w.task is not task]
+            self._release(gone)
 
-    def can_admit(self, task: WindowTask) -> bool:
-        k = rows_needed(task.options)
-        if k > len(self.owner):
-            raise ValueError(f"a window needs {k} rows but the engine has {len(self.owner)}")
-        return self._free_run(k) is not None
+    def reset(self) -> None:
+        """Forget every window (after a failed step): all rows are free."""
+        self.active.clear()
+        self.owner[:] = [None] * len(self.owner)
 
     # ---- admission: encode, cross-K/V, language detection, prompt prefill -------------------
-    def admit(self, tasks: list[WindowTask]) -> list[tuple[WindowTask, WindowResult]]:
+    def admit(self, tasks: list[WindowTask], plan: RowPlan | None = None) -> list[tuple[WindowTask, WindowResult]]:
+        """Start decoding `tasks`, each in the rows `plan` placed it in (None: placed here, by the
+        same rule). Returns the windows that finished at once."""
+        if plan is None:
+            plan = self.plan()
         placed: list[ActiveWindow] = []
         for task in tasks:
-            k = rows_needed(task.options)
-            start = self._free_run(k)
+            start = plan.start_of(task)
             if start is None:
-                raise RuntimeError("admit() called without room; check can_admit() first")
-            window = ActiveWindow(task, make_search(task.options, self.tokenizer.eot, 224), start, k, [])
+                start = plan.place(task)
+            k = rows_needed(task.options)
+            if start is None or any(self.owner[r] is not None for r in range(start, start + k)):
+                raise RuntimeError("admit() called without room; place the windows on a plan() first")
+            window = ActiveWindow(task, make_search(task.options, self.tokenizer.eot, MAX_NEW_TOKENS), start, k, [])
             for r in window.rows:
                 self.owner[r] = window
             placed.append(window)
         if not placed:
             return []
-        # Windows go to the engine in groups of one length: a trimmed audio context is shorter, and
-        # a retry at a higher temperature brings its encoder output (only its K/V are recomputed).
-        groups: dict[tuple[bool, int], list[ActiveWindow]] = {}
-        for w in placed:
-            known = w.task.audio_features
-            key = (True, known.shape[1]) if known is not None else (False, w.task.mel.shape[-1])
-            groups.setdefault(key, []).append(w)
-        for (encoded, _), same in groups.items():
-            rows = [w.start for w in same]
-            if encoded:
-                features = torch.cat([w.task.audio_features for w in same])  # type: ignore[arg-type]
-                self.engine.features_into_rows(features, rows)
-            else:
-                features = self.engine.encode_into_rows(stack_on_one_device([w.task.mel for w in same]), rows)
-            for i, w in enumerate(same):
-                w.n_audio = features.shape[1]
-                if w.task.keep_audio_features:
-                    w.audio_features = w.task.audio_features if encoded else features[i : i + 1].clone()
+        self._encode(placed)
         for w in placed:
             self._prepare(w)
         finished: list[ActiveWindow] = []
@@ -162,36 +130,45 @@ class DecodeLoop:
         self.active.extend(w for w in placed if w not in finished)
         return self._finish(finished)
 
+    def _encode(self, windows: list[ActiveWindow]) -> None:
+        """Write the windows' cross-attention K/V into their rows, encoding those not encoded yet.
+
+        Windows go to the engine in groups of one length: a trimmed audio context is shorter, and
+        a retry at a higher temperature brings its encoder output (only its K/V are recomputed).
+        """
+        encoded: dict[int, list[tuple[ActiveWindow, Tensor]]] = {}
+        fresh: dict[int, list[ActiveWindow]] = {}
+        for w in windows:
+            known = w.task.audio_features
+            if known is not None:
+                encoded.setdefault(known.shape[1], []).append((w, known))
+            else:
+                fresh.setdefault(w.task.mel.shape[-1], []).append(w)
+        for pairs in encoded.values():
+            features = torch.cat([known for _, known in pairs])
+            self.engine.features_into_rows(features, [w.start for w, _ in pairs])
+            for w, known in pairs:
+                w.n_audio = features.shape[1]
+                if w.task.keep_audio_features:
+                    w.audio_features = known
+        for same in fresh.values():
+            mel = stack_on_one_device([w.task.mel for w in same])
+            features = self.engine.encode_into_rows(mel, [w.start for w in same])
+            for i, w in enumerate(same):
+                w.n_audio = features.shape[1]
+                if w.task.keep_audio_features:
+                    w.audio_features = features[i : i + 1].clone()
+
     def _prepare(self, w: ActiveWindow) -> None:
         options = w.task.options
-        tok = self.tokenizer
         language = options.language
         if self.config.multilingual and language is None:
             language, w.language_probs = self._detect_language(w)
         w.language = language if self.config.multilingual else "en"
-        prompt: list[int] = []
-        if w.task.previous_tokens:
-            prev = w.task.previous_tokens[-(self.n_ctx // 2 - 1):]
-            prompt = [tok.sot_prev, *prev]
-        prompt += tok.sot_sequence(language, options.task)
-        if options.without_timestamps:
-            prompt.append(tok.no_timestamps)
-        w.prompt = prompt
-        w.max_new_tokens = min(options.max_new_tokens, self.n_ctx - len(prompt))
+        w.prompt = window_prompt(self.tokenizer, options, w.task.previous_tokens, language, self.n_ctx)
+        w.max_new_tokens = min(options.max_new_tokens, self.n_ctx - len(w.prompt))
         w.search.max_new_tokens = w.max_new_tokens
-        suppress = options.suppress_tokens
-        if suppress is None:
-            suppress = tuple(self.config.suppress_tokens)
-        max_initial = None
-        if options.max_initial_timestamp is not None:
-            max_initial = round(options.max_initial_timestamp / 0.02)
-        w.rules = RowRules(
-            sampled=[],
-            suppress=tuple(suppress),
-            suppress_begin=tuple(self.config.suppress_tokens_begin) if options.suppress_blank else (),
-            timestamps=not options.without_timestamps,
-            max_initial_timestamp_index=max_initial,
-        )
+        w.rules = RowRules.for_window(options, self.config)
 
     def _detect_language(self, w: ActiveWindow) -> tuple[str, dict[str, float]]:
         tok = self.tokenizer
@@ -241,11 +218,11 @@ class DecodeLoop:
     # ---- stepping ---------------------------------------------------------------------------
     def step(self) -> list[tuple[WindowTask, WindowResult]]:
         """One decoder step for every active row. Returns the windows that finished."""
-        self._drop_cancelled()
         if not self.active:
             return []
-        if self._greedy_chunk_eligible():
-            return self._greedy_chunk_step()
+        greedy = self._greedy_chunk_windows()
+        if greedy is not None:
+            return self._greedy_chunk_step(greedy)
         return self._single_step()
 
     def _single_step(self) -> list[tuple[WindowTask, WindowResult]]:
@@ -273,16 +250,25 @@ class DecodeLoop:
         return cross_runs([(w.start, w.n_rows, w.n_audio) for w in sorted(self.active, key=lambda w: w.start)])
 
     # ---- greedy fast path: K steps on the device without a host round trip -----------------
-    def _greedy_chunk_eligible(self) -> bool:
+    def _greedy_chunk_windows(self) -> list[tuple[ActiveWindow, SamplingSearch]] | None:
+        """Every active window with its greedy search, when all of them may take a chunk of
+        steps on the device (greedy, no timestamp rules, one suppression list); else None."""
         if not self.engine.greedy_chunks:
-            return False
-        suppress = {w.rules.suppress for w in self.active if w.rules is not None}
-        return len(suppress) == 1 and all(
-            isinstance(w.search, SamplingSearch) and w.search.is_greedy and w.rules is not None
-            and not w.rules.timestamps for w in self.active
-        )
+            return None
+        windows: list[tuple[ActiveWindow, SamplingSearch]] = []
+        suppress: set[tuple[int, ...]] = set()
+        for w in self.active:
+            search = w.search
+            if not isinstance(search, SamplingSearch) or not search.is_greedy:
+                return None
+            if w.rules is None or w.rules.timestamps:
+                return None
+            suppress.add(w.rules.suppress)
+            windows.append((w, search))
+        return windows if len(suppress) == 1 else None
 
-    def _greedy_chunk_step(self) -> list[tuple[WindowTask, WindowResult]]:
+    def _greedy_chunk_step(self, windows: list[tuple[ActiveWindow, SamplingSearch]]
+                           ) -> list[tuple[WindowTask, WindowResult]]:
         span = self.span()
         eot = self.tokenizer.eot
         tokens = [eot] * span
@@ -291,21 +277,20 @@ class DecodeLoop:
         # tokens each row may still emit: the chunk stops a row there (and its sum of log-probs
         # with it) and decodes no step past the largest budget
         remaining = [0] * span
-        for w in self.active:
+        for w, search in windows:
             tokens[w.start] = w.next_tokens[0]
             positions[w.start] = w.position
             done[w.start] = False
-            remaining[w.start] = w.max_new_tokens - len(w.search.sequences[0])  # type: ignore[attr-defined]
-        suppress = self.active[0].rules.suppress  # type: ignore[union-attr]
+            remaining[w.start] = w.max_new_tokens - len(search.sequences[0])
+        # one suppression list for all of them (_greedy_chunk_windows checked it)
+        suppress = next(w.rules.suppress for w, _ in windows if w.rules is not None)
         out = self.engine.greedy_chunk(torch.tensor(tokens), torch.tensor(positions),
                                        torch.tensor(done), suppress, remaining)
         if out is None:  # no captured bucket fits (near the context end): single steps instead
             return self._single_step()
         out_tokens, _, sum_lp = (t.tolist() for t in out)
         finished: list[ActiveWindow] = []
-        for w in self.active:
-            search = w.search
-            assert isinstance(search, SamplingSearch)
+        for w, search in windows:
             row = out_tokens[w.start]
             search.sum_logprobs[0] += sum_lp[w.start]
             for token in row:
@@ -342,30 +327,31 @@ class DecodeLoop:
         for w in windows:
             offsets.append(offset)
             offset += w.n_rows
-        greedy = [i for i, w in enumerate(windows) if isinstance(w.search, SamplingSearch) and w.search.is_greedy]
+        greedy = {i: w.search for i, w in enumerate(windows)
+                  if isinstance(w.search, SamplingSearch) and w.search.is_greedy}
         if greedy:
             idx = device_tensor([offsets[i] for i in greedy], logits.device)
             sub = logits[idx]
             best = sub.argmax(dim=-1)
             chosen = torch.log_softmax(sub, dim=-1).gather(1, best[:, None]).squeeze(1)
-            for i, token, lp in zip(greedy, best.tolist(), chosen.tolist(), strict=True):
+            for (i, sampling), token, lp in zip(greedy.items(), best.tolist(), chosen.tolist(), strict=True):
                 w = windows[i]
-                if w.search.push_greedy(token, lp) or w.position >= self.n_ctx:  # type: ignore[union-attr]
+                if sampling.push_greedy(token, lp) or w.position >= self.n_ctx:
                     finished.append(w)
                 w.next_tokens = [token]
         beam_tops = self._beam_continuations(windows, offsets, logits)
-        greedy_set = set(greedy)
         # beam reorders of every window in one copy: rows of different windows never overlap
         src_rows: list[int] = []
         dst_rows: list[int] = []
         for i, w in enumerate(windows):
-            if i in greedy_set:
+            if i in greedy:
                 continue
             offset = offsets[i]
-            if i in beam_tops:
-                out = w.search.step_from_top(*beam_tops[i])  # type: ignore[union-attr]
+            search = w.search
+            if isinstance(search, BeamSearch) and i in beam_tops:
+                out = search.step_from_top(*beam_tops[i])
             else:
-                out = w.search.step(logits[offset : offset + w.n_rows])
+                out = search.step(logits[offset : offset + w.n_rows])
             if out.sources is not None and out.sources != list(range(w.n_rows)):
                 src_rows += [w.start + s for s in out.sources]
                 dst_rows += list(w.rows)[: len(out.sources)]
@@ -398,12 +384,6 @@ class DecodeLoop:
                 tops[i] = (top_lp[n * k : (n + 1) * k], top_ids[n * k : (n + 1) * k])
         return tops
 
-    def _drop_cancelled(self) -> None:
-        cancelled = [w for w in self.active if getattr(w.task.handle, "cancelled", False)]
-        if cancelled:
-            self.active = [w for w in self.active if w not in cancelled]
-            self._release(cancelled)
-
     def _release(self, windows: list[ActiveWindow]) -> None:
         for w in windows:
             for r in w.rows:
@@ -414,7 +394,7 @@ class DecodeLoop:
         """Move the last windows down into free runs so the decoded span stays dense."""
         while self.active:
             tail = max(self.active, key=lambda w: w.start)
-            target = self._free_run(tail.n_rows, before=tail.start)
+            target = first_fit([w is not None for w in self.owner], tail.n_rows, before=tail.start)
             if target is None:
                 return
             dst = list(range(target, target + tail.n_rows))

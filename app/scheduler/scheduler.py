@@ -13,10 +13,10 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -25,7 +25,7 @@ from app.decoding.search import rows_needed
 from app.decoding.window import WindowResult, WindowTask
 from app.engine.threads import become_engine_thread
 from app.errors import EngineStepError, QueueFullError, ShuttingDownError
-from app.scheduler.decode_loop import DecodeLoop
+from app.scheduler.rows import RowPlan
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +40,43 @@ def is_out_of_memory(exc: BaseException) -> bool:
     )
 
 
-@dataclass
-class Cancellation:
-    """What the decode loop sees of a ticket (as `WindowTask.handle`): whether it was cancelled.
+@dataclass(frozen=True, kw_only=True)
+class SchedulerOptions:
+    """How the scheduler queues and batches windows (WHISPER_* settings of the same names).
 
-    Not the ticket itself: ticket -> task -> ticket would be a reference cycle, and a finished
-    window's mel and encoder output (megabytes each) would then wait for the cyclic garbage
-    collector instead of being freed when the request is answered.
+    app.runtime.RuntimeOptions extends this class, so the runtime hands the scheduler its own
+    options object and no field is copied from one to the other.
     """
 
-    cancelled: bool = False
+    #: admission bound: windows queued beyond it make submit() raise QueueFullError
+    max_queue_windows: int = 1024
+    #: how long the idle scheduler waits for a first batch to grow
+    batch_wait_ms: float = 5.0
+    #: windows encoded together when joining a running batch
+    max_encode_batch: int = 8
+    #: the engine thread's torch intra-op threads (0: torch's default, one per physical core;
+    #: None: leave the thread as it is)
+    cpu_threads: int | None = None
+
+
+class WindowLoop(Protocol):
+    """What the scheduler drives: app.scheduler.decode_loop.DecodeLoop (tests: a double).
+
+    Called on the engine thread only. The scheduler places windows on a plan() and admit()
+    puts them where the plan did; it withdraws a cancelled window with cancel().
+    """
+
+    @property
+    def active(self) -> Sequence[object]: ...
+    @property
+    def rows(self) -> int: ...
+    def rows_in_use(self) -> int: ...
+    def plan(self) -> RowPlan: ...
+    def admit(self, tasks: list[WindowTask], plan: RowPlan | None = None
+              ) -> list[tuple[WindowTask, WindowResult]]: ...
+    def step(self) -> list[tuple[WindowTask, WindowResult]]: ...
+    def cancel(self, task: WindowTask) -> None: ...
+    def reset(self) -> None: ...
 
 
 @dataclass(eq=False)
@@ -59,25 +86,16 @@ class Ticket:
     task: WindowTask
     request_id: object
     future: Future[WindowResult] = field(default_factory=Future)
-    cancellation: Cancellation = field(default_factory=Cancellation)
+    cancelled: bool = False
     submitted_at: float = field(default_factory=time.perf_counter)
-
-    @property
-    def cancelled(self) -> bool:
-        return self.cancellation.cancelled
 
 
 class Scheduler:
-    def __init__(self, loop: DecodeLoop, *, model_name: str, max_queue_windows: int = 1024,
-                 batch_wait_ms: float = 5.0, max_encode_batch: int = 8,
-                 torch_threads: int | None = None) -> None:
+    def __init__(self, loop: WindowLoop, *, model_name: str,
+                 options: SchedulerOptions = SchedulerOptions()) -> None:
         self.decode_loop = loop
         self.model_name = model_name
-        self.max_queue_windows = max_queue_windows
-        self.batch_wait_s = batch_wait_ms / 1000.0
-        self.max_encode_batch = max_encode_batch
-        # the engine thread's torch intra-op threads (0: the machine default; None: leave as is)
-        self.torch_threads = torch_threads
+        self.options = options
         self.engine_threads: int | None = None  # the count in effect on the engine thread, once started
         self._queues: OrderedDict[object, deque[Ticket]] = OrderedDict()
         self._queued = 0
@@ -87,6 +105,8 @@ class Scheduler:
         self._stopping = False
         self._accepting = True
         self._in_flight: dict[int, Ticket] = {}
+        #: cancelled tickets that had left the queue: the engine thread withdraws their windows
+        self._withdrawn: list[Ticket] = []
         self._rows_fraction = 0.0  # decoder rows in use / rows, as of the last step
         #: rows the loop may use at once after running out of device memory (None: all)
         self._row_limit: int | None = None
@@ -129,12 +149,11 @@ class Scheduler:
 
     def submit_nowait(self, task: WindowTask, request_id: object) -> Ticket:
         ticket = Ticket(task, request_id)
-        task.handle = ticket.cancellation
         with self._cond:
             if not self._accepting:
                 raise ShuttingDownError("The server is shutting down; retry on another instance.",
                                         retry_after_s=5.0)
-            if self._queued >= self.max_queue_windows:
+            if self._queued >= self.options.max_queue_windows:
                 raise QueueFullError(
                     f"The server is at capacity ({self._queued} windows queued); retry shortly.",
                     retry_after_s=max(1.0, self._queued * 0.05),
@@ -146,8 +165,10 @@ class Scheduler:
         return ticket
 
     def cancel(self, ticket: Ticket) -> None:
+        """Withdraw a window whose client went away: from the queue now, from the decode loop
+        (its rows freed) before the engine thread's next step."""
         with self._cond:
-            ticket.cancellation.cancelled = True
+            ticket.cancelled = True
             queue = self._queues.get(ticket.request_id)
             if queue is not None and ticket in queue:
                 queue.remove(ticket)
@@ -155,6 +176,9 @@ class Scheduler:
                 if not queue:
                     del self._queues[ticket.request_id]
                 self._publish_queue()
+            else:
+                self._withdrawn.append(ticket)
+                self._cond.notify_all()
 
     def run_in_engine_thread(self, fn: Callable[[], Any]) -> Future[Any]:
         """Run fn on the engine thread between steps (alignment passes, warm-up)."""
@@ -171,42 +195,41 @@ class Scheduler:
 
     def _publish_rows(self, rows: int) -> None:
         metrics.ACTIVE_SLOTS.labels(self.model_name).set(rows)
-        self._rows_fraction = rows / max(1, len(self.decode_loop.owner))
+        self._rows_fraction = rows / max(1, self.decode_loop.rows)
         self._publish_saturation()
 
     def _publish_saturation(self) -> None:
-        queue_fraction = min(1.0, self._queued / self.max_queue_windows)
+        queue_fraction = min(1.0, self._queued / self.options.max_queue_windows)
         metrics.SATURATION.labels(self.model_name).set(max(self._rows_fraction, queue_fraction))
 
     # ---- engine thread ----------------------------------------------------------------------
-    def _take_round_robin(self) -> list[Ticket]:
-        """Pop windows that fit, one per request per round, oldest request first."""
+    def _take_round_robin(self) -> tuple[list[Ticket], RowPlan]:
+        """Pop windows that fit, one per request per round, oldest request first; the plan
+        holds where each goes (admit() puts them there)."""
         taken: list[Ticket] = []
         taken_rows = 0
         loop = self.decode_loop
-        # Plan placements exactly as admit() will place them: a window needs a contiguous run
-        # of free rows, so counting free rows is not enough once rows are fragmented.
-        plan = loop.placement_plan()
-        while self._queues and len(taken) < self.max_encode_batch:
+        plan = loop.plan()
+        while self._queues and len(taken) < self.options.max_encode_batch:
             progressed = False
             for request_id in list(self._queues):
                 queue = self._queues[request_id]
                 ticket = queue[0]
                 need = rows_needed(ticket.task.options)
-                if need > len(plan):
+                if need > plan.rows:
                     # can never fit: fail this window alone, keep serving the others
                     queue.popleft()
                     self._queued -= 1
                     if not queue:
                         del self._queues[request_id]
                     ticket.future.set_exception(ValueError(
-                        f"a window needs {need} decoder rows but the engine has {len(plan)}; "
+                        f"a window needs {need} decoder rows but the engine has {plan.rows}; "
                         "lower beam_size/best_of or raise WHISPER_MAX_BATCH_SIZE"))
                     progressed = True
                     continue
                 limit = self._row_limit
                 over = limit is not None and loop.rows_in_use() + taken_rows + need > limit
-                if (over and (taken or loop.active)) or not loop.reserve(plan, need):
+                if (over and (taken or loop.active)) or plan.place(ticket.task) is None:
                     continue  # (over the cap, a window still runs alone: progress is kept)
                 taken_rows += need
                 queue.popleft()
@@ -217,20 +240,21 @@ class Scheduler:
                     del self._queues[request_id]
                 taken.append(ticket)
                 progressed = True
-                if len(taken) >= self.max_encode_batch:
+                if len(taken) >= self.options.max_encode_batch:
                     break
             if not progressed:
                 break
         self._publish_queue()
-        return taken
+        return taken, plan
 
     def _run(self) -> None:
-        if self.torch_threads is not None:
-            self.engine_threads = become_engine_thread(self.torch_threads)
+        if self.options.cpu_threads is not None:
+            self.engine_threads = become_engine_thread(self.options.cpu_threads)
         loop = self.decode_loop
         while True:
             with self._cond:
-                while not (self._queued or self._jobs or loop.active or self._stopping):
+                while not (self._queued or self._jobs or self._withdrawn or loop.active
+                           or self._stopping):
                     self._cond.wait()
                 if self._stopping and not (self._queued or self._jobs or loop.active):
                     return
@@ -242,13 +266,14 @@ class Scheduler:
                         future.set_result(fn())
                     except BaseException as exc:  # noqa: BLE001 - delivered to the waiting caller
                         future.set_exception(exc)
-            if not loop.active and self.batch_wait_s > 0 and self._queued:
+            if not loop.active and self.options.batch_wait_ms > 0 and self._queued:
                 # idle: let a first batch gather for a moment
-                time.sleep(self.batch_wait_s)
+                time.sleep(self.options.batch_wait_ms / 1000.0)
             with self._cond:
-                tickets = self._take_round_robin()
+                tickets, plan = self._take_round_robin()
+                withdrawn, self._withdrawn = self._withdrawn, []
             try:
-                self._admit_and_step(tickets)
+                self._admit_and_step(tickets, plan, withdrawn)
             except BaseException as exc:  # noqa: BLE001 - fail the affected windows, keep serving
                 if is_out_of_memory(exc) and self._shrink_after_oom(tickets):
                     continue
@@ -259,7 +284,7 @@ class Scheduler:
             else:
                 self._recover_rows()
 
-    def _admit_and_step(self, tickets: list[Ticket]) -> None:
+    def _admit_and_step(self, tickets: list[Ticket], plan: RowPlan, withdrawn: list[Ticket]) -> None:
         loop = self.decode_loop
         done: list[tuple[WindowTask, WindowResult]] = []
         live = [t for t in tickets if not t.cancelled]
@@ -267,9 +292,14 @@ class Scheduler:
             self._in_flight[id(t.task)] = t
         if live:
             started = time.perf_counter()
-            done += loop.admit([t.task for t in live])
+            done += loop.admit([t.task for t in live], plan)
             metrics.ENCODE_SECONDS.labels(self.model_name).observe(time.perf_counter() - started)
             metrics.ENCODE_BATCH_SIZE.labels(self.model_name).observe(len(live))
+        # Withdrawn after admit(): freeing rows compacts the span, which would move running
+        # windows into rows the plan has given to the windows just admitted.
+        for t in withdrawn:
+            if self._in_flight.pop(id(t.task), None) is not None:
+                loop.cancel(t.task)
         if loop.active:
             rows = loop.rows_in_use()
             started = time.perf_counter()
@@ -283,10 +313,6 @@ class Scheduler:
             metrics.WINDOWS.labels(self.model_name).inc()
             if ticket is not None and not ticket.future.done():
                 ticket.future.set_result(result)
-        # windows dropped because their client went away
-        for key, ticket in list(self._in_flight.items()):
-            if ticket.cancelled and not any(w.task is ticket.task for w in loop.active):
-                del self._in_flight[key]
 
     def _fail_all(self, tickets: list[Ticket], exc: BaseException) -> None:
         for t in self._reset_loop(tickets):
@@ -295,12 +321,10 @@ class Scheduler:
 
     def _reset_loop(self, tickets: list[Ticket]) -> list[Ticket]:
         """Empty the decode loop; return every window that was in it or on its way in."""
-        loop = self.decode_loop
         windows = list(self._in_flight.values())
         windows += [t for t in tickets if t not in windows]
         self._in_flight.clear()
-        loop.active.clear()
-        loop.owner[:] = [None] * len(loop.owner)
+        self.decode_loop.reset()
         return windows
 
     # ---- out of device memory ------------------------------------------------------------------
@@ -351,6 +375,6 @@ class Scheduler:
         if self._ok_steps >= ROW_LIMIT_RECOVERY_STEPS:
             self._ok_steps = 0
             self._row_limit *= 2
-            if self._row_limit >= len(self.decode_loop.owner):
+            if self._row_limit >= self.decode_loop.rows:
                 self._row_limit = None
                 log.info("device memory cap lifted")

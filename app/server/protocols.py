@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -90,8 +90,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._lingering = False
 
     # -- connection -------------------------------------------------------------------------
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # asyncio gives stream protocols a Transport, which uvicorn's protocol is typed for
+        super().connection_made(cast(asyncio.Transport, transport))
         if len(self.connections) > self.limits.max_connections:
             self.logger.warning(
                 "Refusing a connection: %d open (WHISPER_MAX_CONNECTIONS)",
@@ -126,7 +127,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._cancel_header_timer()
         super().on_headers_complete()
         if self.cycle is not None and not isinstance(self.cycle.transport, _LingeringTransport):
-            self.cycle.transport = _LingeringTransport(self.transport, self)  # type: ignore[assignment]
+            # a proxy: every attribute but close() is the transport's own
+            self.cycle.transport = cast(asyncio.Transport, _LingeringTransport(self.transport, self))
         if self.cycle is not None and self.cycle.more_body and self._has_body():
             self._body_started = self._body_checked = self.loop.time()
             self._body_received = 0

@@ -23,6 +23,7 @@ import logging
 import signal
 from collections.abc import Callable
 from types import FrameType
+from typing import cast
 
 import uvicorn
 
@@ -51,8 +52,9 @@ class DrainingServer(uvicorn.Server):
         on_drain: Callable[[], None],
         on_hard_stop: Callable[[], None],
     ) -> None:
-        # uvicorn cancels what is left when the grace period ends
-        config.timeout_graceful_shutdown = max(0.1, grace_s)  # type: ignore[assignment]
+        # uvicorn cancels what is left when the grace period ends. It annotates the period as
+        # int but hands it to asyncio.timeout(), which takes fractions of a second as well.
+        config.timeout_graceful_shutdown = cast(int, max(0.1, grace_s))
         super().__init__(config)
         self.drain_s = drain_s
         self.grace_s = grace_s

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from app.constants import SAMPLE_RATE
+
 
 class AudioBuffer:
-    def __init__(self, initial_capacity: int = 16000 * 10) -> None:
+    def __init__(self, initial_capacity: int = SAMPLE_RATE * 10) -> None:  # 10 s to start
         self._data = np.zeros(initial_capacity, dtype=np.float32)
         self._used = 0  # samples stored in _data
         self.start = 0  # absolute position of _data[0]

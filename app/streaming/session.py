@@ -24,7 +24,6 @@ import asyncio
 import base64
 import binascii
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -32,16 +31,12 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from app import metrics
-from app.api.errors import ModelNotFoundError
-from app.api.forms import TranscriptionForm, build_transcribe_options
-from app.api.registry import ModelRegistry, ServedModel
-from app.audio.constants import SAMPLE_RATE
 from app.audio.pcm import pcm16_to_float
 from app.audio.resample import StreamResampler
 from app.audio.vad import StreamingVad
 from app.config import Settings
-from app.decoding.options import TranscribeOptions
-from app.errors import InvalidRequestError, WhisperServeError
+from app.constants import SAMPLE_RATE
+from app.errors import ModelNotFoundError, WhisperServeError
 from app.streaming.budget import PartialBudget
 from app.streaming.buffer import AudioBuffer
 from app.streaming.events import (
@@ -64,6 +59,7 @@ from app.streaming.events import (
     new_id,
     parse_client_event,
 )
+from app.streaming.options import Decoding, ModelResolver, partial_options, resolve_decoding
 from app.streaming.partials import StablePrefix
 from app.streaming.session_config import SessionConfig, apply_update, render_session
 
@@ -94,52 +90,11 @@ class Turn:
     decoded_until: int = 0  # buffer end at the last partial decode
 
 
-@dataclass(frozen=True)
-class Decoding:
-    """The served model and decode options a session's configuration resolves to."""
-
-    model: ServedModel
-    final: TranscribeOptions
-    partial: TranscribeOptions
-
-
-def resolve_decoding(
-    config: SessionConfig, registry: ModelRegistry, settings: Settings, param_prefix: str
-) -> Decoding:
-    """Model and options for a configuration; ProtocolError names the offending field."""
-    try:
-        model = registry.resolve(config.model)
-    except ModelNotFoundError as exc:
-        raise ProtocolError(
-            exc.message, code="model_not_found", param=f"{param_prefix}.model"
-        ) from None
-    form = TranscriptionForm(language=config.language, prompt=config.prompt)
-    try:
-        # The REST endpoint's own mapping: a turn's final transcript is what an upload of
-        # the same audio with the same language/prompt returns.
-        final = build_transcribe_options(form, task="transcribe", model=model, settings=settings)
-    except InvalidRequestError as exc:
-        raise ProtocolError(
-            exc.message, code=exc.code or "invalid_value", param=f"{param_prefix}.{exc.param}"
-        ) from None
-    # Partials are gated like finals: a turn (or, without turn detection, a buffer) of
-    # silence or noise is never decoded and sends no delta.
-    greedy = TranscribeOptions.greedy(initial_prompt=final.initial_prompt, vad=final.vad)
-    # Partials encode only the open turn's audio (not a 30 s window): on a CPU that is what
-    # lets them keep pace with speech; the final decode uses whole windows, as REST does.
-    partial = replace(
-        greedy,
-        window=replace(greedy.window, task=final.window.task, language=final.window.language),
-        trim_audio_context=settings.realtime_partial_trim_audio,
-    )
-    return Decoding(model, final, partial)
-
-
 class TranscriptionSession:
     def __init__(
         self,
         *,
-        registry: ModelRegistry,
+        resolve: ModelResolver,
         settings: Settings,
         emit: Emit,
         budget: PartialBudget | None = None,
@@ -147,7 +102,7 @@ class TranscriptionSession:
         model: str | None = None,
     ) -> None:
         self.id = new_id("sess")
-        self._registry = registry
+        self._resolve = resolve
         self._budget = budget or PartialBudget(settings.realtime_max_partial_decodes)
         self._settings = settings
         self._emit = emit
@@ -157,12 +112,12 @@ class TranscriptionSession:
         if model:
             # A `?model=` naming one of ours picks it; OpenAI model names there are ignored.
             try:
-                registry.resolve(model)
+                resolve(model=model, language=None, prompt=None)
                 config = replace(config, model=model)
             except ModelNotFoundError:
                 pass
         self.config = config
-        self._decoding = resolve_decoding(config, registry, settings, self._param_prefix(False))
+        self._decoding = resolve_decoding(config, resolve, settings, self._param_prefix(False))
         self._resampler = StreamResampler(config.sample_rate, SAMPLE_RATE)
         self._buffer = AudioBuffer()
         self._vad, self._vad_origin = self._new_vad(), 0
@@ -236,9 +191,7 @@ class TranscriptionSession:
     def _update(self, event: SessionUpdate) -> None:
         config = apply_update(self.config, event.session)
         flat = "input_audio_transcription" in event.session
-        decoding = resolve_decoding(
-            config, self._registry, self._settings, self._param_prefix(flat)
-        )
+        decoding = resolve_decoding(config, self._resolve, self._settings, self._param_prefix(flat))
         old, self.config, self._decoding = self.config, config, decoding
         if config.sample_rate != old.sample_rate:
             self._flush_resampler(time.perf_counter())
@@ -400,7 +353,7 @@ class TranscriptionSession:
         end = self._buffer.end
         if end - max(turn.decoded_until, turn.start) < round(interval * SAMPLE_RATE):
             return  # no new audio worth a decode: idle sessions queue nothing
-        if self._decoding.model.runtime.queue_depth() > 0:
+        if self._decoding.runtime.queue_depth() > 0:
             # Windows are waiting for the engine: it is saturated. Partials are the work to
             # shed, so that finals and uploads keep their latency; the next append retries.
             return
@@ -418,7 +371,7 @@ class TranscriptionSession:
         self, turn: Turn, audio: np.ndarray, trigger: float, decoding: Decoding
     ) -> None:
         try:
-            result = await decoding.model.runtime.transcribe(
+            result = await decoding.runtime.transcribe(
                 audio, partial_options(decoding.partial, len(audio) / SAMPLE_RATE)
             )
         except WhisperServeError as exc:
@@ -447,7 +400,7 @@ class TranscriptionSession:
     ) -> None:
         failure: ErrorDetail | None = None
         try:
-            result = await decoding.model.runtime.transcribe(
+            result = await decoding.runtime.transcribe(
                 audio, decoding.final, duration_limit_s=self._settings.max_audio_seconds
             )
         except WhisperServeError as exc:
@@ -474,19 +427,6 @@ class TranscriptionSession:
 
     def _send(self, event: ServerEvent, latency_from: float | None = None) -> None:
         self._emit(event, latency_from)
-
-
-#: Token budget of a partial decode: generous for fast speech (~4 tokens/s is typical), and
-#: it stops a decode that started repeating itself from running to the 224-token limit.
-PARTIAL_TOKENS_PER_SECOND = 8
-PARTIAL_MIN_TOKENS = 8
-
-
-def partial_options(options: TranscribeOptions, seconds: float) -> TranscribeOptions:
-    budget = PARTIAL_MIN_TOKENS + math.ceil(PARTIAL_TOKENS_PER_SECOND * seconds)
-    if budget >= options.window.max_new_tokens:
-        return options
-    return replace(options, window=replace(options.window, max_new_tokens=budget))
 
 
 def _error_detail(exc: WhisperServeError) -> ErrorDetail:

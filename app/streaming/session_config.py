@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from app.constants import OPENAI_ALIAS
 from app.streaming.events import ProtocolError
 
 #: Sample rates accepted for PCM16 input: OpenAI's 24 kHz, and Whisper's own 16 kHz.
@@ -38,7 +39,7 @@ class ServerVad:
 @dataclass(frozen=True)
 class SessionConfig:
     sample_rate: int = DEFAULT_RATE
-    model: str = "whisper-1"  # as the client named it; resolved by the model registry
+    model: str = OPENAI_ALIAS  # as the client named it; resolved by the model registry
     language: str | None = None
     prompt: str | None = None
     #: None: no turn detection; the client commits the buffer itself.

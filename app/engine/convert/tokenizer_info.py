@@ -11,9 +11,9 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from app.decoding.languages import LANGUAGES
 from app.engine.config import SpecialTokens
 from app.errors import CheckpointError
+from app.languages import LANGUAGES
 
 ENGLISH_ONLY_VOCAB = 51864
 #: Vocabulary ids below the specials: the 50256 GPT-2 byte-pair tokens (+ eot for .en).

@@ -126,6 +126,9 @@ LANGUAGE_ALIASES: dict[str, str] = {
     "mandarin": "zh",
 }
 
+#: Scripts written without spaces between words: word timestamps split them per unicode character.
+NO_SPACE_LANGUAGES = frozenset({"zh", "ja", "th", "lo", "my", "yue"})
+
 #: Lower-case code, name or alias -> code.
 TO_LANGUAGE_CODE: dict[str, str] = {
     **{code: code for code in LANGUAGES},

@@ -4,9 +4,8 @@
     data: {"type": "transcript.text.delta", "delta": " ask not what your country can do for you"}
     data: {"type": "transcript.text.done", "text": "And so, my fellow ...", "usage": {...}}
 
-Deltas are the segments of the long-form transcriber as each one is final, when the runtime
-passes the transcriber's `on_segment` callback through; otherwise they all follow the end
-of the transcription. Either way they concatenate to the `done` text. Errors before the
+Deltas are the segments of the long-form transcriber, each sent as soon as it is final (the
+runtime's `on_segment` callback); they concatenate to the `done` text. Errors before the
 first event (queue full, audio too long) are ordinary HTTP errors; one after it is sent as an
 `error` event, because the 200 status has gone out by then.
 """
@@ -14,7 +13,6 @@ first event (queue full, audio too long) are ordinary HTTP errors; one after it 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -48,14 +46,6 @@ def check_streamable(form: TranscriptionForm, task: Task) -> None:
         raise InvalidRequestError(
             "stream=true supports response_format 'json' or 'text'.", param="response_format"
         )
-
-
-def accepts_segment_callback(runtime: Runtime) -> bool:
-    """Whether runtime.transcribe forwards `on_segment` (else deltas come at the end)."""
-    try:
-        return "on_segment" in inspect.signature(runtime.transcribe).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def _event(payload: dict[str, Any]) -> str:
@@ -95,9 +85,8 @@ async def stream_transcription(
     async def on_segment(segment: Segment) -> None:
         segments.put_nowait(segment)
 
-    extra = {"on_segment": on_segment} if accepts_segment_callback(runtime) else {}
     work = asyncio.ensure_future(
-        runtime.transcribe(audio, options, duration_limit_s=duration_limit_s, **extra)
+        runtime.transcribe(audio, options, duration_limit_s=duration_limit_s, on_segment=on_segment)
     )
 
     async def first_output() -> Segment | None:
@@ -118,7 +107,7 @@ async def stream_transcription(
         await asyncio.gather(work, return_exceptions=True)
         raise
     return StreamingResponse(
-        _events(work, first, segments, streamed=bool(extra)),
+        _events(work, first, segments),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
@@ -128,8 +117,6 @@ async def _events(
     work: asyncio.Future[TranscriptionResult],
     first: Segment | None,
     segments: asyncio.Queue[Segment],
-    *,
-    streamed: bool,
 ) -> AsyncIterator[str]:
     deltas = _Deltas()
     try:
@@ -161,12 +148,6 @@ async def _events(
             log.exception("streamed transcription failed")
             yield _error("The server had an error while processing your request.", "server_error")
             return
-        if not streamed:
-            # The runtime cannot stream segments: send them now, still one delta each.
-            for segment in result.segments:
-                delta = deltas.add(segment.text)
-                if delta:
-                    yield _event({"type": "transcript.text.delta", "delta": delta})
         rest = deltas.rest(result.text)
         if rest:
             yield _event({"type": "transcript.text.delta", "delta": rest})
