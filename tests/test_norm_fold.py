@@ -46,9 +46,9 @@ def cpu_runner(model: WhisperModel, rows: int) -> ReferenceRunner:
                          rows)
 
 
-def cuda_runner(model: WhisperModel, rows: int, fold_norms: bool) -> ReferenceRunner:
+def cuda_runner(model: WhisperModel, rows: int, fold_norms: bool, int8_cross_kv: bool = False) -> ReferenceRunner:
     """A CUDA runner in float16 without graphs, the decoder's norms folded or not."""
-    options = EngineOptions(device="cuda", compute_dtype="float16", max_rows=rows,
+    options = EngineOptions(device="cuda", compute_dtype="float16", max_rows=rows, int8_cross_kv=int8_cross_kv,
                             graphs=CudaGraphOptions(enabled=False), kernels=CudaKernels(fold_norms=fold_norms))
     return with_cross_kv(make_runner(model, tiny_config(), options.resolve()), rows, "cuda", torch.float16)
 
@@ -160,10 +160,33 @@ def test_folded_gpu_steps_match_the_unfolded_ones(rows: int) -> None:
         runner = cuda_runner(folded, rows, fold_norms=True)
         assert getattr(runner, "folded", None) is not None
         got = decode_three_steps(runner, rows, "cuda")
+    assert_same_logits(expected, got)
+
+
+@cuda_only
+@pytest.mark.parametrize("int8_cross_kv", [False, True])
+def test_the_cuda_runner_follows_the_torch_reference(int8_cross_kv: bool) -> None:
+    """Kernels, folded steps and int8 K/V read in place against the reference runner's torch ops
+    on the same GPU, in the same dtype."""
+    rows = 3
+    model = with_random_norms(random_model(0)).to("cuda", torch.float16)
+    reference = copy.deepcopy(model)
+    cache = DecoderCache(model.dims, rows, torch.device("cuda"), torch.float16,
+                         cross_dtype=torch.int8 if int8_cross_kv else None)
+    with torch.inference_mode():
+        expected = decode_three_steps(with_cross_kv(ReferenceRunner(reference, cache), rows, "cuda", torch.float16),
+                                      rows, "cuda")
+        got = decode_three_steps(cuda_runner(model, rows, fold_norms=True, int8_cross_kv=int8_cross_kv), rows, "cuda")
+    assert_same_logits(expected, got)
+
+
+def assert_same_logits(expected: list[torch.Tensor], got: list[torch.Tensor]) -> None:
+    """Logits within fp16 rounding of each other, and the same next token unless the expected
+    logits themselves had a near-tie for it."""
     for e, g in zip(expected, got, strict=True):
         tolerance = 2e-2 * e.abs().max().item()
         torch.testing.assert_close(g, e, rtol=2e-2, atol=tolerance)
-        # the same next token, unless the unfolded step itself had a near-tie for it
+        # the same next token, unless the expected logits had a near-tie for it
         e_last, g_last = e[:, -1], g[:, -1]
         chosen, expected_best = g_last.argmax(-1), e_last.argmax(-1)
         gap = e_last.gather(-1, expected_best[:, None]) - e_last.gather(-1, chosen[:, None])
