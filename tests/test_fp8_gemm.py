@@ -1,9 +1,9 @@
 """fp8 GEMMs of the encoder and the cross-attention K/V (app.engine.cuda.fp8,
 app.engine.runners.fp8_audio).
 
-On the CPU the fp8 path runs its torch reference (Fp8Reference: the same quantisation, dequantised
-GEMMs), which checks the model wiring; the kernels and cuBLAS's fp8 GEMM run only on CUDA (tests
-at the end).
+On the CPU the fp8 path runs with Fp8Reference below (the kernels' quantisation in torch,
+dequantised GEMMs), which checks the model wiring; the kernels and cuBLAS's fp8 GEMM run only on
+CUDA (tests at the end).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from app.engine.cuda.fp8 import (
     FP8,
     FP8_MAX,
     Fp8Linear,
+    Fp8Rows,
     fp8_linear,
-    fp8_linear_reference,
     quantize_fp8,
     quantize_fp8_reference,
 )
@@ -31,8 +31,34 @@ from app.engine.cuda.row_gemm import choose_tiles
 from app.engine.model import TORCH_OPS, Int8Linear, WhisperModel
 from app.engine.options import EngineOptions
 from app.engine.runners.cuda import CudaOps
-from app.engine.runners.fp8_audio import Fp8AudioGemms, Fp8Kernels, Fp8Reference
+from app.engine.runners.fp8_audio import Fp8AudioGemms, Fp8Kernels
 from bench.reference_ops import reference_add_layer_norm
+
+
+def fp8_linear_reference(x: Fp8Rows, weight: Fp8Linear, out_dtype: torch.dtype) -> torch.Tensor:
+    """fp8_linear's arithmetic on dequantised operands, on any device."""
+    out = (x.values.float() * x.scale) @ (weight.weight_t.float() * weight.scale)
+    if weight.bias is not None:
+        out = out + weight.bias.float()
+    return out.to(out_dtype)
+
+
+class Fp8Reference:
+    """The fp8 path's functions (app.engine.runners.fp8_audio.Fp8Functions) in torch, any device."""
+
+    def quantize(self, x: torch.Tensor, gelu: bool = False) -> Fp8Rows:
+        return quantize_fp8_reference(x, gelu)
+
+    def linear(self, x: Fp8Rows, weight: Fp8Linear, out_dtype: torch.dtype) -> torch.Tensor:
+        return fp8_linear_reference(x, weight, out_dtype)
+
+    def layer_norm(self, x: torch.Tensor, norm: nn.LayerNorm) -> Fp8Rows:
+        return quantize_fp8_reference(norm(x))
+
+    def add_layer_norm(self, x: torch.Tensor, y: torch.Tensor, norm: nn.LayerNorm) -> tuple[torch.Tensor, Fp8Rows]:
+        total = x + y
+        return total, quantize_fp8_reference(norm(total))
+
 
 # e4m3 keeps 3 mantissa bits: a value rounds by at most half a step, 2**-4 of it
 E4M3_RELATIVE_STEP = 2.0**-3

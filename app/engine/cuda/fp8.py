@@ -148,11 +148,3 @@ def fp8_linear(x: Fp8Rows, weight: Fp8Linear, out_dtype: torch.dtype) -> Tensor:
     out_dtype."""
     return torch._scaled_mm(x.values, weight.weight_t, x.scale, weight.scale, bias=weight.bias,
                             out_dtype=out_dtype, use_fast_accum=FAST_ACCUM)
-
-
-def fp8_linear_reference(x: Fp8Rows, weight: Fp8Linear, out_dtype: torch.dtype) -> Tensor:
-    """fp8_linear's arithmetic on dequantised operands, on any device."""
-    out = (x.values.float() * x.scale) @ (weight.weight_t.float() * weight.scale)
-    if weight.bias is not None:
-        out = out + weight.bias.float()
-    return out.to(out_dtype)

@@ -133,6 +133,9 @@ class StepAttention:
 
 
 class CudaRunner(ReferenceRunner):
+    """A WhisperModel on a CUDA device, every kernel and weight bundle chosen when it is built."""
+
+    #: the decode-attention kernel reads each row's own cross-attention K/V
     cross_in_first_row = False
 
     def __init__(self, model: WhisperModel, cache: DecoderCache, options: EngineOptions, *, eot: int,

@@ -3,26 +3,20 @@ cross-attention K/V projections, everything computed once per window (app.engine
 why and how). The decode steps keep their own GEMMs.
 
 Fp8AudioGemms holds the e4m3 copies of those weights beside the model (the model is unchanged)
-and runs the encoder's blocks with them; the quantising, GEMM and LayerNorm functions it calls are
-Fp8Kernels on CUDA and Fp8Reference, the same arithmetic in torch, elsewhere.
+and runs the encoder's blocks with them; the quantising, GEMM and LayerNorm functions it calls
+(Fp8Functions) are Fp8Kernels: Triton's and cuBLAS's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
-from app.engine.cuda.fp8 import (
-    Fp8Linear,
-    Fp8Rows,
-    fp8_linear,
-    fp8_linear_reference,
-    quantize_fp8,
-    quantize_fp8_reference,
-)
+from app.engine.cuda.fp8 import Fp8Linear, Fp8Rows, fp8_linear, quantize_fp8
 from app.engine.cuda.norms import add_layer_norm_fp8, layer_norm_fp8
 from app.engine.model import (
     AudioEncoder,
@@ -35,24 +29,27 @@ from app.engine.model import (
 )
 
 
-class Fp8Reference:
-    """The fp8 path's quantisation, GEMM and LayerNorms in torch, on any device."""
+class Fp8Functions(Protocol):
+    """The fp8 path's quantisation, GEMM and LayerNorms."""
 
     def quantize(self, x: Tensor, gelu: bool = False) -> Fp8Rows:
-        return quantize_fp8_reference(x, gelu)
+        """Rows of x in e4m3 with one scale per row, after GELU's tanh form if asked."""
+        ...
 
     def linear(self, x: Fp8Rows, weight: Fp8Linear, out_dtype: torch.dtype) -> Tensor:
-        return fp8_linear_reference(x, weight, out_dtype)
+        """x @ W.T + bias with both scales applied, in out_dtype."""
+        ...
 
     def layer_norm(self, x: Tensor, norm: nn.LayerNorm) -> Fp8Rows:
-        return quantize_fp8_reference(norm(x))
+        """norm(x) in e4m3 rows."""
+        ...
 
     def add_layer_norm(self, x: Tensor, y: Tensor, norm: nn.LayerNorm) -> tuple[Tensor, Fp8Rows]:
-        total = x + y
-        return total, quantize_fp8_reference(norm(total))
+        """(x + y, norm(x + y) in e4m3 rows)."""
+        ...
 
 
-class Fp8Kernels(Fp8Reference):
+class Fp8Kernels:
     """The fp8 path on CUDA: Triton's quantising and LayerNorm kernels, cuBLAS's fp8 GEMM.
     `fused_input_norm` False: the encoder's first LayerNorm is torch's, then quantised."""
 
@@ -86,7 +83,7 @@ class EncoderFp8Weights:
 
 
 class Fp8AudioGemms:
-    def __init__(self, model: WhisperModel, dtype: torch.dtype, fp8: Fp8Reference) -> None:
+    def __init__(self, model: WhisperModel, dtype: torch.dtype, fp8: Fp8Functions) -> None:
         """e4m3 copies of `model`'s audio-side weights, for activations in `dtype` (the GEMMs write it)."""
         self.fp8 = fp8
         self.blocks = [EncoderFp8Weights(*(Fp8Linear.from_linear(m, dtype) for m in
