@@ -151,7 +151,7 @@ def probe_shape(trt: ModuleType | None, shape: str, batches: list[int], workdir:
     ops = service_ops()
 
     def torch_encoder(mel: torch.Tensor) -> torch.Tensor:  # fp16 on the GPU, with the service's fused kernels
-        return encoder(mel, ops)
+        return encoder.encode(mel, ops)
 
     for batch in batches:
         mel = torch.randn(batch, dims.n_mels, 3000, device="cuda", dtype=torch.float16)

@@ -10,7 +10,9 @@ Differences from a textbook Whisper, each for speed:
 The forward passes are written once, here, in terms of `Ops`: how each linear layer, residual add +
 LayerNorm, attention, the encoder's input stage and the output projection run. `Ops` itself is
 plain torch on any device; the runners pass their own (oneDNN-packed GEMMs on the CPU, Triton
-kernels on CUDA). Parameter names are the engine files' (app.engine.config).
+kernels on CUDA) to AudioEncoder.encode and TextDecoder.forward, while AudioEncoder.forward and
+WhisperModel.forward take tensors only and run torch's (so the modules trace and export as they
+are). Parameter names are the engine files' (app.engine.config).
 """
 
 from __future__ import annotations
@@ -174,7 +176,11 @@ class AudioEncoder(nn.Module):
     def input_stage(self, mel: Tensor, ops: Ops = TORCH_OPS) -> Tensor:
         return ops.encoder_input(mel, self.conv1, self.conv2, self.positional_embedding)
 
-    def forward(self, mel: Tensor, ops: Ops = TORCH_OPS) -> Tensor:  # [B, n_mels, 3000] -> [B, 1500, d]
+    def forward(self, mel: Tensor) -> Tensor:  # [B, n_mels, 3000] -> [B, 1500, d]
+        return self.encode(mel, TORCH_OPS)
+
+    def encode(self, mel: Tensor, ops: Ops) -> Tensor:
+        """forward() with the operations of `ops`."""
         x = self.input_stage(mel, ops)
         layers = list(self.layers)
         normed = layers[0].attn_ln(x)
@@ -279,10 +285,11 @@ class WhisperModel(nn.Module):
         self.encoder = AudioEncoder(dims, int8)
         self.decoder = TextDecoder(dims, int8)
 
-    def forward(self, mel: Tensor, tokens: Tensor, ops: Ops = TORCH_OPS) -> Tensor:
+    def forward(self, mel: Tensor, tokens: Tensor) -> Tensor:
         """mel [B, n_mels, frames], tokens [B, T] -> float32 logits [B, T, V]: the whole model once,
-        without caches."""
-        features = self.encoder(mel, ops)
+        without caches, in torch's operators (the runners serve it with their own)."""
+        ops = TORCH_OPS
+        features = self.encoder(mel)
         positions = torch.arange(tokens.shape[1], device=tokens.device)[None].expand_as(tokens)
         x = self.decoder.embed(tokens, positions)
         hidden = self.decoder(x, WholeSequenceAttention(self.decoder, features, ops), ops)

@@ -210,7 +210,7 @@ class CudaRunner(ReferenceRunner):
     def encode(self, mel: Tensor) -> Tensor:
         if self.fp8 is not None:
             return self.fp8.encode(self.model.encoder, mel, self.encoder_ops)
-        return self.model.encoder(mel, self.encoder_ops)
+        return self.model.encoder.encode(mel, self.encoder_ops)
 
     @torch.inference_mode()
     def write_cross_kv(self, audio_features: Tensor, rows: list[int]) -> None:

@@ -85,7 +85,7 @@ class ReferenceRunner:
     # ---- audio ------------------------------------------------------------------------------
     @torch.inference_mode()
     def encode(self, mel: Tensor) -> Tensor:
-        return self.model.encoder(mel, self.ops)
+        return self.model.encoder.encode(mel, self.ops)
 
     @torch.inference_mode()
     def write_cross_kv(self, audio_features: Tensor, rows: list[int]) -> None:
