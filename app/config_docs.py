@@ -57,9 +57,9 @@ startup with an error naming the setting.
 TABLE_HEAD = "| variable | default | what it does |\n|---|---|---|\n"
 
 FOOTER = """
-One more variable is read by the GPU kernels themselves at launch rather than through these
-settings: `WHISPER_PDL=0` turns off programmatic dependent launch of the decode step's Triton
-kernels on sm90+ GPUs (on by default where the GPU and Triton support it).
+One more variable is read by a GPU engine when it loads rather than through these settings:
+`WHISPER_PDL=0` turns off programmatic dependent launch of the decode step's Triton kernels on
+sm90+ GPUs (on by default where the GPU and Triton support it).
 """
 
 

@@ -80,7 +80,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     injected: dict[str, Runtime] | None = app.state.injected_runtimes
     try:
         if injected is None:
-            from app.engine.threads import confine_to_one_thread
+            from app.engine.cpu.threads import confine_to_one_thread
 
             confine_to_one_thread()  # the event loop's torch ops stay single-threaded
         # Loading reads hundreds of MB of weights; a thread keeps the loop (and signals) alive.

@@ -27,7 +27,8 @@ from app.decoding.tokenizer import WhisperTokenizer
 from app.decoding.transcribe import ModelContext, SegmentCallback, Transcriber
 from app.decoding.window import WindowResult, WindowTask
 from app.engine.config import EngineConfig
-from app.engine.threads import confine_to_one_thread
+from app.engine.cpu.threads import confine_to_one_thread
+from app.engine.options import CudaGraphOptions, EngineOptions
 from app.engine.torch_engine import TorchEngine, load_engine
 from app.errors import AudioTooLongError
 from app.scheduler.decode_loop import DecodeLoop
@@ -48,7 +49,7 @@ class RuntimeOptions(SchedulerOptions):
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     compute_dtype: str | None = None  # None: float16 on CUDA, float32 on CPU
     # decoder rows in one step (beam hypotheses count as rows); None: the device's default
-    # (app.engine.torch_engine.DEFAULT_MAX_ROWS)
+    # (app.engine.options.DEFAULT_MAX_ROWS)
     max_batch_size: int | None = None
     int8_cross_kv: bool = False
     fp8_encoder: bool = False  # the encoder's and cross-K/V GEMMs in fp8 (compute capability 8.9+)
@@ -165,11 +166,16 @@ class ModelRuntime:
 def load_runtime(engine_dir: str | Path, options: RuntimeOptions, name: str | None = None) -> ModelRuntime:
     """Load an engine directory (raises app.errors.EngineError with a build hint)."""
     engine_dir = Path(engine_dir)
-    # Only the engine's decode-loop thread runs torch multi-threaded (app.engine.threads): the
+    # Only the engine's decode-loop thread runs torch multi-threaded (app.engine.cpu.threads): the
     # loading thread, and every helper thread after it, use one.
     confine_to_one_thread()
-    engine = load_engine(engine_dir, device=options.device, compute_dtype=options.compute_dtype,
-                         max_rows=options.max_batch_size, int8_cross_kv=options.int8_cross_kv,
-                         cuda_graphs=options.cuda_graphs, fp8_encoder=options.fp8_encoder,
-                         cuda_trimmed_context=options.cuda_trimmed_context)
+    engine = load_engine(engine_dir, engine_options(options))
     return ModelRuntime(name or engine_dir.name, engine, options)
+
+
+def engine_options(options: RuntimeOptions) -> EngineOptions:
+    """The engine's share of the runtime options."""
+    return EngineOptions(device=options.device, compute_dtype=options.compute_dtype, max_rows=options.max_batch_size,
+                         int8_cross_kv=options.int8_cross_kv, fp8_encoder=options.fp8_encoder,
+                         trimmed_context=options.cuda_trimmed_context,
+                         graphs=CudaGraphOptions(enabled=options.cuda_graphs))

@@ -43,9 +43,10 @@ from app.decoding.tokenizer import WhisperTokenizer  # noqa: E402
 from app.decoding.window import WindowTask  # noqa: E402
 from app.engine.config import EngineConfig, ModelDims  # noqa: E402
 from app.engine.convert.tokenizer_info import expected_special_tokens  # noqa: E402
-from app.engine.fp8_gemm import fp8_supported  # noqa: E402
+from app.engine.cuda.fp8 import fp8_supported  # noqa: E402
+from app.engine.model import WhisperModel  # noqa: E402
+from app.engine.options import CudaGraphOptions, EngineOptions  # noqa: E402
 from app.engine.torch_engine import TorchEngine  # noqa: E402
-from app.engine.torch_model import WhisperModel  # noqa: E402
 from app.scheduler.decode_loop import DecodeLoop  # noqa: E402
 
 # name: (n_mels, d_model, heads, encoder layers, decoder layers, vocab)
@@ -78,20 +79,30 @@ class Ours:
     options: WindowOptions
 
 
-def build_ours(shape: str, max_rows: int, dtype: torch.dtype, int8_kv: bool, graphs: bool,
-               batch_buckets: tuple[int, ...], chunk_steps: int, fp8_encoder: bool = False) -> Ours:
-    dims = dims_for(shape)
-    config = config_for(shape, dims)
-    with torch.device("cuda"):
-        model = WhisperModel(dims)
+def ours_options(max_rows: int, dtype: torch.dtype, int8_kv: bool, graphs: bool, batch_buckets: tuple[int, ...],
+                 chunk_steps: int, fp8_encoder: bool = False) -> EngineOptions:
+    """Our engine's options for this benchmark: CUDA graphs of `batch_buckets` and 128-token
+    self-attention buckets."""
+    return EngineOptions(device="cuda", compute_dtype=str(dtype).removeprefix("torch."), max_rows=max_rows,
+                         int8_cross_kv=int8_kv, fp8_encoder=fp8_encoder,
+                         graphs=CudaGraphOptions(enabled=graphs, chunk_steps=chunk_steps, batch_buckets=batch_buckets,
+                                                 kv_buckets=(128,)))
+
+
+def random_whisper(shape: str, dtype: torch.dtype, seed: int = 0) -> WhisperModel:
+    """Random weights of `shape` on the GPU, the same for the same seed."""
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()]), torch.device("cuda"):
+        torch.manual_seed(seed)
+        model = WhisperModel(dims_for(shape))
         # non-degenerate random weights: position tables are zeros until an engine is loaded
         model.encoder.positional_embedding.normal_(0, 0.02)
         model.decoder.positional_embedding.data.normal_(0, 0.02)
-        model = model.to(dtype).eval()
-    engine = TorchEngine(Path("."), config, torch.device("cuda"), dtype, max_rows, int8_kv, model=model,
-                         fp8_encoder=fp8_encoder)
-    if graphs:
-        engine.enable_cuda_graphs(chunk_steps=chunk_steps, batch_buckets=batch_buckets, kv_buckets=(128,))
+    return model.to(dtype).eval()
+
+
+def build_ours(shape: str, options: EngineOptions, seed: int = 0) -> Ours:
+    config = config_for(shape, dims_for(shape))
+    engine = TorchEngine(config, random_whisper(shape, options.torch_dtype, seed), options)
     tokenizer = WhisperTokenizer(None, config.special_tokens, config.multilingual)  # type: ignore[arg-type]
     options = WindowOptions(language="en" if config.multilingual else None, beam_size=1,
                             without_timestamps=True, suppress_blank=False,
@@ -199,12 +210,13 @@ def smoke() -> None:
     """Graph replay == eager; chunked greedy == stepwise greedy; int8 kernel == dequantized SDPA;
     fused int8 quantization == the torch reference; fused residual add + LayerNorm == torch;
     the fp32-logits GEMM == an fp32 matmul; the decode steps' few-rows GEMM == torch's."""
-    from app.engine.cache_write import append_kv
-    from app.engine.fused_norm import add_layer_norm, reference_add_layer_norm
-    from app.engine.kernels import decode_attention, write_kv_into
-    from app.engine.logits_gemm import logits_fp32
-    from app.engine.row_gemm import choose_tiles, reference_linear, row_linear
-    from app.engine.torch_model import quantize_rows_int8
+    from app.engine.cache import quantize_kv_int8
+    from app.engine.cuda.attention import decode_attention
+    from app.engine.cuda.kv_cache import append_kv, write_cross_kv
+    from app.engine.cuda.logits_gemm import logits_fp32
+    from app.engine.cuda.norms import add_layer_norm
+    from app.engine.cuda.row_gemm import LinearWeights, choose_tiles, row_linear
+    from bench.reference_ops import reference_add_layer_norm, reference_linear
 
     for rows, d in ((1, 384), (64, 1280), (200, 768)):
         norm = torch.nn.LayerNorm(d, device="cuda", dtype=torch.float16)
@@ -231,14 +243,14 @@ def smoke() -> None:
         x = torch.randn(rows, 1, k, device="cuda", dtype=torch.float16)
         w = torch.randn(n, k, device="cuda", dtype=torch.float16) * k**-0.5
         bias = torch.randn(n, device="cuda", dtype=torch.float16)
-        got = [row_linear(x, w, bias, gelu) for _ in range(2)]  # 2nd: counters were reset
+        got = [row_linear(x, LinearWeights(w, bias), gelu=gelu) for _ in range(2)]  # 2nd: counters were reset
         ref = reference_linear(x.float(), w.float(), bias.float(), gelu)
         rel = max(((g.float() - ref).abs().max() / ref.abs().max()).item() for g in got)
         print(f"row_linear rows={rows} {n}x{k} gelu={gelu} split={choose_tiles(n, k, rows).split}: "
               f"max diff / max value {rel:.1e}, repeat equal {torch.equal(got[0], got[1])}")
         assert rel < 2e-3 and torch.equal(got[0], got[1]), rel  # fp16 output rounding
-        q, scale = quantize_rows_int8(w)  # int8 weights, one scale per output row
-        got_q = row_linear(x, q, bias, gelu, scale=scale.squeeze(1))
+        q, scale = quantize_kv_int8(w)  # int8 weights, one scale per output row
+        got_q = row_linear(x, LinearWeights(q, bias, scale.squeeze(1)), gelu=gelu)
         ref_q = reference_linear(x.float(), q.float() * scale.float(), bias.float(), gelu)
         rel = ((got_q.float() - ref_q).abs().max() / ref_q.abs().max()).item()
         print(f"row_linear int8 weights rows={rows} {n}x{k}: max diff / max value {rel:.1e}")
@@ -268,29 +280,29 @@ def smoke() -> None:
         ks = torch.ones(*shape[:3], 1, device="cuda", dtype=torch.float16)
         vs = torch.ones_like(ks)
         index = torch.tensor(rows, device="cuda")
-        write_kv_into(kv, heads, index, k, v, ks, vs)
+        write_cross_kv(kv, heads=heads, rows=index, k_cache=k, v_cache=v, k_scale=ks, v_scale=vs)
         split = kv.view(b, t, 2, heads, dh).permute(2, 0, 3, 1, 4)
         for got, got_scale, ref_src in ((k, ks, split[0]), (v, vs, split[1])):
-            ref, ref_scale = quantize_rows_int8(ref_src)
+            ref, ref_scale = quantize_kv_int8(ref_src)
             diff = (got[index, :, :t].int() - ref.int()).abs()
-            print(f"write_kv_into B={b} T={t} H={heads}: {int((diff > 0).sum())} of {diff.numel()} values "
+            print(f"write_cross_kv B={b} T={t} H={heads}: {int((diff > 0).sum())} of {diff.numel()} values "
                   f"differ (max {int(diff.max())}); scales equal: {torch.equal(got_scale[index, :, :t], ref_scale)}")
             assert int(diff.max()) == 0  # the same arithmetic as the torch reference, bit for bit
         # the fp16 cache: the same kernel copies the values as they are
         kh = torch.zeros(shape, device="cuda", dtype=torch.float16)
         vh = torch.zeros_like(kh)
-        write_kv_into(kv, heads, index, kh, vh)
+        write_cross_kv(kv, heads=heads, rows=index, k_cache=kh, v_cache=vh)
         exact = torch.equal(kh[index, :, :t], split[0]) and torch.equal(vh[index, :, :t], split[1])
         untouched = int(kh[:, :, t:].count_nonzero()) + int(kh[[r for r in range(8) if r not in rows]].count_nonzero())
-        print(f"write_kv_into fp16 B={b} T={t} H={heads}: exact copy {exact}, other cache entries written {untouched}")
+        print(f"write_cross_kv fp16 B={b} T={t} H={heads}: exact copy {exact}, other cache entries written {untouched}")
         assert exact and untouched == 0
 
     for b, h, n in ((1, 20, 1500), (8, 6, 1500), (64, 20, 1500), (3, 6, 128)):
         q = torch.randn(b, h, 1, 64, device="cuda", dtype=torch.float16)
         kf = torch.randn(b, h, n, 64, device="cuda", dtype=torch.float16)
         vf = torch.randn_like(kf)
-        k8, ks = quantize_rows_int8(kf)
-        v8, vs = quantize_rows_int8(vf)
+        k8, ks = quantize_kv_int8(kf)
+        v8, vs = quantize_kv_int8(vf)
         lengths = torch.randint(1, n + 1, (b,), device="cuda")
         keys = torch.arange(n, device="cuda")
         mask = (keys[None, :] < lengths[:, None])[:, None, None, :]
@@ -308,12 +320,9 @@ def smoke() -> None:
     for int8_kv in (False, True):
         # 4 windows: a whole batch bucket, so the prompt prefill replays its graph too
         mel = torch.randn(4, 80, 3000, device="cuda", dtype=torch.float16)
-        eager = build_ours("tiny.en", 8, torch.float16, int8_kv, False, (1, 2, 4, 8), 8)
-        graphed = build_ours("tiny.en", 8, torch.float16, int8_kv, True, (1, 2, 4, 8), 8)
-        graphed.engine.model.load_state_dict(eager.engine.model.state_dict())
-        if graphed.engine.runner.logits_weight is not None and eager.engine.runner.logits_weight is not None:
-            # the fp32 logits copy is a graph input: refresh it in place
-            graphed.engine.runner.logits_weight.copy_(eager.engine.runner.logits_weight)
+        # the same random weights in both engines
+        eager = build_ours("tiny.en", ours_options(8, torch.float16, int8_kv, False, (1, 2, 4, 8), 8))
+        graphed = build_ours("tiny.en", ours_options(8, torch.float16, int8_kv, True, (1, 2, 4, 8), 8))
         a = run_ours(eager, mel, 40)
         b = run_ours(graphed, mel, 40)
         same = sum(x == y for x, y in zip(sorted(a), sorted(b), strict=True))
@@ -400,8 +409,8 @@ def build_all(shape: str, batches: list[int], peer_batches: dict[str, list[int]]
         variants += [("ours fp16 + fp8 encoder", False, True), ("ours int8 cross-K/V + fp8 encoder", True, True)]
     for label, int8_kv, fp8_encoder in variants:
         before = torch.cuda.memory_allocated()
-        ours = build_ours(shape, max_rows, torch.float16, int8_kv, True, tuple(batches), args.chunk_steps,
-                          fp8_encoder)
+        ours = build_ours(shape, ours_options(max_rows, torch.float16, int8_kv, True, tuple(batches),
+                                              args.chunk_steps, fp8_encoder))
         out: list[list[int]] = []
 
         def check(out: list[list[int]] = out) -> None:

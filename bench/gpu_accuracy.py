@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.decoding.options import TranscribeOptions  # noqa: E402
 from app.engine.config import load_engine_config, save_engine_config  # noqa: E402
-from app.engine.fp8_gemm import fp8_supported  # noqa: E402
+from app.engine.cuda.fp8 import fp8_supported  # noqa: E402
 from app.runtime import RuntimeOptions, load_runtime  # noqa: E402
 
 WARM_UP_CLIPS = 16

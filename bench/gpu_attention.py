@@ -20,8 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.engine import kernels  # noqa: E402
-from app.engine.torch_model import quantize_rows_int8  # noqa: E402
+from app.engine.cache import quantize_kv_int8  # noqa: E402
+from app.engine.cuda import attention as kernels  # noqa: E402
+from app.engine.cuda.kv_cache import write_cross_kv  # noqa: E402
 from bench.gpu_linear import graph_us  # noqa: E402
 
 # Tile shapes tried with --all-configs: (block, warps, stages, min splits, tensor-core tile)
@@ -58,8 +59,8 @@ def main() -> None:
     q = torch.randn(b, h, 1, dh, device="cuda", dtype=torch.float16)
     k = torch.randn(b, h, t, dh, device="cuda", dtype=torch.float16)
     v = torch.randn(b, h, t, dh, device="cuda", dtype=torch.float16)
-    k8, ks = quantize_rows_int8(k)
-    v8, vs = quantize_rows_int8(v)
+    k8, ks = quantize_kv_int8(k)
+    v8, vs = quantize_kv_int8(v)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     fp16_bytes = 2 * k.numel() * 2
     int8_bytes = 2 * k.numel() + 2 * ks.numel() * ks.element_size()
@@ -86,9 +87,9 @@ def main() -> None:
             c8 = replace(cfg, fast_int8=widen)
             add(f"triton int8 {c8}", lambda c8=c8: kernels.decode_attention(q, k8, v8, k_scale=ks, v_scale=vs,
                                                                            config=c8), int8_bytes)
-    add("triton int8 default (int8_config)",
+    add("triton int8 default (AttentionTiles.int8)",
         lambda: kernels.decode_attention(q, k8, v8, k_scale=ks, v_scale=vs), int8_bytes)
-    widened = replace(kernels.int8_config(b * h), dp4a_k=False)
+    widened = replace(kernels.ATTENTION_TILES.int8(b * h), dp4a_k=False)
     add("triton int8 default, keys widened (no dp4a)",
         lambda: kernels.decode_attention(q, k8, v8, k_scale=ks, v_scale=vs, config=widened), int8_bytes)
     kv = torch.randn(b, t, 2 * h * dh, device="cuda", dtype=torch.float16)
@@ -99,14 +100,15 @@ def main() -> None:
     def torch_quantize() -> None:
         split = kv.view(b, t, 2, h, dh).permute(2, 0, 3, 1, 4)
         for i in range(2):
-            values, scale = quantize_rows_int8(split[i])
+            values, scale = quantize_kv_int8(split[i])
             cache[i][:, :, :t], scales[i][:, :, :t] = values, scale
 
-    quantize_rows = [("quantize: torch ops", time_us(torch_quantize, 10)),
-                     ("quantize: fused kernel", time_us(lambda: kernels.write_kv_into(
-                         kv, h, rows_index, cache[0], cache[1], scales[0], scales[1]), 10))]
+    quantize_timings = [("quantize: torch ops", time_us(torch_quantize, 10)),
+                        ("quantize: fused kernel", time_us(lambda: write_cross_kv(
+                            kv, heads=h, rows=rows_index, k_cache=cache[0], v_cache=cache[1], k_scale=scales[0],
+                            v_scale=scales[1]), 10))]
     print(f"{torch.cuda.get_device_name()}  B={b} H={h} T={t} dh={dh}")
-    for name, us in quantize_rows:
+    for name, us in quantize_timings:
         print(f"{name:<48}{us:>9.1f}{2 * kv.numel() * 1.5 / us / 1e3:>9.0f}")
     print(f"{'kernel':<48}{'us':>9}{'GB/s':>9}{'max err':>10}")
     for name, us, gbs, err in rows:

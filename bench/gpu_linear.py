@@ -1,4 +1,4 @@
-"""Decode-step GEMMs alone: torch (cuBLAS) against app.engine.row_gemm, microseconds per call.
+"""Decode-step GEMMs alone: torch (cuBLAS) against app.engine.cuda.row_gemm, microseconds per call.
 
 Each call reads a different copy of the weight (over 200 MB in rotation, more than the L2 cache
 holds) inside a CUDA graph, as a decode step streams every layer's weights once. Shapes are the
@@ -20,7 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.engine import row_gemm  # noqa: E402
+from app.engine.cuda import row_gemm  # noqa: E402
+from bench.reference_ops import reference_linear  # noqa: E402
 
 WIDTHS = {"tiny.en": 384, "small": 768, "large-v3": 1280}
 SWEEP = [row_gemm.TileConfig(bn, bk, split, warps, stages)
@@ -55,8 +56,10 @@ def time_linear(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor
                 tiles: row_gemm.TileConfig | None) -> float:
     """Microseconds per call: torch's GEMM when tiles is None, else row_linear with those tiles."""
     if tiles is None:
-        return graph_us(lambda i: row_gemm.reference_linear(x, weights[i], bias, gelu), len(weights))
-    return graph_us(lambda i: row_gemm.row_linear(x, weights[i], bias, gelu, tiles), len(weights))
+        return graph_us(lambda i: reference_linear(x, weights[i], bias, gelu), len(weights))
+    linears = [row_gemm.LinearWeights(weight, bias) for weight in weights]
+    return graph_us(lambda i: row_gemm.row_linear(x, linears[i], gelu=gelu, tiles=lambda n, k, m: tiles),
+                    len(weights))
 
 
 def main() -> None:
@@ -78,9 +81,9 @@ def main() -> None:
             bias = torch.randn(n, device="cuda", dtype=torch.float16)
             for m in map(int, args.rows.split(",")):
                 x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-                ref = row_gemm.reference_linear(x, weights[0], bias, gelu)
+                ref = reference_linear(x, weights[0], bias, gelu)
                 tiles = row_gemm.choose_tiles(n, k, m)
-                out = row_gemm.row_linear(x, weights[0], bias, gelu, tiles)
+                out = row_gemm.row_linear(x, row_gemm.LinearWeights(weights[0], bias), gelu=gelu)
                 err = (out.float() - ref.float()).abs().max().item() / ref.float().abs().max().item()
                 t_torch = time_linear(x, weights, bias, gelu, None)
                 t_ours = time_linear(x, weights, bias, gelu, tiles)

@@ -14,7 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.gpu import SHAPES, build_ours, run_ours  # noqa: E402
+from bench.gpu import SHAPES, build_ours, ours_options, run_ours  # noqa: E402
 
 
 def main() -> None:
@@ -26,8 +26,8 @@ def main() -> None:
     p.add_argument("--fp8-encoder", action="store_true", help="fp8 encoder GEMMs (compute capability 8.9+)")
     p.add_argument("--rows", type=int, default=22)
     args = p.parse_args()
-    ours = build_ours(args.shape, args.batch, torch.float16, args.int8_kv, True, (1, args.batch), 8,
-                      args.fp8_encoder)
+    ours = build_ours(args.shape, ours_options(args.batch, torch.float16, args.int8_kv, True, (1, args.batch), 8,
+                                               args.fp8_encoder))
     mel = torch.randn(args.batch, SHAPES[args.shape][0], 3000, device="cuda", dtype=torch.float16)
     run_ours(ours, mel, args.tokens)
     encoder_events = []

@@ -20,12 +20,13 @@ import time
 import traceback
 from pathlib import Path
 from types import ModuleType
-from unittest import mock
 
 import torch
 
-from app.engine import encoder_input, fused_norm
-from app.engine.torch_model import AudioEncoder
+from app.engine.cuda.row_gemm import choose_tiles
+from app.engine.model import AudioEncoder
+from app.engine.options import EngineOptions
+from app.engine.runners.cuda import CudaOps
 from bench.gpu import dims_for
 
 #: module names tried in order: full TensorRT where installed, else TensorRT for RTX
@@ -57,16 +58,21 @@ def random_encoder(shape: str) -> AudioEncoder:
 def export_onnx(encoder: AudioEncoder, path: Path, n_mels: int) -> None:
     """log-mel [B, n_mels, 3000] -> encoder output [B, 1500, d], fp16, dynamic batch.
 
-    Traced with the fused Triton kernels switched off: ONNX sees the plain torch ops (the same
-    arithmetic, app.engine.fused_norm), on whichever device the encoder is."""
+    Traced with the encoder's default operators: ONNX sees the plain torch ops (the arithmetic of
+    the fused kernels, app.engine.cuda.norms), on whichever device the encoder is."""
     device = next(encoder.parameters()).device
     mel = torch.zeros(1, n_mels, 3000, dtype=torch.float16, device=device)
-    with mock.patch.object(fused_norm, "can_fuse", lambda x: False), \
-            mock.patch.object(encoder_input, "can_fuse", lambda x: False):
-        torch.onnx.export(encoder, (mel,), str(path), input_names=["mel"],
-                          output_names=["audio_features"],
-                          dynamic_axes={"mel": {0: "batch"}, "audio_features": {0: "batch"}},
-                          opset_version=17, dynamo=False, external_data=True)
+    torch.onnx.export(encoder, (mel,), str(path), input_names=["mel"],
+                      output_names=["audio_features"],
+                      dynamic_axes={"mel": {0: "batch"}, "audio_features": {0: "batch"}},
+                      opset_version=17, dynamo=False, external_data=True)
+
+
+def service_ops() -> CudaOps:
+    """The operators a CUDA engine's encoder runs with (fused input stage and add + LayerNorm)."""
+    kernels = EngineOptions(device="cuda", compute_dtype="float16").resolve().kernels
+    return CudaOps(row_weights=None, fused_norms=kernels.fused_norms, fused_input=kernels.fused_encoder_input,
+                   tiles=choose_tiles, pdl=kernels.pdl)
 
 
 def build_engine(trt: ModuleType, onnx_path: Path, n_mels: int, max_batch: int) -> tuple[bytes, float]:
@@ -142,7 +148,11 @@ def probe_shape(trt: ModuleType | None, shape: str, batches: list[int], workdir:
     plan, build_s = build_engine(trt, onnx_path, dims.n_mels, max(batches))
     rows.append(f"{shape}: engine built in {build_s:.1f} s, {len(plan) / 2**20:.1f} MiB")
     trt_encoder = TrtEncoder(trt, plan)
-    torch_encoder = encoder  # fp16 on the GPU, with the service's fused kernels
+    ops = service_ops()
+
+    def torch_encoder(mel: torch.Tensor) -> torch.Tensor:  # fp16 on the GPU, with the service's fused kernels
+        return encoder.encode(mel, ops)
+
     for batch in batches:
         mel = torch.randn(batch, dims.n_mels, 3000, device="cuda", dtype=torch.float16)
         out = torch.empty(batch, 1500, dims.n_audio_state, device="cuda", dtype=torch.float16)

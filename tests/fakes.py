@@ -12,9 +12,9 @@ import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from app.decoding.search import rows_needed
@@ -22,10 +22,18 @@ from app.decoding.tokenizer import WhisperTokenizer
 from app.decoding.window import WindowResult, WindowTask
 from app.engine.config import EngineConfig, ModelDims
 from app.engine.convert.tokenizer_info import expected_special_tokens
+from app.engine.cuda.fp8 import fp8_supported
+from app.engine.model import WhisperModel
+from app.engine.options import EngineOptions
 from app.engine.torch_engine import TorchEngine
-from app.engine.torch_model import WhisperModel
 from app.scheduler.rows import RowPlan
 from app.scheduler.scheduler import SchedulerOptions
+
+#: tests of the GPU paths; they skip where no CUDA device is present
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+#: tests of the fp8 paths' kernels and GEMMs
+fp8_cuda_only = pytest.mark.skipif(not (torch.cuda.is_available() and fp8_supported(torch.device("cuda"))),
+                                   reason="needs a CUDA GPU with fp8 (compute capability 8.9+)")
 
 ENGLISH_VOCAB = 51864
 #: special ids of an English-only vocabulary (eot 50256 ... timestamp_begin 50363)
@@ -106,8 +114,9 @@ def random_model(seed: int = 0, dims: ModelDims | None = None) -> WhisperModel:
 
 def random_engine(model: WhisperModel, max_rows: int = 16, *, int8_cross_kv: bool = False,
                   config: EngineConfig | None = None) -> TorchEngine:
-    return TorchEngine(Path("."), config or tiny_config(), torch.device("cpu"), torch.float32,
-                       max_rows, int8_cross_kv, model=model)
+    """A CPU engine over `model` (float32)."""
+    return TorchEngine(config or tiny_config(), model,
+                       EngineOptions(device="cpu", max_rows=max_rows, int8_cross_kv=int8_cross_kv))
 
 
 def random_mel(seed: int, n_mels: int = 80, frames: int = 3000) -> torch.Tensor:

@@ -490,9 +490,10 @@ def test_real_engine_word_times_are_plausible() -> None:
     features_mod = pytest.importorskip("app.audio.features")
     from app.audio.decode import decode_audio
     from app.decoding.tokenizer import WhisperTokenizer
+    from app.engine.options import EngineOptions
     from app.engine.torch_engine import load_engine
 
-    engine = load_engine(ENGINE_DIR, device="cpu", max_rows=4)
+    engine = load_engine(ENGINE_DIR, EngineOptions(device="cpu", max_rows=4))
     tokenizer = WhisperTokenizer.from_engine(engine.engine_dir, engine.config)
     audio = decode_audio(clip)
     duration = len(audio) / 16000

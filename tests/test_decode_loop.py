@@ -34,9 +34,14 @@ from app.decoding.rules import RowRules, apply_rules
 from app.decoding.search import make_search, rows_needed
 from app.decoding.tokenizer import WhisperTokenizer
 from app.decoding.window import WindowResult, WindowTask
-from app.engine.cuda_graphs import GreedyChunkState, chunk_length, run_greedy_steps
+from app.engine.greedy import (
+    GreedyChunkState,
+    chunk_length,
+    greedy_step_reference,
+    run_greedy_steps,
+)
+from app.engine.model import WhisperModel
 from app.engine.torch_engine import TorchEngine
-from app.engine.torch_model import WhisperModel
 from app.errors import QueueFullError, ShuttingDownError
 from app.scheduler.decode_loop import DecodeLoop
 from app.scheduler.scheduler import Scheduler, SchedulerOptions, Ticket
@@ -203,43 +208,36 @@ def test_batched_windows_decode_exactly_as_alone(engine: TorchEngine, alone: Alo
 
 
 class EagerChunks:
-    """GraphedDecoder's greedy chunks without CUDA graphs: its chunk body (run_greedy_steps) run
-    eagerly on the CPU, as many steps as chunk_length allows."""
+    """The CUDA runner's greedy chunks without CUDA graphs: the graphs' chunk body
+    (run_greedy_steps) run eagerly on the CPU, as many steps as chunk_length allows."""
 
     def __init__(self, engine: TorchEngine, chunk_steps: int) -> None:
         self.engine = engine
         self.chunk_steps = chunk_steps
-        self.suppress: tuple[int, ...] = ()
         self.calls: list[tuple[int, int]] = []  # (steps run, largest budget)
 
-    def step(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> None:
-        return None  # single steps run eagerly
-
-    def prefill(self, tokens: torch.Tensor, positions: torch.Tensor) -> None:
-        return None  # so do prompt prefills
-
-    def set_suppress(self, ids: tuple[int, ...]) -> None:
-        self.suppress = ids
-
     def greedy_chunk(self, tokens: torch.Tensor, positions: torch.Tensor, done: torch.Tensor,
-                     remaining: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     suppress: tuple[int, ...], remaining: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         steps = chunk_length(remaining, self.chunk_steps)
         self.calls.append((steps, max(remaining)))
         dims = self.engine.config.dims
         state = GreedyChunkState.allocate(len(tokens), steps, dims.n_vocab, TOKENIZER.eot, "cpu")
-        state.set_suppress(self.suppress)
+        state.set_suppress(suppress)
         state.tokens.copy_(tokens)
         state.positions.copy_(positions)
         state.done.copy_(done)
         state.remaining.copy_(torch.tensor(remaining))
-        run_greedy_steps(self.engine.runner, state, len(tokens), dims.n_text_ctx, steps, TOKENIZER.eot)
+        run_greedy_steps(self.engine.runner.decode_rows, greedy_step_reference, state, len(tokens), dims.n_text_ctx,
+                         steps, TOKENIZER.eot)
         return state.out, state.done, state.sum_logprob
 
 
-def test_greedy_chunks_stop_at_each_windows_token_budget(model: WhisperModel, alone: Alone) -> None:
+def test_greedy_chunks_stop_at_each_windows_token_budget(model: WhisperModel, alone: Alone,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     engine = random_engine(model, max_rows=16, config=CONFIG)
     chunks = EagerChunks(engine, chunk_steps=3)
-    engine.graphs = chunks  # type: ignore[assignment]
+    monkeypatch.setattr(engine.runner, "greedy_chunks", True)
+    monkeypatch.setattr(engine.runner, "greedy_chunk", chunks.greedy_chunk)
     specs = [Spec(11, replace(GREEDY_NO_TS, max_new_tokens=n)) for n in (1, 2, 4, 7, 8)]
     loop = DecodeLoop(engine, TOKENIZER)
     tasks = [s.task() for s in specs]

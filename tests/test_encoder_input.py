@@ -1,15 +1,15 @@
-"""The encoder's input stage (app.engine.encoder_input): the GPU kernels against torch's ops."""
+"""The encoder's input stage (app.engine.cuda.encoder_input): the GPU kernels against torch's ops."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from fakes import cuda_only
 from torch import nn
 
-from app.engine.encoder_input import can_fuse_input, encoder_input
-
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+from app.engine.cuda.encoder_input import fused_encoder_input
+from app.engine.model import TORCH_OPS
 
 
 def torch_input(mel: torch.Tensor, conv1: nn.Conv1d, conv2: nn.Conv1d, pos: torch.Tensor) -> torch.Tensor:
@@ -22,8 +22,7 @@ def test_cpu_input_is_torchs_ops() -> None:
     conv1, conv2 = nn.Conv1d(8, 32, 3, padding=1), nn.Conv1d(32, 32, 3, stride=2, padding=1)
     pos = torch.randn(50, 32)
     mel = torch.randn(2, 8, 100)
-    assert not can_fuse_input(mel)
-    assert torch.equal(encoder_input(mel, conv1, conv2, pos), torch_input(mel, conv1, conv2, pos))
+    assert torch.equal(TORCH_OPS.encoder_input(mel, conv1, conv2, pos), torch_input(mel, conv1, conv2, pos))
 
 
 @cuda_only
@@ -35,7 +34,7 @@ def test_fused_input_matches_torch(batch: int, n_mels: int, d: int, frames: int)
         conv2 = nn.Conv1d(d, d, 3, stride=2, padding=1).half()
         pos = torch.randn(1500, d).half() * 0.1
         mel = torch.randn(batch, n_mels, frames).half()
-    got = encoder_input(mel, conv1, conv2, pos)
+    got = fused_encoder_input(mel, conv1, conv2, pos)
     ref = torch_input(mel, conv1, conv2, pos)
     assert got.shape == ref.shape and got.is_contiguous()
     # cuDNN's convolution without its bias, then the bias in float32: one fp16 rounding apart at most

@@ -25,6 +25,7 @@ from app.engine.config import (
     load_engine_config,
     save_engine_config,
 )
+from app.engine.options import EngineOptions
 from app.engine.torch_engine import TorchEngine, load_engine
 from app.errors import BackendUnavailableError, EngineError, EngineNotFoundError
 from app.runtime import RuntimeOptions, load_runtime
@@ -75,7 +76,7 @@ def edit_config(directory: Path, **changes: object) -> None:
 
 
 def load(directory: Path) -> TorchEngine:
-    return load_engine(directory, device="cpu", max_rows=2, cuda_graphs=False)
+    return load_engine(directory, EngineOptions(device="cpu", max_rows=2))
 
 
 def assert_actionable(error: pytest.ExceptionInfo[EngineError], *fragments: str) -> str:
@@ -94,7 +95,7 @@ def test_valid_engine_loads(engine_dir: Path, valid_engine: Path) -> None:
     assert config.name == "tiny-random" and config.format_version == FORMAT_VERSION
     engine = load(engine_dir)
     assert engine.device == torch.device("cpu") and engine.dtype == torch.float32
-    assert engine.max_rows == 2 and engine.graphs is None
+    assert engine.max_rows == 2 and not engine.greedy_chunks
     expected = random_model(0, tiny_dims(n_audio_ctx=AUDIO_CTX)).state_dict()
     loaded = engine.model.state_dict()
     assert set(loaded) == set(expected)
@@ -219,7 +220,7 @@ def test_trtllm_backend_is_unavailable(engine_dir: Path) -> None:
 
 def test_unknown_compute_dtype(engine_dir: Path) -> None:
     with pytest.raises(EngineError, match="Unknown compute dtype 'float8'"):
-        load_engine(engine_dir, device="cpu", compute_dtype="float8", cuda_graphs=False)
+        load_engine(engine_dir, EngineOptions(device="cpu", compute_dtype="float8"))
 
 
 def test_load_runtime_surfaces_engine_errors(tmp_path: Path) -> None:

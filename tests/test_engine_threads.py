@@ -6,7 +6,7 @@ import threading
 
 import torch
 
-from app.engine.threads import _libgomp, become_engine_thread, confine_to_one_thread
+from app.engine.cpu.threads import _libgomp, become_engine_thread, confine_to_one_thread
 
 
 def _in_thread(fn) -> object:  # type: ignore[no-untyped-def]

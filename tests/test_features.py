@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fakes import cuda_only
 
 from app.audio.features import log_mel_spectrogram, pad_or_trim
 from app.audio.mel import mel_filter_bank, mel_filters
@@ -142,7 +143,7 @@ def test_pad_or_trim() -> None:
     assert isinstance(array, np.ndarray) and array.shape == (2, 80, 8) and array[..., 5:].sum() == 0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@cuda_only
 @pytest.mark.parametrize("n_mels", [80, 128])
 def test_cuda_matches_cpu(n_mels: int) -> None:
     audio = speechlike(65.0)

@@ -1,16 +1,19 @@
-"""One greedy step's bookkeeping (app.engine.greedy_step): the torch reference on the CPU against
-a row-by-row reading of its contract, and the Triton kernel against the reference on the GPU."""
+"""One greedy step's bookkeeping: the torch reference (app.engine.greedy) on the CPU against a
+row-by-row reading of its contract, and the Triton kernel (app.engine.cuda.greedy_step) against the
+reference on the GPU."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
+from fakes import cuda_only
 
-from app.engine.greedy_step import can_greedy_step, greedy_step, greedy_step_reference
-
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+from app.engine.cuda.greedy_step import greedy_step
+from app.engine.greedy import GreedyChunkState, greedy_step_reference
+from app.engine.options import EngineOptions
 
 EOT = 7
 
@@ -34,10 +37,11 @@ def make_state(rows: int, vocab: int, device: str = "cpu") -> dict[str, torch.Te
                 cursor=torch.tensor([2], device=device))
 
 
-def run(step: object, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def run(step: Callable[[torch.Tensor, GreedyChunkState, int], None],
+        state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     state = {k: v.clone() for k, v in state.items()}
-    step(state["logits"], state["suppress"], state["tokens"], state["positions"], state["done"],  # type: ignore[operator]
-         state["remaining"], state["sum_logprob"], state["out"], state["cursor"], EOT)
+    rows = GreedyChunkState(**{k: v for k, v in state.items() if k != "logits"})
+    step(state["logits"], rows, EOT)
     return state
 
 
@@ -62,18 +66,17 @@ def test_reference_follows_the_contract_row_by_row() -> None:
     assert after["cursor"].item() == 2  # the caller advances it
 
 
-def test_cpu_logits_take_the_reference() -> None:
-    state = make_state(6, 50)
-    assert not can_greedy_step(state["logits"])
-    got, expected = run(greedy_step, state), run(greedy_step_reference, state)
-    assert all(torch.equal(got[k], expected[k]) for k in expected)
+def test_cpu_engines_take_the_reference() -> None:
+    assert not EngineOptions(device="cpu").resolve().kernels.greedy_step_kernel
 
 
 @cuda_only
 @pytest.mark.parametrize(("rows", "vocab"), [(6, 50), (64, 51866), (5, 1500)])
-def test_kernel_equals_the_reference(rows: int, vocab: int) -> None:
+@pytest.mark.parametrize("chunks", [8, 1])
+def test_kernel_equals_the_reference(rows: int, vocab: int, chunks: int) -> None:
     state = make_state(rows, vocab, "cuda")
-    got, expected = run(greedy_step, state), run(greedy_step_reference, state)
+    got = run(lambda logits, rows, eot: greedy_step(logits, rows, eot, chunks=chunks), state)
+    expected = run(greedy_step_reference, state)
     for key in ("tokens", "out", "positions", "remaining", "done", "cursor"):
         assert torch.equal(got[key], expected[key]), key
     torch.testing.assert_close(got["sum_logprob"], expected["sum_logprob"], rtol=0, atol=1e-4)

@@ -1,19 +1,18 @@
-"""The fp32-logits GEMM (app.engine.logits_gemm) runs only on the GPU; the CPU model keeps torch's
-GEMMs. Its GPU numerics are checked by `bench/gpu.py --smoke` and the CUDA test below."""
+"""The fp32-logits GEMM (app.engine.cuda.logits_gemm) runs only on the GPU; the CPU model keeps
+torch's GEMMs. Its GPU numerics are checked by `bench/gpu.py --smoke` and the CUDA tests below."""
 
 from __future__ import annotations
 
-import pytest
 import torch
+from fakes import cuda_only
 
-from app.engine.logits_gemm import can_logits_fp32, logits_fp32
+from app.engine.cuda.logits_gemm import logits_fp32
+from app.engine.options import EngineOptions
 
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-
-def test_cpu_tensors_take_the_torch_path() -> None:
-    assert not can_logits_fp32(torch.randn(3, 8).half(), torch.randn(100, 8).half())
-    assert not can_logits_fp32(torch.randn(3, 8), torch.randn(100, 8))
+def test_cpu_engines_keep_torchs_gemms() -> None:
+    for dtype in ("float32", "float16"):
+        assert not EngineOptions(device="cpu", compute_dtype=dtype).resolve().kernels.logits_kernel
 
 
 @cuda_only

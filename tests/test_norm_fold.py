@@ -1,5 +1,6 @@
-"""Decoder LayerNorms folded into the next linear layer (app.engine.norm_fold): the folded model is
-the same function on every path, and on the GPU a decode step applies the norms inside its GEMMs."""
+"""Decoder LayerNorms folded into the next linear layer (app.engine.runners.norm_fold): the folded
+model is the same function on every path, and on the GPU a decode step applies the norms inside
+its GEMMs."""
 
 from __future__ import annotations
 
@@ -8,14 +9,16 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from fakes import random_model, tiny_dims
+from fakes import cuda_only, random_engine, random_model, tiny_config, tiny_dims
 from torch import nn
 
-from app.engine.norm_fold import can_fold_step, fold_decoder_norms
-from app.engine.row_gemm import KvAppend, RowNorm, TileConfig, row_linear
-from app.engine.torch_model import DecoderCache, WhisperModel, WhisperRunner
-
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+from app.engine.cache import DecoderCache
+from app.engine.cuda.row_gemm import KvAppend, LinearWeights, RowNorm, TileConfig, row_linear
+from app.engine.model import WhisperModel
+from app.engine.options import CudaGraphOptions, CudaKernels, EngineOptions
+from app.engine.runners import make_runner
+from app.engine.runners.norm_fold import fold_decoder_norms
+from app.engine.runners.reference import ReferenceRunner
 
 
 def with_random_norms(model: WhisperModel, seed: int = 3) -> WhisperModel:
@@ -29,16 +32,28 @@ def with_random_norms(model: WhisperModel, seed: int = 3) -> WhisperModel:
     return model
 
 
-def runner_for(model: WhisperModel, rows: int, device: str = "cpu",
-               dtype: torch.dtype = torch.float32) -> WhisperRunner:
-    runner = WhisperRunner(model, DecoderCache(model.dims, rows, torch.device(device), dtype))
-    features = torch.randn(rows, model.dims.n_audio_ctx, model.dims.n_audio_state,
+def with_cross_kv(runner: ReferenceRunner, rows: int, device: str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> ReferenceRunner:
+    dims = runner.dims
+    features = torch.randn(rows, dims.n_audio_ctx, dims.n_audio_state,
                            generator=torch.Generator().manual_seed(7)).to(device, dtype)
     runner.write_cross_kv(features, list(range(rows)))
     return runner
 
 
-def decode_three_steps(runner: WhisperRunner, rows: int, device: str = "cpu") -> list[torch.Tensor]:
+def cpu_runner(model: WhisperModel, rows: int) -> ReferenceRunner:
+    return with_cross_kv(ReferenceRunner(model, DecoderCache(model.dims, rows, torch.device("cpu"), torch.float32)),
+                         rows)
+
+
+def cuda_runner(model: WhisperModel, rows: int, fold_norms: bool, int8_cross_kv: bool = False) -> ReferenceRunner:
+    """A CUDA runner in float16 without graphs, the decoder's norms folded or not."""
+    options = EngineOptions(device="cuda", compute_dtype="float16", max_rows=rows, int8_cross_kv=int8_cross_kv,
+                            graphs=CudaGraphOptions(enabled=False), kernels=CudaKernels(fold_norms=fold_norms))
+    return with_cross_kv(make_runner(model, tiny_config(), options.resolve()), rows, "cuda", torch.float16)
+
+
+def decode_three_steps(runner: ReferenceRunner, rows: int, device: str = "cpu") -> list[torch.Tensor]:
     """Logits of a 3-token prompt prefill, then of two single-token steps. The tokens are fixed, so
     two runners see the same inputs even where a near-tie would make their argmax differ."""
     prompt = torch.tensor([[1, 2, 3]] * rows, device=device)
@@ -53,25 +68,28 @@ def decode_three_steps(runner: WhisperRunner, rows: int, device: str = "cpu") ->
 def test_the_folded_model_computes_the_same_logits() -> None:
     model = with_random_norms(random_model(0))
     folded = copy.deepcopy(model)
-    assert fold_decoder_norms(folded.decoder)
+    assert fold_decoder_norms(folded.decoder) is not None
     with torch.inference_mode():
-        expected = decode_three_steps(runner_for(model, 3), 3)
-        got = decode_three_steps(runner_for(folded, 3), 3)
+        expected = decode_three_steps(cpu_runner(model, 3), 3)
+        got = decode_three_steps(cpu_runner(folded, 3), 3)
     for e, g in zip(expected, got, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-3 * e.abs().max().item())
 
 
 def test_folding_leaves_identity_norms_and_the_weight_sums() -> None:
     model = with_random_norms(random_model(0))
-    assert fold_decoder_norms(model.decoder)
-    assert model.decoder.norms_folded
-    for layer in model.decoder.layers:
-        for norm, linear in ((layer.attn_ln, layer.attn.qkv), (layer.cross_ln, layer.cross.q),
-                             (layer.mlp_ln, layer.mlp1)):
+    folded = fold_decoder_norms(model.decoder)
+    assert folded is not None and len(folded) == len(model.decoder.layers)
+    for layer, weights in zip(model.decoder.layers, folded, strict=True):
+        for norm, linear, bundle in ((layer.attn_ln, layer.attn.qkv, weights.qkv),
+                                     (layer.cross_ln, layer.cross.q, weights.cross_q),
+                                     (layer.mlp_ln, layer.mlp1, weights.mlp1)):
             assert torch.equal(norm.weight, torch.ones_like(norm.weight))
             assert torch.equal(norm.bias, torch.zeros_like(norm.bias))
-            assert torch.equal(linear.row_norm.weight_sum, linear.weight.float().sum(dim=1))
-            assert linear.row_norm.eps == norm.eps
+            assert bundle.weight is linear.weight and bundle.bias is linear.bias
+            assert bundle.norm is not None and bundle.norm.eps == norm.eps
+            assert torch.equal(bundle.norm.weight_sum, linear.weight.float().sum(dim=1))
+        assert all(w.norm is None for w in (weights.out, weights.cross_out, weights.mlp2))
     # the final norm feeds the tied output projection, which is also the token embedding
     assert not torch.equal(model.decoder.ln.weight, torch.ones_like(model.decoder.ln.weight))
 
@@ -79,16 +97,17 @@ def test_folding_leaves_identity_norms_and_the_weight_sums() -> None:
 def test_int8_decoders_are_left_unfolded() -> None:
     model = WhisperModel(tiny_dims(), int8=True)
     before = copy.deepcopy(model.state_dict())
-    assert not fold_decoder_norms(model.decoder)
-    assert not getattr(model.decoder, "norms_folded", False)
+    assert fold_decoder_norms(model.decoder) is None
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, before[name])
 
 
-def test_cpu_steps_never_take_the_folded_kernels() -> None:
-    model = random_model(0)
-    fold_decoder_norms(model.decoder)
-    assert not can_fold_step(model.decoder, torch.randn(2, 1, model.dims.n_text_state))
+def test_cpu_engines_leave_the_norms_unfolded() -> None:
+    model = with_random_norms(random_model(0))
+    before = copy.deepcopy(model.state_dict())
+    engine = random_engine(model, 2)
+    assert type(engine.runner) is ReferenceRunner
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
 
 
 @cuda_only
@@ -110,7 +129,7 @@ def test_norm_residual_and_append_kernels_match_torch(rows: int) -> None:
     k_cache = torch.zeros(rows, heads, n_ctx, d // heads, device=dev, dtype=half)
     v_cache = torch.zeros_like(k_cache)
     positions = torch.randint(0, n_ctx, (rows,), device=dev)
-    got = row_linear(x, folded, folded_bias, norm=RowNorm(folded.float().sum(dim=1), norm.eps),
+    got = row_linear(x, LinearWeights(folded, folded_bias, norm=RowNorm(folded.float().sum(dim=1), norm.eps)),
                      append=KvAppend(k_cache, v_cache, positions))
     torch.testing.assert_close(got.float(), expected, rtol=1e-2, atol=1e-2)
     for r in range(rows):
@@ -123,7 +142,8 @@ def test_norm_residual_and_append_kernels_match_torch(rows: int) -> None:
         w = (torch.randn(n, k, device=dev) * k**-0.5).to(half)
         b = torch.randn(n, device=dev).to(half)
         stream = residual.clone()
-        out = row_linear(a, w, b, tiles=TileConfig(32, 128, split), residual=stream)
+        out = row_linear(a, LinearWeights(w, b), tiles=lambda n, k, m, split=split: TileConfig(32, 128, split),
+                         residual=stream)
         assert out.data_ptr() == stream.data_ptr()
         torch.testing.assert_close(stream, residual + F.linear(a, w, b), rtol=2e-3, atol=2e-3)
 
@@ -133,17 +153,40 @@ def test_norm_residual_and_append_kernels_match_torch(rows: int) -> None:
 def test_folded_gpu_steps_match_the_unfolded_ones(rows: int) -> None:
     model = with_random_norms(random_model(0)).to("cuda", torch.float16)
     folded = copy.deepcopy(model)
-    assert fold_decoder_norms(folded.decoder)
     with torch.inference_mode():
-        expected = decode_three_steps(runner_for(model, rows, "cuda", torch.float16), rows, "cuda")
-        runner = runner_for(folded, rows, "cuda", torch.float16)
-        assert can_fold_step(folded.decoder, torch.zeros(rows, 1, model.dims.n_text_state, device="cuda",
-                                                         dtype=torch.float16))
+        unfolded_runner = cuda_runner(model, rows, fold_norms=False)
+        assert getattr(unfolded_runner, "folded", None) is None
+        expected = decode_three_steps(unfolded_runner, rows, "cuda")
+        runner = cuda_runner(folded, rows, fold_norms=True)
+        assert getattr(runner, "folded", None) is not None
         got = decode_three_steps(runner, rows, "cuda")
+    assert_same_logits(expected, got)
+
+
+@cuda_only
+@pytest.mark.parametrize("int8_cross_kv", [False, True])
+def test_the_cuda_runner_follows_the_torch_reference(int8_cross_kv: bool) -> None:
+    """Kernels, folded steps and int8 K/V read in place against the reference runner's torch ops
+    on the same GPU, in the same dtype."""
+    rows = 3
+    model = with_random_norms(random_model(0)).to("cuda", torch.float16)
+    reference = copy.deepcopy(model)
+    cache = DecoderCache(model.dims, rows, torch.device("cuda"), torch.float16,
+                         cross_dtype=torch.int8 if int8_cross_kv else None)
+    with torch.inference_mode():
+        expected = decode_three_steps(with_cross_kv(ReferenceRunner(reference, cache), rows, "cuda", torch.float16),
+                                      rows, "cuda")
+        got = decode_three_steps(cuda_runner(model, rows, fold_norms=True, int8_cross_kv=int8_cross_kv), rows, "cuda")
+    assert_same_logits(expected, got)
+
+
+def assert_same_logits(expected: list[torch.Tensor], got: list[torch.Tensor]) -> None:
+    """Logits within fp16 rounding of each other, and the same next token unless the expected
+    logits themselves had a near-tie for it."""
     for e, g in zip(expected, got, strict=True):
         tolerance = 2e-2 * e.abs().max().item()
         torch.testing.assert_close(g, e, rtol=2e-2, atol=tolerance)
-        # the same next token, unless the unfolded step itself had a near-tie for it
+        # the same next token, unless the expected logits had a near-tie for it
         e_last, g_last = e[:, -1], g[:, -1]
         chosen, expected_best = g_last.argmax(-1), e_last.argmax(-1)
         gap = e_last.gather(-1, expected_best[:, None]) - e_last.gather(-1, chosen[:, None])

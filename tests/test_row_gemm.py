@@ -1,52 +1,55 @@
-"""The decode steps' few-rows GEMM (app.engine.row_gemm) runs only on the GPU; on the CPU its
-wrappers must be exactly torch's layers. GPU numerics: `bench/gpu.py --smoke` and the CUDA tests."""
+"""The decode steps' few-rows GEMM (app.engine.cuda.row_gemm) runs only on the GPU; on the CPU the
+model's linears are torch's layers. GPU numerics: `bench/gpu.py --smoke` and the CUDA tests."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from fakes import cuda_only
 from torch import nn
 
-from app.engine.row_gemm import TileConfig, can_row_gemm, choose_tiles, row_linear, step_linear
-from app.engine.torch_model import FeedForward, Int8Linear
-
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-def test_cpu_tensors_take_the_torch_path() -> None:
-    assert not can_row_gemm(torch.randn(3, 8).half(), torch.randn(16, 8).half())
-    assert not can_row_gemm(torch.randn(3, 8), torch.randn(16, 8))
+from app.engine.cuda.row_gemm import (
+    LinearWeights,
+    TileConfig,
+    choose_tiles,
+    fixed_tiles,
+    row_linear,
+)
+from app.engine.model import TORCH_OPS, FeedForward, Int8Linear
 
 
 @pytest.mark.parametrize("gelu", [False, True])
-def test_step_linear_on_the_cpu_is_the_layer_itself(gelu: bool) -> None:
+def test_torch_ops_linear_is_the_layer_itself(gelu: bool) -> None:
     torch.manual_seed(0)
     layer = nn.Linear(24, 40)
     x = torch.randn(5, 1, 24)
     expected = F.gelu(layer(x)) if gelu else layer(x)
-    assert torch.equal(step_linear(layer, x, gelu), expected)
+    assert torch.equal(TORCH_OPS.linear(layer, x, gelu), expected)
 
 
-def test_step_linear_on_the_cpu_keeps_int8_layers_as_they_are() -> None:
+def test_int8_layers_compute_with_their_dequantised_weights() -> None:
     torch.manual_seed(0)
     layer = Int8Linear(32, 48)
     layer.weight.copy_(torch.randint(-127, 128, (48, 32), dtype=torch.int8))
     layer.weight_scale.uniform_(0.001, 0.01)
     x = torch.randn(4, 1, 32)
-    assert torch.equal(step_linear(layer, x), layer(x))
+    dense = layer.weight.float() * layer.weight_scale[:, None]
+    assert torch.equal(TORCH_OPS.linear(layer, x), F.linear(x, dense, layer.bias))
 
 
 def test_int8_weights_need_their_scale() -> None:
     with pytest.raises(ValueError, match="scale"):
-        row_linear(torch.randn(2, 8), torch.zeros(4, 8, dtype=torch.int8), None)
+        LinearWeights(torch.zeros(4, 8, dtype=torch.int8))
+    with pytest.raises(ValueError, match="scale"):
+        LinearWeights(torch.zeros(4, 8), scale=torch.ones(4))
 
 
-def test_step_mlp_on_the_cpu_equals_mlp() -> None:
+def test_mlp_is_the_gelu_between_its_linears() -> None:
     torch.manual_seed(0)
     block = FeedForward(16, 64, int8=False)
     x = torch.randn(3, 1, 16)
-    assert torch.equal(block.step_mlp(x), block.mlp(x))
+    assert torch.equal(block.mlp(x), block.mlp2(F.gelu(block.mlp1(x))))
 
 
 def test_only_the_mlp_output_gemm_splits_k() -> None:
@@ -58,6 +61,7 @@ def test_only_the_mlp_output_gemm_splits_k() -> None:
     assert choose_tiles(384, 4 * 384, 64).split == 4
     assert choose_tiles(1280, 4 * 1280, 16).split == 4
     assert choose_tiles(1280, 4 * 1280, 64).split == 2  # at 64 rows each program re-reads fewer inputs
+    assert fixed_tiles(1280, 4 * 1280, 64) == TileConfig(32, 128, 4)
 
 
 def test_every_split_has_whole_k_steps() -> None:
@@ -80,7 +84,7 @@ def test_row_linear_matches_torch(rows: int, n: int, k: int, split: int, gelu: b
     expected = F.linear(x.float(), weight.float(), bias.float())
     expected = F.gelu(expected) if gelu else expected
     for _ in range(2):  # the second call finds the arrival counters reset by the first
-        got = row_linear(x, weight, bias, gelu, TileConfig(32, 128, split))
+        got = row_linear(x, LinearWeights(weight, bias), gelu=gelu, tiles=lambda n, k, m: TileConfig(32, 128, split))
         assert got.shape == (rows, 1, n) and got.dtype == torch.float16
         torch.testing.assert_close(got.float(), expected, rtol=2e-3, atol=2e-3)
 
@@ -93,7 +97,7 @@ def test_int8_row_linear_matches_the_dequantized_weights() -> None:
     scale = torch.rand(1280, device="cuda", dtype=torch.float16) / 2000
     bias = torch.randn(1280, device="cuda", dtype=torch.float16)
     expected = F.linear(x.float(), weight.float() * scale.float()[:, None], bias.float())
-    got = row_linear(x, weight, bias, scale=scale)
+    got = row_linear(x, LinearWeights(weight, bias, scale))
     torch.testing.assert_close(got.float(), expected, rtol=2e-3, atol=2e-3)
 
 
@@ -117,5 +121,5 @@ def test_chosen_tiles_for_large_v3_match_torch(rows: int, int8: bool) -> None:
         expected = F.linear(x.float(), dense, bias.float())
         expected = F.gelu(expected) if gelu else expected
         for _ in range(2):  # split-K counters reset
-            got = row_linear(x, weight, bias, gelu, scale=scale)
+            got = row_linear(x, LinearWeights(weight, bias, scale), gelu=gelu)
             torch.testing.assert_close(got.float(), expected, rtol=2e-3, atol=2e-3)

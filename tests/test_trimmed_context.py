@@ -18,20 +18,23 @@ import numpy as np
 import pytest
 import torch
 
-from app.engine.kernels import decode_attention
-from app.engine.torch_model import DecoderCache, WhisperRunner
-from tests.fakes import random_engine, random_model
+from app.engine.cache import DecoderCache, attend_cached
+from app.engine.options import CudaGraphOptions, EngineOptions
+from app.engine.runners import make_runner
+from app.engine.runners.cuda import CudaRunner
+from app.engine.runners.reference import ReferenceRunner
+from tests.fakes import cuda_only, random_engine, random_model, tiny_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEV_SET = REPO_ROOT.parent / "shared" / "data" / "speech" / "dev"
 
 
-def runner_with_lengths(max_rows: int = 6) -> WhisperRunner:
+def runner_with_lengths(max_rows: int = 6) -> ReferenceRunner:
     model = random_model(seed=3)
     cache = DecoderCache(
         model.dims, max_rows, torch.device("cpu"), torch.float32, cross_lengths=True
     )
-    return WhisperRunner(model, cache)
+    return ReferenceRunner(model, cache)
 
 
 def test_rows_record_their_windows_audio_positions() -> None:
@@ -62,16 +65,16 @@ def test_a_trimmed_row_reads_only_its_own_positions() -> None:
     runner.write_cross_kv(torch.randn(2, 300, dims.n_audio_state), [1, 2])
     for t in (1, 3):  # a decode step, a prompt's queries
         cq = torch.randn(4, h, t, dh)
-        got = runner._cross_attention_kernel(0, cq, 0)
+        got = runner.cross_attention(0, cq, 0, None)  # each row to its recorded length
         runs = [(0, 1, 1, dims.n_audio_ctx), (1, 2, 1, 300), (3, 1, 1, dims.n_audio_ctx)]
-        want = runner._cross_attention(0, cq, 0, runs)
+        want = runner.cross_attention(0, cq, 0, runs)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_lengths_apply_to_every_query_of_a_row() -> None:
     torch.manual_seed(1)
     q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 40, 8), torch.randn(2, 3, 40, 8)
-    got = decode_attention(q, k, v, lengths=torch.tensor([40, 17]))
+    got = attend_cached(q, k, v, lengths=torch.tensor([40, 17]))
     torch.testing.assert_close(
         got[1:],
         torch.nn.functional.scaled_dot_product_attention(q[1:], k[1:, :, :17], v[1:, :, :17]),
@@ -89,8 +92,6 @@ def test_the_setting_reaches_the_engine(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 # ------------------------------------------------------------------------------------------- GPU
-
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def _word_agreement(a: str, b: str) -> float:
@@ -185,9 +186,11 @@ def test_trimmed_rows_read_only_their_positions_on_cuda(cross_dtype: torch.dtype
     torch.manual_seed(0)
     model = random_model(seed=3).to(device="cuda", dtype=torch.float16)
     dims = model.dims
-    cache = DecoderCache(dims, 4, torch.device("cuda"), torch.float16, cross_dtype=cross_dtype,
-                         cross_lengths=True)
-    runner = WhisperRunner(model, cache)
+    options = EngineOptions(device="cuda", compute_dtype="float16", max_rows=4, int8_cross_kv=cross_dtype is not None,
+                            trimmed_context=True, graphs=CudaGraphOptions(enabled=False))
+    runner = make_runner(model, tiny_config(), options.resolve())
+    assert isinstance(runner, CudaRunner)
+    cache = runner.cache
     h, dh = dims.n_text_head, dims.n_text_state // dims.n_text_head
     d = dims.n_audio_state
     runner.write_cross_kv(torch.randn(4, dims.n_audio_ctx, d, device="cuda", dtype=torch.float16),
@@ -196,7 +199,7 @@ def test_trimmed_rows_read_only_their_positions_on_cuda(cross_dtype: torch.dtype
     assert cache.cross_len is not None and cache.cross_len.tolist()[:3] == [dims.n_audio_ctx, 300, 300]
     for t in (1, 3):
         cq = torch.randn(4, h, t, dh, device="cuda", dtype=torch.float16)
-        got = runner._cross_attention_kernel(0, cq, 0).float()
+        got = runner.cross_attention_kernel(0, cq, 0).float()
         for row, n in enumerate(cache.cross_len.tolist()):
             k, v = cache.cross_k[0, row : row + 1, :, :n], cache.cross_v[0, row : row + 1, :, :n]
             if cache.quantized_cross:

@@ -38,7 +38,7 @@ class Engine(Protocol):
         """Feed tokens [B, T] for rows [start, start+B) at `positions`; return float32 logits [B, T, V].
 
         cross_runs: (offset, rows, g, audio positions) runs of windows of g rows sharing
-        cross-attention K/V (see app.engine.torch_model.CrossRuns).
+        cross-attention K/V (see app.engine.cache.CrossRuns).
         """
         ...
 

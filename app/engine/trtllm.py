@@ -7,6 +7,7 @@ which names the command that builds a torch engine, instead of crashing.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 from app.engine.config import EngineConfig
@@ -15,7 +16,7 @@ from app.errors import BackendUnavailableError
 
 def load_trtllm_engine(engine_dir: Path, config: EngineConfig) -> None:
     try:
-        import tensorrt_llm  # type: ignore[import-not-found]  # noqa: F401
+        importlib.import_module("tensorrt_llm")
     except Exception as exc:  # ImportError, or the stub package's own download failure
         raise BackendUnavailableError(
             f"Engine {engine_dir} needs the TensorRT-LLM backend, which is not installed here "

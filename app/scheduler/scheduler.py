@@ -23,7 +23,7 @@ import torch
 from app import metrics
 from app.decoding.search import rows_needed
 from app.decoding.window import WindowResult, WindowTask
-from app.engine.threads import become_engine_thread
+from app.engine.cpu.threads import become_engine_thread
 from app.errors import EngineStepError, QueueFullError, ShuttingDownError
 from app.scheduler.rows import RowPlan
 

@@ -24,7 +24,7 @@ def is_quantized_weight(name: str) -> bool:
     return name.removesuffix(".weight").split(".", 3)[-1] in QUANTIZED_LINEARS
 
 
-def quantize_rows(
+def quantize_weight_int8(
     weight: torch.Tensor, scale_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 [out, in], scale [out] in scale_dtype) with weight ~ int8 * scale[:, None]."""
@@ -37,7 +37,7 @@ def quantize_rows(
     return quantized, scale
 
 
-def dequantize_rows(quantized: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def dequantize_weight_int8(quantized: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return quantized.float() * scale.float()[:, None]
 
 
@@ -49,7 +49,7 @@ def to_stored(
     for name in list(tensors):
         tensor = tensors.pop(name)
         if quantize == "int8" and is_quantized_weight(name):
-            stored[name], stored[name + SCALE_SUFFIX] = quantize_rows(tensor, dtype)
+            stored[name], stored[name + SCALE_SUFFIX] = quantize_weight_int8(tensor, dtype)
         else:
             stored[name] = tensor.to(dtype).contiguous()
     return stored

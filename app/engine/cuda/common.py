@@ -1,5 +1,7 @@
-"""Programmatic dependent launch (PDL): a decode step's next kernel starts while this one drains.
+"""What the Triton kernels of app.engine.cuda share: whether Triton is installed, programmatic
+dependent launch, int8 widening and the two GELU forms.
 
+Programmatic dependent launch (PDL): a decode step's next kernel starts while this one drains.
 A decode step of large-v3 is ~400 short kernels in a row (12 per layer). Inside a CUDA graph each
 one still starts only after the previous one has finished, then spends its first microseconds
 fetching its weights from memory with the GPU half idle. On Hopper and later, a kernel launched
@@ -13,13 +15,11 @@ Measured end to end on an H200 (bench/gpu_ab.py pdl, tokens bit-identical): larg
 242 -> 224 ms per batch of 100 tokens, tiny.en at B=64 61 -> 58 ms, small at B=64 237 -> 232 ms.
 
 Kernels take a `PDL` constexpr and open with `enter_after_previous(PDL)` (after any weight
-prefetch); `launch_options(device)` gives the matching launch argument. Both are off where the GPU
-or Triton lacks PDL, and on request (WHISPER_PDL=0).
+prefetch); `launch_args(pdl)` gives the matching launch arguments. Whether an engine launches with
+PDL is decided once, when it loads (app.engine.options: the GPU, Triton and WHISPER_PDL).
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -30,8 +30,6 @@ try:
     HAVE_TRITON = True
 except ImportError:  # CPU-only installs
     HAVE_TRITON = False
-
-_SUPPORTED: dict[int, bool] = {}
 
 
 def _triton_has_pdl() -> bool:
@@ -48,21 +46,27 @@ def _triton_has_pdl() -> bool:
 _TRITON_PDL = _triton_has_pdl()
 
 
-def enabled(device: torch.device) -> bool:
-    """Whether kernels on `device` launch with PDL: a CUDA device of compute capability >= 9.0,
-    a Triton with PDL support, and WHISPER_PDL not set to 0."""
-    if device.type != "cuda" or not _TRITON_PDL or os.environ.get("WHISPER_PDL", "1") == "0":
+def pdl_supported(device: torch.device) -> bool:
+    """Whether kernels on `device` can launch with PDL: a CUDA device of compute capability >= 9.0
+    and a Triton with PDL support."""
+    if device.type != "cuda" or not _TRITON_PDL:
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SUPPORTED:
-        _SUPPORTED[index] = torch.cuda.get_device_capability(index)[0] >= 9
-    return _SUPPORTED[index]
+    return torch.cuda.get_device_capability(index)[0] >= 9
 
 
-def launch_options(device: torch.device) -> dict[str, bool]:
+_WITH_PDL = {"PDL": True, "launch_pdl": True}
+_WITHOUT_PDL = {"PDL": False}
+
+
+def launch_args(pdl: bool) -> dict[str, bool]:
     """Keyword arguments for a kernel launch: the `PDL` constexpr and Triton's `launch_pdl`."""
-    on = enabled(device)
-    return {"PDL": on, "launch_pdl": True} if on else {"PDL": False}
+    return _WITH_PDL if pdl else _WITHOUT_PDL
+
+
+def line_elements(weight: torch.Tensor) -> int:
+    """Elements of `weight` per 128-byte cache line (prefetch_weight_rows' LINE)."""
+    return 128 // weight.element_size()
 
 
 if HAVE_TRITON:
@@ -101,7 +105,44 @@ if HAVE_TRITON:
                 kk = tl.minimum(k0 + tl.arange(0, BK // LINE) * LINE, k - 1)
                 prefetch_l2(w_ptr + safe_rows[:, None] * stride_wn + kk[None, :], PDL)
 
+    @triton.jit
+    def int8_to_fp16(x):
+        """Exact int8 -> fp16 by bit assembly, four values per few instructions: a byte u = x + 128
+        placed under the exponent of 1024.0 reads as 1024 + u, and one packed subtraction of 1152
+        leaves x. The plain conversion runs at a quarter of the FMA rate on the GPU and was what
+        bounded the int8 decode kernels, not their bytes."""
+        return tl.inline_asm_elementwise(
+            "{\n"
+            ".reg .b32 u, bias;\n"
+            "xor.b32 u, $2, 0x80808080;\n"
+            "prmt.b32 $0, u, 0x64646464, 0x4140;\n"
+            "prmt.b32 $1, u, 0x64646464, 0x4342;\n"
+            "mov.b32 bias, 0x64806480;\n"
+            "sub.f16x2 $0, $0, bias;\n"
+            "sub.f16x2 $1, $1, bias;\n"
+            "}", "=r,=r,r", [x], dtype=tl.float16, is_pure=True, pack=4)
 
-def line_elements(weight: torch.Tensor) -> int:
-    """Elements of `weight` per 128-byte cache line (prefetch_weight_rows' LINE)."""
-    return 128 // weight.element_size()
+    @triton.jit
+    def load_widened(ptrs, mask, dtype: tl.constexpr, FAST_INT8: tl.constexpr):
+        """A K/V or weight tile in `dtype`: int8 through int8_to_fp16 (exact) when FAST_INT8, else
+        a plain conversion."""
+        x = tl.load(ptrs, mask=mask, other=0)
+        if FAST_INT8:
+            return int8_to_fp16(x).to(dtype)
+        return x.to(dtype)
+
+    @triton.jit
+    def gelu_erf(x):
+        """torch's F.gelu (erf form), float32."""
+        return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+
+    @triton.jit
+    def tanh_approx(x):
+        """The GPU's tanh instruction (relative error ~2^-11), float32."""
+        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+
+    @triton.jit
+    def gelu_tanh(x):
+        """GELU in its tanh form, as torch's F.gelu(approximate="tanh"), in float32."""
+        return 0.5 * x * (1.0 + tanh_approx(0.7978845608028654 * x * (1.0 + 0.044715 * x * x)))

@@ -8,7 +8,7 @@ How: activations are quantised per row (one scale per audio position), weights p
 channel, both symmetric onto e4m3's +-448; the GEMM applies both scales and the bias in its
 epilogue and writes the activation dtype. Each quantisation is one pass over the activation,
 done where a kernel already holds the whole row: the residual add + LayerNorm
-(app.engine.fused_norm) writes its normalised row in fp8, and the MLP's GELU is computed by the
+(app.engine.cuda.norms) writes its normalised row in fp8, and the MLP's GELU is computed by the
 kernel that quantises its input. That GELU is the tanh form (one hardware tanh per value): it is
 within 3e-4 of the exact (erf) GELU, far below e4m3's rounding (~6 % of a value), and it let
 the quantising pass run at memory speed (large-v3, 64 windows, H200: 346 against 514 us a layer).
@@ -27,8 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from app.engine.convert.quantize import dequantize_rows
-from app.engine.kernels import HAVE_TRITON
+from app.engine.cuda.common import HAVE_TRITON
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -41,23 +40,14 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def tanh_approx(x):
-        """The GPU's tanh instruction (relative error ~2^-11), float32."""
-        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
-                                         pack=1)
-
-    @triton.jit
-    def gelu_tanh(x):
-        """GELU in its tanh form, as torch's F.gelu(approximate="tanh"), in float32."""
-        return 0.5 * x * (1.0 + tanh_approx(0.7978845608028654 * x * (1.0 + 0.044715 * x * x)))
+    from app.engine.cuda.common import gelu_tanh
 
     _FP8_MAX = tl.constexpr(FP8_MAX)
     _MIN_SCALE = tl.constexpr(MIN_SCALE)
 
     @triton.jit
     def row_scale(absmax):
-        """A row's scale from its largest magnitude, as quantize_rows_reference computes it."""
+        """A row's scale from its largest magnitude, as quantize_fp8_reference computes it."""
         return tl.maximum(absmax / _FP8_MAX, _MIN_SCALE)
 
     @triton.jit
@@ -69,7 +59,7 @@ if HAVE_TRITON:
         tl.store(q_ptr + offsets, (x * (1.0 / scale)[:, None]).to(q_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _quantize_rows(x_ptr, q_ptr, scale_ptr, k, GELU: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr):
+    def _quantize_fp8(x_ptr, q_ptr, scale_ptr, k, GELU: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr):
         """One program per row: optional GELU (tanh form), then e4m3 values and the row's fp32 scale.
         The row is a power-of-two HEAD (<= k) plus a masked TAIL, so that widths like 5,120 are
         4,096 + 1,024 instead of 8,192 lanes of which 3,072 would compute nothing."""
@@ -104,9 +94,9 @@ class Fp8Rows(NamedTuple):
     scale: Tensor  # [M, 1] float32
 
 
-def quantize_rows_reference(x: Tensor, gelu: bool = False) -> Fp8Rows:
-    """torch version of the quantising kernel (any device): rows of x [..., k] -> Fp8Rows [M, k],
-    after GELU's tanh form if asked (the kernel's)."""
+def quantize_fp8_reference(x: Tensor, gelu: bool = False) -> Fp8Rows:
+    """torch version of quantize_fp8 (any device): rows of x [..., k] -> Fp8Rows [M, k], after
+    GELU's tanh form if asked (the kernel's)."""
     rows = x.reshape(-1, x.shape[-1]).float()
     if gelu:
         rows = F.gelu(rows, approximate="tanh")
@@ -114,10 +104,9 @@ def quantize_rows_reference(x: Tensor, gelu: bool = False) -> Fp8Rows:
     return Fp8Rows((rows / scale).to(FP8), scale)
 
 
-def quantize_rows(x: Tensor, gelu: bool = False) -> Fp8Rows:
-    """Rows of x [..., k] in e4m3 (after GELU's tanh form if asked): one kernel on CUDA."""
-    if not (HAVE_TRITON and x.is_cuda):
-        return quantize_rows_reference(x, gelu)
+def quantize_fp8(x: Tensor, gelu: bool = False) -> Fp8Rows:
+    """Rows of x [..., k] (on the GPU) in e4m3 with one scale per row, after GELU's tanh form if
+    asked: one kernel."""
     k = x.shape[-1]
     x = x.reshape(-1, k).contiguous()
     values = torch.empty(x.shape, device=x.device, dtype=FP8)
@@ -125,7 +114,8 @@ def quantize_rows(x: Tensor, gelu: bool = False) -> Fp8Rows:
     head = 1 << (k.bit_length() - 1)  # the largest power of two <= k
     tail = max(16, triton.next_power_of_2(k - head))  # all masked when k is a power of two
     # four warps for every width: 346 against 358 us with eight for the GELU rows of 5,120 (H200)
-    _quantize_rows[(x.shape[0],)](x, values, scale, k, GELU=gelu, HEAD=head, TAIL=tail, num_warps=4)
+    _quantize_fp8[(x.shape[0],)](x_ptr=x, q_ptr=values, scale_ptr=scale, k=k, GELU=gelu, HEAD=head, TAIL=tail,
+                                 num_warps=4)
     return Fp8Rows(values, scale)
 
 
@@ -134,7 +124,7 @@ def dense_weight(linear: nn.Module) -> Tensor:
     Detached: an autograd graph from a Parameter would keep every intermediate alive."""
     weight = linear.weight.detach()
     if weight.dtype == torch.int8:
-        return dequantize_rows(weight, linear.weight_scale.detach())
+        return weight.float() * linear.weight_scale.detach().float()[:, None]
     return weight.float()
 
 
@@ -148,18 +138,13 @@ class Fp8Linear:
 
     @classmethod
     def from_linear(cls, linear: nn.Module, dtype: torch.dtype) -> Fp8Linear:
-        q = quantize_rows_reference(dense_weight(linear))
+        q = quantize_fp8_reference(dense_weight(linear))
         bias = linear.bias.detach().to(dtype) if linear.bias is not None else None
         return cls(q.values.t(), q.scale.t().contiguous(), bias)
 
 
 def fp8_linear(x: Fp8Rows, weight: Fp8Linear, out_dtype: torch.dtype) -> Tensor:
-    """x @ W.T + bias with both scales applied in the GEMM: [M, k] -> [M, n] in out_dtype."""
-    if x.values.is_cuda:
-        return torch._scaled_mm(x.values, weight.weight_t, x.scale, weight.scale, bias=weight.bias,
-                                out_dtype=out_dtype, use_fast_accum=FAST_ACCUM)
-    # elsewhere (CPU tests): the same arithmetic on dequantised operands
-    out = (x.values.float() * x.scale) @ (weight.weight_t.float() * weight.scale)
-    if weight.bias is not None:
-        out = out + weight.bias.float()
-    return out.to(out_dtype)
+    """x @ W.T + bias on the GPU with both scales applied in cuBLAS's fp8 GEMM: [M, k] -> [M, n] in
+    out_dtype."""
+    return torch._scaled_mm(x.values, weight.weight_t, x.scale, weight.scale, bias=weight.bias,
+                            out_dtype=out_dtype, use_fast_accum=FAST_ACCUM)

@@ -10,6 +10,7 @@ the maximum grows) and write every update.
 The chosen token is the first index of the largest suppressed logit, as torch.argmax picks; its
 log-probability is max - logsumexp = -log(sum(exp(logit - max))). Each row's vocabulary is
 scanned in CHUNKS parts by as many programs, and the last of them to finish combines their results.
+app.engine.greedy.greedy_step_reference is the same step in torch ops.
 """
 
 from __future__ import annotations
@@ -17,15 +18,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from app.engine.kernels import HAVE_TRITON
-from app.engine.pdl import launch_options
-from app.engine.workspace import WORKSPACE
+from app.engine.cuda.common import HAVE_TRITON, launch_args
+from app.engine.cuda.workspace import WORKSPACE
+from app.engine.greedy import GreedyChunkState
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from app.engine.pdl import enter_after_previous
+    from app.engine.cuda.common import enter_after_previous
 
     @triton.jit
     def _greedy_step(logits_ptr, suppress_ptr, tokens_ptr, positions_ptr, done_ptr, remaining_ptr,
@@ -89,44 +90,19 @@ CHUNKS = 8
 BLOCK = 1024
 
 
-def can_greedy_step(logits: Tensor) -> bool:
-    return HAVE_TRITON and logits.is_cuda and logits.dtype == torch.float32 and logits.stride(-1) == 1
-
-
-def greedy_step(logits: Tensor, suppress: Tensor, tokens: Tensor, positions: Tensor, done: Tensor,
-                remaining: Tensor, sum_logprob: Tensor, out: Tensor, cursor: Tensor, eot: int) -> None:
-    """Advance B greedy rows by one token, in place.
-
-    logits [B, V] float32; suppress [V] additive (0 / -inf). For each row b: token = argmax of
-    logits + suppress (eot once the row is done); out[b, cursor] = tokens[b] = token;
-    positions[b] += 1; remaining[b] -= 1; sum_logprob[b] += the token's log-probability unless the
-    row was done; done[b] |= token is eot or remaining[b] reached 0. `cursor` [1] is not advanced.
-    """
-    if not can_greedy_step(logits):
-        greedy_step_reference(logits, suppress, tokens, positions, done, remaining, sum_logprob, out, cursor, eot)
-        return
+def greedy_step(logits: Tensor, rows: GreedyChunkState, eot: int, *, chunks: int = CHUNKS, pdl: bool = False) -> None:
+    """app.engine.greedy.greedy_step_reference in one kernel: logits [B, V] float32 on the GPU (last
+    dimension contiguous), `rows` the B rows' state; each row's vocabulary scanned in `chunks` parts."""
     b, n_vocab = logits.shape
     device = logits.device
-    top = WORKSPACE.get("greedy.top", device, b * CHUNKS, torch.float32)
-    first = WORKSPACE.get("greedy.first", device, b * CHUNKS, torch.int32)
-    exp_sum = WORKSPACE.get("greedy.exp_sum", device, b * CHUNKS, torch.float32)
+    top = WORKSPACE.get("greedy.top", device, b * chunks, torch.float32)
+    first = WORKSPACE.get("greedy.first", device, b * chunks, torch.int32)
+    exp_sum = WORKSPACE.get("greedy.exp_sum", device, b * chunks, torch.float32)
     counters = WORKSPACE.get("greedy.counters", device, b, torch.int32, zeroed=True)
-    chunk = triton.cdiv(triton.cdiv(n_vocab, CHUNKS), BLOCK) * BLOCK
-    _greedy_step[(b, CHUNKS)](logits, suppress, tokens, positions, done.view(torch.int8), remaining, sum_logprob,
-                              out, cursor, top, first, exp_sum, counters, n_vocab, chunk, logits.stride(0),
-                              out.stride(0), eot, CHUNKS=CHUNKS, BLOCK=BLOCK, num_warps=4, **launch_options(device))
-
-
-def greedy_step_reference(logits: Tensor, suppress: Tensor, tokens: Tensor, positions: Tensor, done: Tensor,
-                          remaining: Tensor, sum_logprob: Tensor, out: Tensor, cursor: Tensor, eot: int) -> None:
-    """greedy_step in torch ops (CPU, or where the kernel does not apply)."""
-    scores = logits + suppress
-    token = scores.argmax(dim=-1)
-    token = torch.where(done, torch.full_like(token, eot), token)
-    chosen = torch.log_softmax(scores, dim=-1).gather(1, token[:, None]).squeeze(1)
-    sum_logprob += torch.where(done, torch.zeros_like(chosen), chosen)
-    remaining -= 1
-    done |= (token == eot) | (remaining <= 0)
-    out.index_copy_(1, cursor, token[:, None])
-    tokens.copy_(token)
-    positions += 1
+    chunk = triton.cdiv(triton.cdiv(n_vocab, chunks), BLOCK) * BLOCK
+    _greedy_step[(b, chunks)](
+        logits_ptr=logits, suppress_ptr=rows.suppress, tokens_ptr=rows.tokens, positions_ptr=rows.positions,
+        done_ptr=rows.done.view(torch.int8), remaining_ptr=rows.remaining, sum_ptr=rows.sum_logprob, out_ptr=rows.out,
+        cursor_ptr=rows.cursor, top_ptr=top, first_ptr=first, exp_sum_ptr=exp_sum, count_ptr=counters,
+        n_vocab=n_vocab, chunk=chunk, stride_l=logits.stride(0), stride_o=rows.out.stride(0), eot=eot,
+        CHUNKS=chunks, BLOCK=BLOCK, num_warps=4, **launch_args(pdl))

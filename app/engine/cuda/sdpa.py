@@ -21,9 +21,9 @@ WITHOUT_PLANS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDP
 
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, *,
               repeated_shape: bool = False) -> Tensor:
-    """F.scaled_dot_product_attention; cuDNN only where `repeated_shape` says the shape comes
-    from a small fixed set (encoder batches), so its per-shape plans are built once."""
-    if repeated_shape or not q.is_cuda:
+    """F.scaled_dot_product_attention on the GPU; cuDNN only where `repeated_shape` says the shape
+    comes from a small fixed set (encoder batches), so its per-shape plans are built once."""
+    if repeated_shape:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
     with sdpa_kernel(WITHOUT_PLANS):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)

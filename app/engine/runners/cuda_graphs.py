@@ -14,14 +14,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from app.engine.greedy_step import greedy_step
-from app.engine.host_copy import device_tensor
-from app.engine.torch_model import WhisperRunner
+from app.engine.greedy import (
+    DecodeStep,
+    GreedyChunkState,
+    GreedyStep,
+    chunk_length,
+    run_greedy_steps,
+)
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,8 @@ KV_BUCKETS = (64, 128, 256, 448)
 #: Largest batch whose prompt prefill is captured: each prefill graph keeps its logits
 #: (B x prompt length x vocabulary, float32) allocated.
 MAX_PREFILL_ROWS = 64
+#: A token budget no window reaches: chunks that ignore the budgets (CudaGraphOptions.chunk_tail off)
+NO_BUDGET = 1 << 30
 
 
 def prompt_lengths(multilingual: bool) -> tuple[int, ...]:
@@ -43,67 +48,21 @@ def bucket_for(value: int, buckets: tuple[int, ...]) -> int | None:
     return next((b for b in buckets if b >= value), None)
 
 
-@dataclass
-class GreedyChunkState:
-    """Device buffers of the greedy fast path (rows = cache rows, same indexing as the caches)."""
-
-    tokens: Tensor  # [R] next token to feed
-    positions: Tensor  # [R] position it is fed at
-    done: Tensor  # [R] bool, row has emitted end-of-text or its last allowed token
-    remaining: Tensor  # [R] tokens the row may still emit
-    sum_logprob: Tensor  # [R] float32
-    out: Tensor  # [R, K] tokens produced by the last chunk
-    cursor: Tensor  # [1] column of `out` the next step writes
-    suppress: Tensor  # [V] additive mask (0 / -inf)
-
-    @classmethod
-    def allocate(cls, rows: int, steps: int, n_vocab: int, eot: int, device: torch.device | str) -> GreedyChunkState:
-        return cls(
-            tokens=torch.full((rows,), eot, dtype=torch.long, device=device),
-            positions=torch.zeros(rows, dtype=torch.long, device=device),
-            done=torch.zeros(rows, dtype=torch.bool, device=device),
-            remaining=torch.zeros(rows, dtype=torch.long, device=device),
-            sum_logprob=torch.zeros(rows, dtype=torch.float32, device=device),
-            out=torch.zeros(rows, steps, dtype=torch.long, device=device),
-            cursor=torch.zeros(1, dtype=torch.long, device=device),
-            suppress=torch.zeros(n_vocab, device=device),
-        )
-
-    def set_suppress(self, ids: tuple[int, ...]) -> None:
-        """Change the suppressed ids in place (graphs read the buffer; no recapture)."""
-        self.suppress.zero_()
-        if ids:
-            self.suppress[device_tensor(ids, self.suppress.device, torch.long)] = float("-inf")
-
-
-def chunk_length(remaining: list[int], chunk_steps: int) -> int:
-    """Steps of a greedy chunk: at most chunk_steps, none past the largest remaining token budget."""
-    return max(1, min(max(remaining), chunk_steps))
-
-
-def run_greedy_steps(runner: WhisperRunner, state: GreedyChunkState, rows: int, kv: int, steps: int,
-                     eot: int) -> None:
-    """`steps` greedy steps of rows [0, rows) from `state`, reading self-attention cache positions
-    [0, kv): the body of the chunk graphs (and, eagerly, of their CPU test)."""
-    for _ in range(steps):
-        pos = state.positions[:rows].clamp(max=kv - 1)
-        logits = runner.decode(state.tokens[:rows, None], pos, 0, kv)[:, -1]
-        greedy_step(logits, state.suppress, state.tokens[:rows], state.positions[:rows], state.done[:rows],
-                    state.remaining[:rows], state.sum_logprob[:rows], state.out[:rows], state.cursor, eot)
-        state.cursor += 1
-
-
 class GraphedDecoder:
-    def __init__(self, runner: WhisperRunner, max_rows: int, chunk_steps: int, eot: int,
-                 suppress_ids: list[int], batch_buckets: tuple[int, ...] | None = None,
-                 kv_buckets: tuple[int, ...] | None = None, prefill_lengths: tuple[int, ...] = ()) -> None:
-        self.runner = runner
-        dims = runner.dims
-        device = runner.cache.self_k.device
-        self.n_ctx = dims.n_text_ctx
+    """The captured graphs of one runner's eager `decode` (device tensors, rows from 0) and
+    `greedy_step`, and their replay."""
+
+    def __init__(self, decode: DecodeStep, greedy_step: GreedyStep, *, device: torch.device, n_ctx: int,
+                 n_vocab: int, max_rows: int, chunk_steps: int, eot: int, suppress_ids: tuple[int, ...],
+                 batch_buckets: tuple[int, ...] | None = None, kv_buckets: tuple[int, ...] | None = None,
+                 prefill_lengths: tuple[int, ...] = (), chunk_tail: bool = True) -> None:
+        self.decode = decode
+        self.greedy_step = greedy_step
+        self.n_ctx = n_ctx
         self.max_rows = max_rows
         self.chunk_steps = chunk_steps
         self.eot = eot
+        self.chunk_tail = chunk_tail
         batch = batch_buckets or BATCH_BUCKETS
         kv = kv_buckets or KV_BUCKETS
         self.batch_buckets = tuple(b for b in batch if b < max_rows) + (max_rows,)
@@ -115,8 +74,9 @@ class GraphedDecoder:
         self.prefill_tokens = torch.full((max_rows, max(prefill_lengths, default=1)), eot, dtype=torch.long,
                                          device=device)
         self.prefill_positions = torch.zeros(max_rows, dtype=torch.long, device=device)
-        self.state = GreedyChunkState.allocate(max_rows, chunk_steps, dims.n_vocab, eot, device)
-        self.state.set_suppress(tuple(suppress_ids))
+        self.state = GreedyChunkState.allocate(max_rows, chunk_steps, n_vocab, eot, device)
+        self.suppress = suppress_ids
+        self.state.set_suppress(suppress_ids)
         self.pool = torch.cuda.graph_pool_handle()
         self.step_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         # (batch, kv, steps): a chunk of chunk_steps steps, and a one-step chunk that is replayed
@@ -126,13 +86,13 @@ class GraphedDecoder:
 
     # ---- the captured bodies ---------------------------------------------------------------
     def _step_body(self, b: int, kv: int) -> Tensor:
-        return self.runner.decode(self.step_tokens[:b], self.step_positions[:b], 0, kv)[:, -1]
+        return self.decode(self.step_tokens[:b], self.step_positions[:b], 0, kv)[:, -1]
 
     def _prefill_body(self, b: int, t: int) -> Tensor:
-        return self.runner.decode(self.prefill_tokens[:b, :t], self.prefill_positions[:b], 0, t)
+        return self.decode(self.prefill_tokens[:b, :t], self.prefill_positions[:b], 0, t)
 
     def _chunk_body(self, b: int, kv: int, steps: int) -> None:
-        run_greedy_steps(self.runner, self.state, b, kv, steps, self.eot)
+        run_greedy_steps(self.decode, self.greedy_step, self.state, b, kv, steps, self.eot)
 
     def _capture(self, body: Callable[[], Tensor | None],
                  reset: Callable[[], None] | None = None) -> tuple[torch.cuda.CUDAGraph, Tensor | None]:
@@ -156,13 +116,17 @@ class GraphedDecoder:
         started = time.perf_counter()
         for b in self.batch_buckets:
             for kv in self.kv_buckets:
-                self.step_graphs[(b, kv)] = self._capture(lambda b=b, kv=kv: self._step_body(b, kv))  # type: ignore[assignment]
+                graph, out = self._capture(lambda b=b, kv=kv: self._step_body(b, kv))
+                assert out is not None
+                self.step_graphs[(b, kv)] = graph, out
                 for steps in sorted({self.chunk_steps, 1}):
                     self.chunk_graphs[(b, kv, steps)] = self._capture(
                         lambda b=b, kv=kv, steps=steps: self._chunk_body(b, kv, steps),
                         reset=lambda b=b: self._reset_chunk_state(b))[0]
             for t in self.prefill_lengths if b <= MAX_PREFILL_ROWS else ():
-                self.prefill_graphs[(b, t)] = self._capture(lambda b=b, t=t: self._prefill_body(b, t))  # type: ignore[assignment]
+                graph, out = self._capture(lambda b=b, t=t: self._prefill_body(b, t))
+                assert out is not None
+                self.prefill_graphs[(b, t)] = graph, out
         torch.cuda.synchronize()
         log.info("captured %d CUDA graphs in %.1f s",
                  len(self.step_graphs) + len(self.chunk_graphs) + len(self.prefill_graphs),
@@ -175,9 +139,6 @@ class GraphedDecoder:
         s.done[:b] = False
         s.sum_logprob[:b] = 0
         s.cursor.zero_()
-
-    def set_suppress(self, ids: tuple[int, ...]) -> None:
-        self.state.set_suppress(ids)
 
     # ---- replay ------------------------------------------------------------------------------
     def step(self, tokens: Tensor, positions: Tensor, kv_len: int) -> Tensor | None:
@@ -209,13 +170,18 @@ class GraphedDecoder:
         graph.replay()
         return out.clone()
 
-    def greedy_chunk(self, tokens: Tensor, positions: Tensor, done: Tensor,
+    def greedy_chunk(self, tokens: Tensor, positions: Tensor, done: Tensor, suppress: tuple[int, ...],
                      remaining: list[int]) -> tuple[Tensor, Tensor, Tensor] | None:
         """Greedy steps for rows [0, B) on the device, at most chunk_steps and no more than the
-        largest of `remaining` (tokens each row may still emit; a row stops after its last one).
-        Returns (tokens [B, steps], done [B], sum of log-probs [B]) or None when no captured bucket
-        fits. Fewer than chunk_steps steps replay the one-step graph that many times, without a
-        host round trip in between."""
+        largest of `remaining` (tokens each row may still emit; a row stops after its last one),
+        never choosing a `suppress` id. Returns (tokens [B, steps], done [B], sum of log-probs [B])
+        or None when no captured bucket fits. Fewer than chunk_steps steps replay the one-step graph
+        that many times, without a host round trip in between."""
+        if suppress != self.suppress:  # the graphs read the mask's buffer: no recapture
+            self.state.set_suppress(suppress)
+            self.suppress = suppress
+        if not self.chunk_tail:
+            remaining = [NO_BUDGET] * len(remaining)
         steps = chunk_length(remaining, self.chunk_steps)
         n = tokens.shape[0]
         b = bucket_for(n, self.batch_buckets)

@@ -8,24 +8,25 @@ the fused kernel saves a pass over them instead. The sum is rounded to the activ
 is normalised, exactly as the two separate torch ops do; the statistics are in float32 like
 torch's LayerNorm, so only the order of the reduction differs. The same kernel, without the add,
 normalises the encoder's input into fp8 rows (layer_norm_fp8).
+
+These are the kernels alone: a runner that takes them decided so when it loaded (CUDA, fp16/bf16,
+Triton); the torch forms are app.engine.model.Ops.add_layer_norm and app.engine.cuda.fp8.Fp8Reference.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from app.engine.fp8_gemm import FP8, Fp8Rows, quantize_rows_reference
-from app.engine.kernels import HAVE_TRITON
-from app.engine.pdl import launch_options
+from app.engine.cuda.common import HAVE_TRITON, launch_args
+from app.engine.cuda.fp8 import FP8, Fp8Rows
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from app.engine.fp8_gemm import store_fp8_rows
-    from app.engine.pdl import enter_after_previous
+    from app.engine.cuda.common import enter_after_previous
+    from app.engine.cuda.fp8 import store_fp8_rows
 
     @triton.jit
     def _add_layer_norm(x_ptr, y_ptr, w_ptr, b_ptr, sum_ptr, out_ptr, scale_ptr, n_rows, d, eps, BLOCK: tl.constexpr,
@@ -51,7 +52,7 @@ if HAVE_TRITON:
         centred = tl.where(mask, s - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / d + eps)
         normed = tl.where(mask, centred * rstd[:, None] * w[None, :] + b[None, :], 0.0)
-        if FP8_OUT:  # e4m3 with one scale per row (app.engine.fp8_gemm's quantize_rows)
+        if FP8_OUT:  # e4m3 with one scale per row (app.engine.cuda.fp8's quantize_fp8)
             store_fp8_rows(out_ptr, scale_ptr, rows, row_ok, offsets, normed, mask)
         else:
             tl.store(out_ptr + offsets, normed.to(x.dtype), mask=mask)
@@ -63,42 +64,29 @@ if HAVE_TRITON:
 MANY_ROWS = 4096
 
 
-def can_fuse(x: Tensor) -> bool:
-    return HAVE_TRITON and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
-
-
-def _fuses(x: Tensor, y: Tensor, norm: nn.LayerNorm) -> bool:
-    return can_fuse(x) and x.shape == y.shape and norm.weight is not None and norm.bias is not None
-
-
-def add_layer_norm(x: Tensor, y: Tensor, norm: nn.LayerNorm) -> tuple[Tensor, Tensor]:
-    """(x + y, norm(x + y)) for x, y [..., d]: one kernel on CUDA half precision, torch elsewhere."""
-    if not _fuses(x, y, norm):
-        total = x + y
-        return total, norm(total)
-    total, out, _ = _launch(x, y, norm, fp8=False)
+def add_layer_norm(x: Tensor, y: Tensor, norm: nn.LayerNorm, *, pdl: bool = False) -> tuple[Tensor, Tensor]:
+    """(x + y, norm(x + y)) for x, y [..., d] of one shape, fp16/bf16 on the GPU, in one kernel."""
+    total, out, _ = _launch(x, y, norm, fp8=False, pdl=pdl)
     return total, out
 
 
-def add_layer_norm_fp8(x: Tensor, y: Tensor, norm: nn.LayerNorm) -> tuple[Tensor, Fp8Rows]:
+def add_layer_norm_fp8(x: Tensor, y: Tensor, norm: nn.LayerNorm, *, pdl: bool = False) -> tuple[Tensor, Fp8Rows]:
     """(x + y, norm(x + y) in e4m3 with one scale per row): the normalised rows ready for an fp8
-    GEMM (app.engine.fp8_gemm), in the same kernel on CUDA."""
-    if not _fuses(x, y, norm):
-        total = x + y
-        return total, quantize_rows_reference(norm(total))
-    total, values, scale = _launch(x, y, norm, fp8=True)
+    GEMM (app.engine.cuda.fp8), in the same kernel."""
+    total, values, scale = _launch(x, y, norm, fp8=True, pdl=pdl)
+    assert scale is not None
     return total, Fp8Rows(values.view(-1, x.shape[-1]), scale)
 
 
-def layer_norm_fp8(x: Tensor, norm: nn.LayerNorm) -> Fp8Rows:
-    """norm(x) in e4m3 with one scale per row, in one kernel on CUDA half precision."""
-    if not (can_fuse(x) and norm.weight is not None and norm.bias is not None):
-        return quantize_rows_reference(norm(x))
-    _, values, scale = _launch(x, None, norm, fp8=True)
+def layer_norm_fp8(x: Tensor, norm: nn.LayerNorm, *, pdl: bool = False) -> Fp8Rows:
+    """norm(x) in e4m3 with one scale per row, in one kernel (x fp16/bf16 on the GPU)."""
+    _, values, scale = _launch(x, None, norm, fp8=True, pdl=pdl)
+    assert scale is not None
     return Fp8Rows(values.view(-1, x.shape[-1]), scale)
 
 
-def _launch(x: Tensor, y: Tensor | None, norm: nn.LayerNorm, fp8: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+def _launch(x: Tensor, y: Tensor | None, norm: nn.LayerNorm, *, fp8: bool,
+            pdl: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     d = x.shape[-1]
     rows = x.numel() // d
     x = x.contiguous()
@@ -108,13 +96,7 @@ def _launch(x: Tensor, y: Tensor | None, norm: nn.LayerNorm, fp8: bool) -> tuple
     scale = torch.empty(rows, 1, device=x.device, dtype=torch.float32) if fp8 else None
     per_program, warps = (2, 2) if rows >= MANY_ROWS else (1, 4 if d <= 1024 else 8)
     _add_layer_norm[(triton.cdiv(rows, per_program),)](
-        x, y if y is not None else x, norm.weight, norm.bias, total, out, scale, rows, d, norm.eps,
-        BLOCK=triton.next_power_of_2(d), ROWS=per_program, ADD=y is not None, FP8_OUT=fp8, num_warps=warps,
-        **launch_options(x.device))
+        x_ptr=x, y_ptr=y, w_ptr=norm.weight, b_ptr=norm.bias, sum_ptr=total if y is not None else None, out_ptr=out,
+        scale_ptr=scale, n_rows=rows, d=d, eps=norm.eps, BLOCK=triton.next_power_of_2(d), ROWS=per_program,
+        ADD=y is not None, FP8_OUT=fp8, num_warps=warps, **launch_args(pdl))
     return total, out, scale
-
-
-def reference_add_layer_norm(x: Tensor, y: Tensor, norm: nn.LayerNorm) -> tuple[Tensor, Tensor]:
-    """The two torch ops the kernel replaces (its check in bench/gpu.py --smoke)."""
-    total = x + y
-    return total, F.layer_norm(total, norm.normalized_shape, norm.weight, norm.bias, norm.eps)

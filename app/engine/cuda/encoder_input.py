@@ -7,7 +7,8 @@ quantisation: ten passes over tensors of up to 64 windows x 1,280 channels x 3,0
 end to end, python bench/gpu_ab.py encoder-input). Here cuDNN runs the two convolutions without bias, one kernel
 adds conv1's bias and applies GELU in place, and one kernel takes conv2's output through bias,
 GELU, the transpose and the positional add into the contiguous residual stream; the LayerNorm
-(fp8 rows where asked) is app.engine.fused_norm's kernel.
+(fp8 rows where asked) is app.engine.cuda.norms' kernel. torch's form is
+app.engine.model.Ops.encoder_input.
 
 Every value is rounded to the activation dtype where torch's ops round it, so only the order of
 the arithmetic inside each op differs.
@@ -19,14 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from app.engine.fused_norm import can_fuse
-from app.engine.pdl import HAVE_TRITON
+from app.engine.cuda.common import HAVE_TRITON
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from app.engine.kernels import gelu_erf
+    from app.engine.cuda.common import gelu_erf
 
     @triton.jit
     def _bias_gelu_(x_ptr, bias_ptr, channels, frames, BLOCK: tl.constexpr):
@@ -58,27 +58,19 @@ if HAVE_TRITON:
         tl.store(x_ptr + b * frames * channels + t[:, None] * channels + c[None, :], out, mask=outside)
 
 
-def can_fuse_input(mel: Tensor) -> bool:
-    """CUDA half precision with Triton: the fused norm kernel's condition."""
-    return can_fuse(mel)
-
-
-def encoder_input(mel: Tensor, conv1: nn.Conv1d, conv2: nn.Conv1d, positional_embedding: Tensor) -> Tensor:
-    """[B, n_mels, frames] log-mel -> the residual stream [B, frames / 2, d] entering the first block:
-    gelu(conv2(gelu(conv1(mel)))) transposed, plus the positional embedding (contiguous on the GPU;
-    elsewhere torch's ops as they are)."""
-    if not can_fuse_input(mel):
-        x = F.gelu(conv1(mel))
-        x = F.gelu(conv2(x)).transpose(1, 2)
-        return x + positional_embedding[: x.shape[1]]
+def fused_encoder_input(mel: Tensor, conv1: nn.Conv1d, conv2: nn.Conv1d, positional_embedding: Tensor) -> Tensor:
+    """[B, n_mels, frames] log-mel (fp16/bf16 on the GPU) -> the residual stream [B, frames / 2, d]
+    entering the first block, contiguous: gelu(conv2(gelu(conv1(mel)))) transposed, plus the
+    positional embedding."""
     h = F.conv1d(mel, conv1.weight, None, conv1.stride, conv1.padding)
     b, channels, frames = h.shape
-    _bias_gelu_[(b * channels, triton.cdiv(frames, 1024))](h, conv1.bias, channels, frames, BLOCK=1024,
-                                                          num_warps=4)
+    _bias_gelu_[(b * channels, triton.cdiv(frames, 1024))](x_ptr=h, bias_ptr=conv1.bias, channels=channels,
+                                                          frames=frames, BLOCK=1024, num_warps=4)
     c = F.conv1d(h, conv2.weight, None, conv2.stride, conv2.padding)
     frames = c.shape[2]
     x = torch.empty(b, frames, channels, device=c.device, dtype=c.dtype)
     block_c, block_t = 64, 64
     _frames_to_positions[(b, triton.cdiv(frames, block_t), triton.cdiv(channels, block_c))](
-        c, conv2.bias, positional_embedding, x, channels, frames, BLOCK_C=block_c, BLOCK_T=block_t, num_warps=4)
+        c_ptr=c, bias_ptr=conv2.bias, pos_ptr=positional_embedding, x_ptr=x, channels=channels, frames=frames,
+        BLOCK_C=block_c, BLOCK_T=block_t, num_warps=4)
     return x

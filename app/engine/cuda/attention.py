@@ -8,6 +8,10 @@ and the self-attention cache. This kernel
   which halves the dominant bytes (int8 cross-K/V);
 - takes a per-row key count, so self-attention reads only the filled part of each row's cache
   and needs no mask tensor.
+
+A prompt prefill's queries (several per row) go through the tensor-core kernel in passes of
+QUERIES_PER_PASS; rows of more than MAX_QUERIES queries take the torch reference
+(app.engine.cache.attend_cached).
 """
 
 from __future__ import annotations
@@ -18,54 +22,24 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from app.engine.pdl import HAVE_TRITON, launch_options
+from app.engine.cache import attend_cached
+from app.engine.cuda.common import HAVE_TRITON, launch_args
 
-# Queries per (row, head) the tensor-core kernel takes in one pass (a prompt prefill's; decode: 1)
-_MAX_QUERIES = 16
+#: Queries per (row, head) the tensor-core kernel takes in one pass (a prompt prefill's; decode: 1)
+QUERIES_PER_PASS = 16
+#: Queries per row that decode_attention reads with its kernel (in passes of QUERIES_PER_PASS); a
+#: row of more takes the torch reference
+MAX_QUERIES = 64
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import libdevice
 
-    from app.engine.pdl import enter_after_previous
-
-    MAX_QUERIES = tl.constexpr(_MAX_QUERIES)
+    from app.engine.cuda.common import enter_after_previous, load_widened
 
     # 16-bit fixed point for dp4a's second operand: 256 * 127 + 127 < 2^15, and one word's
     # 4 * 127 * Q16_LIMIT, summed over 16 words of a 64-wide head, stays far inside int32
     Q16_LIMIT = tl.constexpr(32512)
-
-    @triton.jit
-    def int8_to_fp16(x):
-        """Exact int8 -> fp16 by bit assembly, four values per few instructions: a byte u = x + 128
-        placed under the exponent of 1024.0 reads as 1024 + u, and one packed subtraction of 1152
-        leaves x. The plain conversion runs at a quarter of the FMA rate on the GPU and was what
-        bounded the int8 decode kernels, not their bytes."""
-        return tl.inline_asm_elementwise(
-            "{\n"
-            ".reg .b32 u, bias;\n"
-            "xor.b32 u, $2, 0x80808080;\n"
-            "prmt.b32 $0, u, 0x64646464, 0x4140;\n"
-            "prmt.b32 $1, u, 0x64646464, 0x4342;\n"
-            "mov.b32 bias, 0x64806480;\n"
-            "sub.f16x2 $0, $0, bias;\n"
-            "sub.f16x2 $1, $1, bias;\n"
-            "}", "=r,=r,r", [x], dtype=tl.float16, is_pure=True, pack=4)
-
-    @triton.jit
-    def load_widened(ptrs, mask, dtype: tl.constexpr, FAST_INT8: tl.constexpr):
-        """A K/V tile in `dtype`: int8 through int8_to_fp16 (exact) when FAST_INT8, else a plain
-        conversion."""
-        x = tl.load(ptrs, mask=mask, other=0)
-        if FAST_INT8:
-            return int8_to_fp16(x).to(dtype)
-        return x.to(dtype)
-
-    @triton.jit
-    def gelu_erf(x):
-        """torch's F.gelu (erf form), float32."""
-        return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
 
     @triton.jit
     def dp4a(a, b, c):
@@ -104,13 +78,12 @@ if HAVE_TRITON:
         stride_sb, stride_sh,
         n_keys, keys_per_split, n_splits, sm_scale, n_queries, stride_qt, stride_ot,
         HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_LEN: tl.constexpr,
-        NORMALIZE: tl.constexpr, PDL: tl.constexpr, FAST_INT8: tl.constexpr,
+        NORMALIZE: tl.constexpr, PDL: tl.constexpr, FAST_INT8: tl.constexpr, QUERIES_PER_PASS: tl.constexpr,
     ):
-        # The queries (one in a decode step, up to QROWS in a prompt prefill; more than one only
+        # The queries (one in a decode step, up to QUERIES_PER_PASS in a prompt prefill; more than one only
         # with NORMALIZE) fill a 16-row tile so both products run on tensor cores (tl.dot); the
         # rows past them are zeros and are never stored. Compute is nearly free here: what matters
         # is streaming K/V at full bandwidth.
-        QROWS: tl.constexpr = MAX_QUERIES
         enter_after_previous(PDL)
         b = tl.program_id(0)
         h = tl.program_id(1)
@@ -118,19 +91,19 @@ if HAVE_TRITON:
         n_heads = tl.num_programs(1)
         begin, end = _split_keys(len_ptr, n_keys, keys_per_split, HAS_LEN)
         d = tl.arange(0, HEAD_DIM)
-        r = tl.arange(0, QROWS)
+        r = tl.arange(0, QUERIES_PER_PASS)
         q = tl.load(q_ptr + b * stride_qb + h * stride_qh + r[:, None] * stride_qt + d[None, :],
                     mask=r[:, None] < n_queries, other=0.0)
         q = (q.to(tl.float32) * sm_scale).to(tl.float16)
-        m_i = tl.full([QROWS], -float("inf"), dtype=tl.float32)
-        l_i = tl.zeros([QROWS], dtype=tl.float32)
-        acc = tl.zeros([QROWS, HEAD_DIM], dtype=tl.float32)
+        m_i = tl.full([QUERIES_PER_PASS], -float("inf"), dtype=tl.float32)
+        l_i = tl.zeros([QUERIES_PER_PASS], dtype=tl.float32)
+        acc = tl.zeros([QUERIES_PER_PASS, HEAD_DIM], dtype=tl.float32)
         for start in range(begin, end, BLOCK):
             t = start + tl.arange(0, BLOCK)
             valid = t < end
             k = load_widened(k_ptr + b * stride_kb + h * stride_kh + t[:, None] * stride_kt + d[None, :],
                              valid[:, None], tl.float16, FAST_INT8)
-            s = tl.dot(q, tl.trans(k))  # [QROWS, BLOCK] fp32
+            s = tl.dot(q, tl.trans(k))  # [QUERIES_PER_PASS, BLOCK] fp32
             if HAS_SCALE:
                 ks = tl.load(ks_ptr + b * stride_sb + h * stride_sh + t, mask=valid, other=0.0).to(tl.float32)
                 s = s * ks[None, :]
@@ -243,74 +216,6 @@ if HAVE_TRITON:
         tl.store(o_ptr + b * stride_ob + h * stride_oh + d, out.to(o_ptr.dtype.element_ty))
 
 
-    @triton.jit
-    def _write_kv(src_ptr, rows_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr,
-                  stride_sb, stride_st, stride_cr, stride_ch, stride_ct, stride_sr, stride_sh,
-                  n_t, D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, QUANTIZE: tl.constexpr):
-        # One program: BLOCK_T audio positions of one head of one window, K and V. Reads the
-        # cross-KV GEMM output once and writes it head-major into the cache row, as it is or as
-        # int8 values + one fp16 scale per vector.
-        b = tl.program_id(0)
-        t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-        h = tl.program_id(2)
-        d = tl.arange(0, HEAD_DIM)
-        valid = t < n_t
-        row = tl.load(rows_ptr + b).to(tl.int64)
-        for which in tl.static_range(2):
-            x = tl.load(src_ptr + b.to(tl.int64) * stride_sb + t[:, None] * stride_st + which * D + h * HEAD_DIM
-                        + d[None, :], mask=valid[:, None], other=0.0)
-            dst = row * stride_cr + h * stride_ch + t[:, None] * stride_ct + d[None, :]
-            if QUANTIZE:
-                x = x.to(tl.float32)
-                scale = (tl.maximum(tl.max(tl.abs(x), axis=1), 1e-8) / 127.0).to(tl.float16)
-                # one IEEE reciprocal per vector and a multiply per value, rounded half to even (rint),
-                # as torch_model.quantize_rows_int8: a division per value made this pass
-                # compute-bound (large-v3, 64 windows, H200: 336 us a layer against 205)
-                inverse = tl.math.div_rn(tl.full([BLOCK_T], 1.0, tl.float32), scale.to(tl.float32))
-                r = libdevice.rint(x * inverse[:, None])
-                x = tl.minimum(tl.maximum(r, -127.0), 127.0).to(tl.int8)
-                sdst = row * stride_sr + h * stride_sh + t
-                if which == 0:
-                    tl.store(ks_ptr + sdst, scale, mask=valid)
-                else:
-                    tl.store(vs_ptr + sdst, scale, mask=valid)
-            if which == 0:
-                tl.store(k_ptr + dst, x, mask=valid[:, None])
-            else:
-                tl.store(v_ptr + dst, x, mask=valid[:, None])
-
-
-def can_write_kv(x: Tensor, quantize: bool) -> bool:
-    """Whether write_kv_into runs on x: half precision on a CUDA device with Triton (fp16 to quantize)."""
-    dtypes = (torch.float16,) if quantize else (torch.float16, torch.bfloat16)
-    return HAVE_TRITON and x.is_cuda and x.dtype in dtypes
-
-
-def write_kv_into(kv: Tensor, heads: int, rows: Tensor, k: Tensor, v: Tensor, k_scale: Tensor | None = None,
-                  v_scale: Tensor | None = None) -> None:
-    """kv [B, T, 2d] (K then V, heads inside each) -> caches k, v [R, H, T', dh] at rows `rows`
-    (int64 [B] on kv's device), positions [0, T), in one pass. With scales [R, H, T', 1] the values
-    are stored as int8 with one fp16 scale per vector, as torch_model.quantize_rows_int8 computes.
-
-    torch's copy of the permuted GEMM output took 22 ms for large-v3 at 64 windows on an H200,
-    about three times the time to move its bytes."""
-    b, t, two_d = kv.shape
-    d = two_d // 2
-    dh = d // heads
-    if kv.stride(-1) != 1:
-        kv = kv.contiguous()
-    quantize = k_scale is not None
-    ks = k_scale if k_scale is not None else k
-    vs = v_scale if v_scale is not None else v
-    block_t = 32  # 16-128 positions, 2-8 warps: none faster (H200 sweep, 2026-11-22)
-    _write_kv[(b, triton.cdiv(t, block_t), heads)](
-        kv, rows, k, v, ks, vs,
-        kv.stride(0), kv.stride(1), k.stride(0), k.stride(1), k.stride(2),
-        ks.stride(0) if quantize else 0, ks.stride(1) if quantize else 0,
-        t, D=d, HEAD_DIM=dh, BLOCK_T=block_t, QUANTIZE=quantize, num_warps=4,
-    )
-
-
 def _splits(batch: int, heads: int, n_keys: int, block: int, sm_count: int, per_sm: int) -> int:
     """Enough programs for `per_sm` per SM, never splits shorter than one block."""
     wanted = max(1, math.ceil(per_sm * sm_count / (batch * heads)))
@@ -318,6 +223,14 @@ def _splits(batch: int, heads: int, n_keys: int, block: int, sm_count: int, per_
 
 
 _SM_COUNT: dict[int, int] = {}
+
+
+def multiprocessors(device: torch.device) -> int:
+    """The SM count of a CUDA device (asked once per device)."""
+    index = device.index or 0
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
 
 
 @dataclass(frozen=True)
@@ -352,12 +265,26 @@ SELF_ATTENTION_MANY_PAIRS = KernelConfig(block=16, num_warps=1)
 SELF_ATTENTION_FEW_PAIRS = KernelConfig(block=128)
 
 
-def self_attention_config(pairs: int) -> KernelConfig:
-    return SELF_ATTENTION_MANY_PAIRS if pairs >= INT8_MANY_PAIRS else SELF_ATTENTION_FEW_PAIRS
+@dataclass(frozen=True)
+class AttentionTiles:
+    """The KernelConfig decode_attention takes when its caller names none: by what it reads
+    (int8 K/V, or a self-attention cache read up to each row's length) and by how many
+    (row, head) pairs share the GPU. bench/gpu_ab.py times other choices against these."""
+
+    int8_many_pairs: KernelConfig = INT8_CONFIG
+    int8_few_pairs: KernelConfig = INT8_FEW_PAIRS_CONFIG
+    self_many_pairs: KernelConfig = SELF_ATTENTION_MANY_PAIRS
+    self_few_pairs: KernelConfig = SELF_ATTENTION_FEW_PAIRS
+    many_pairs: int = INT8_MANY_PAIRS
+
+    def int8(self, pairs: int) -> KernelConfig:
+        return self.int8_many_pairs if pairs >= self.many_pairs else self.int8_few_pairs
+
+    def self_attention(self, pairs: int) -> KernelConfig:
+        return self.self_many_pairs if pairs >= self.many_pairs else self.self_few_pairs
 
 
-def int8_config(pairs: int) -> KernelConfig:
-    return INT8_CONFIG if pairs >= INT8_MANY_PAIRS else INT8_FEW_PAIRS_CONFIG
+ATTENTION_TILES = AttentionTiles()
 
 
 def cross_lengths_config(n_keys: int) -> KernelConfig:
@@ -366,99 +293,86 @@ def cross_lengths_config(n_keys: int) -> KernelConfig:
     return KernelConfig(block=128 if n_keys >= 1024 else 64)
 
 
-#: Prompt queries above which a prefill's int8 cross-attention reads dequantised K/V instead (each
-#: pass of the kernel reads the int8 K/V once for up to _MAX_QUERIES queries)
-MAX_PREFILL_QUERIES = 64
-
-
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, k_scale: Tensor | None = None,
                      v_scale: Tensor | None = None, lengths: Tensor | None = None,
-                     config: KernelConfig | None = None) -> Tensor:
+                     config: KernelConfig | None = None, tiles: AttentionTiles = ATTENTION_TILES,
+                     pdl: bool = False) -> Tensor:
     """q [B, H, TQ, dh]; k, v [B, H, T, dh] (fp16/bf16/fp32, or int8 with scales [B, H, T, 1]);
-    lengths [B]: keys per row (None: all T). Returns [B, H, TQ, dh] in q's dtype.
+    lengths [B]: keys per row (None: all T). Returns [B, H, TQ, dh] in q's dtype. CUDA tensors.
 
     Every query attends to all keys of its row (no causal mask): one query per row in a decode
-    step, several in a prompt's cross-attention, read in passes of _MAX_QUERIES (every query of a
-    row sees the same `lengths[b]` keys: a trimmed window's audio positions)."""
+    step, several in a prompt's cross-attention, read in passes of QUERIES_PER_PASS (every query
+    of a row sees the same `lengths[b]` keys: a trimmed window's audio positions). Shapes the
+    kernel does not take (head size not a power of two, strided head dimension, more than
+    MAX_QUERIES queries) get the torch reference."""
     tq, dh = q.shape[2:]
-    if not (HAVE_TRITON and q.is_cuda and dh & (dh - 1) == 0 and k.stride(3) == 1
-            and tq <= MAX_PREFILL_QUERIES):
-        return _reference(q, k, v, k_scale, v_scale, lengths)
+    if not (dh & (dh - 1) == 0 and k.stride(3) == 1 and tq <= MAX_QUERIES):
+        return attend_cached(q, k, v, k_scale=k_scale, v_scale=v_scale, lengths=lengths)
     if tq > 1:
-        # tensor-core tiles of up to _MAX_QUERIES query rows, whole key ranges (no combine pass)
+        # tensor-core tiles of up to QUERIES_PER_PASS query rows, whole key ranges (no combine pass)
         config = replace(config or KernelConfig(), use_dot=True, min_splits=1, programs_per_sm=0)
-        return torch.cat([_attend(q[:, :, i : i + _MAX_QUERIES], k, v, k_scale, v_scale, lengths, config)
-                          for i in range(0, tq, _MAX_QUERIES)], dim=2)
-    return _attend(q, k, v, k_scale, v_scale, lengths, config)
+        return torch.cat([_attend(q[:, :, i : i + QUERIES_PER_PASS], k, v, k_scale=k_scale, v_scale=v_scale,
+                                  lengths=lengths, config=config, tiles=tiles, pdl=pdl)
+                          for i in range(0, tq, QUERIES_PER_PASS)], dim=2)
+    return _attend(q, k, v, k_scale=k_scale, v_scale=v_scale, lengths=lengths, config=config, tiles=tiles, pdl=pdl)
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, k_scale: Tensor | None, v_scale: Tensor | None,
-            lengths: Tensor | None, config: KernelConfig | None) -> Tensor:
-    """decode_attention for at most _MAX_QUERIES queries (more than one: config uses tl.dot and
-    splits no keys)."""
+def _attend(q: Tensor, k: Tensor, v: Tensor, *, k_scale: Tensor | None, v_scale: Tensor | None,
+            lengths: Tensor | None, config: KernelConfig | None, tiles: AttentionTiles, pdl: bool) -> Tensor:
+    """decode_attention for at most QUERIES_PER_PASS queries (more than one: config uses tl.dot
+    and splits no keys)."""
     b, h, tq, dh = q.shape
     n_keys = k.shape[2]
-    device = q.device.index or 0
-    if device not in _SM_COUNT:
-        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    sm_count = multiprocessors(q.device)
     if config is None and k_scale is None and lengths is None and q.dtype != torch.float32 \
-            and b * h >= _SM_COUNT[device] and tq == 1:
+            and b * h >= sm_count and tq == 1:
         # fp16/bf16 K/V read whole (cross-attention) with a (row, head) pair per SM or more:
         # cuDNN's kernel reads them faster than ours (bench/gpu_attention.py, H100: 54 vs 61 us
         # at B=64 x 6 heads, 47 vs 57 us at B=16 x 20 heads, 103 vs 109 us at B=64 x 12 heads).
         # Fewer pairs (one window of a large model) need the key splits below to fill the GPU.
         return torch.nn.functional.scaled_dot_product_attention(q, k, v)
     if config is None:
-        # int8: CUDA-core multiply-adds read fastest (int8_config; bench/gpu_attention.py)
-        config = int8_config(b * h) if k_scale is not None else \
-            self_attention_config(b * h) if lengths is not None else KernelConfig(block=128 if n_keys >= 1024 else 64)
+        # int8: CUDA-core multiply-adds read fastest (AttentionTiles.int8; bench/gpu_attention.py)
+        config = tiles.int8(b * h) if k_scale is not None else \
+            tiles.self_attention(b * h) if lengths is not None else KernelConfig(block=128 if n_keys >= 1024 else 64)
     block = config.block
-    splits = max(config.min_splits, _splits(b, h, n_keys, block, _SM_COUNT[device], config.programs_per_sm))
+    splits = max(config.min_splits, _splits(b, h, n_keys, block, sm_count, config.programs_per_sm))
     keys_per_split = math.ceil(math.ceil(n_keys / splits) / block) * block
     splits = math.ceil(n_keys / keys_per_split)
     out = torch.empty(b, h, tq, dh, device=q.device, dtype=q.dtype)
     normalize = splits == 1
-    if normalize:  # the partial kernel writes `out` directly
-        m = l_ = acc = out
+    if normalize:  # the partial kernel writes `out` directly: no partial results to combine
+        m = l_ = acc = None
     else:
         m = torch.empty(b * h * splits, device=q.device, dtype=torch.float32)
         l_ = torch.empty_like(m)
         acc = torch.empty(b * h * splits, dh, device=q.device, dtype=torch.float32)
     has_scale = k_scale is not None
-    ks = k_scale if has_scale else q
-    vs = v_scale if has_scale else q
-    partial = _decode_attention_partial if config.use_dot else _decode_attention_partial_fma
-    dp4a_k = (k.dtype == torch.int8 and config.dp4a_k and not config.use_dot and dh % 4 == 0
-              and k.storage_offset() % 4 == 0 and all(stride % 4 == 0 for stride in k.stride()[:3]))
-    if dp4a_k:
-        k = k.view(torch.int32)  # four int8 per word; strides in words
-    options = {"DP4A_K": True} if dp4a_k else {}
+    if config.use_dot:
+        partial = _decode_attention_partial
+        variant = {"n_queries": tq, "stride_qt": q.stride(2), "stride_ot": out.stride(2),
+                   "QUERIES_PER_PASS": QUERIES_PER_PASS}
+    else:
+        partial = _decode_attention_partial_fma
+        dp4a_k = (k.dtype == torch.int8 and config.dp4a_k and dh % 4 == 0
+                  and k.storage_offset() % 4 == 0 and all(stride % 4 == 0 for stride in k.stride()[:3]))
+        if dp4a_k:
+            k = k.view(torch.int32)  # four int8 per word; strides in words
+        variant = {"DP4A_K": True} if dp4a_k else {}
     partial[(b, h, splits)](
-        q, k, v, ks, vs, lengths if lengths is not None else q, m, l_, acc, out,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        ks.stride(0) if has_scale else 0, ks.stride(1) if has_scale else 0,
-        n_keys, keys_per_split, splits, 1.0 / math.sqrt(dh), *((tq, q.stride(2), out.stride(2)) if config.use_dot else ()),
+        q_ptr=q, k_ptr=k, v_ptr=v, ks_ptr=k_scale, vs_ptr=v_scale, len_ptr=lengths, m_ptr=m, l_ptr=l_, acc_ptr=acc,
+        o_ptr=out, stride_qb=q.stride(0), stride_qh=q.stride(1), stride_ob=out.stride(0), stride_oh=out.stride(1),
+        stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kt=k.stride(2),
+        stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vt=v.stride(2),
+        stride_sb=k_scale.stride(0) if has_scale else 0, stride_sh=k_scale.stride(1) if has_scale else 0,
+        n_keys=n_keys, keys_per_split=keys_per_split, n_splits=splits, sm_scale=1.0 / math.sqrt(dh),
         HEAD_DIM=dh, BLOCK=block, HAS_SCALE=has_scale, HAS_LEN=lengths is not None, NORMALIZE=normalize,
         FAST_INT8=v.dtype == torch.int8 and config.fast_int8,
-        num_warps=config.num_warps, num_stages=config.num_stages, **options, **launch_options(q.device),
+        num_warps=config.num_warps, num_stages=config.num_stages, **variant, **launch_args(pdl),
     )
     if normalize:
         return out
-    _decode_attention_combine[(b, h)](m, l_, acc, out, out.stride(0), out.stride(1), splits,
-                                      HEAD_DIM=dh, SPLITS=triton.next_power_of_2(splits), **launch_options(q.device))
+    _decode_attention_combine[(b, h)](
+        m_ptr=m, l_ptr=l_, acc_ptr=acc, o_ptr=out, stride_ob=out.stride(0), stride_oh=out.stride(1), n_splits=splits,
+        HEAD_DIM=dh, SPLITS=triton.next_power_of_2(splits), **launch_args(pdl))
     return out
-
-
-def _reference(q: Tensor, k: Tensor, v: Tensor, k_scale: Tensor | None, v_scale: Tensor | None,
-               lengths: Tensor | None) -> Tensor:
-    if k_scale is not None and v_scale is not None:
-        k = k.to(q.dtype) * k_scale.to(q.dtype)
-        v = v.to(q.dtype) * v_scale.to(q.dtype)
-    mask = None
-    if lengths is not None:
-        keys = torch.arange(k.shape[2], device=q.device)
-        mask = (keys[None, :] < lengths[:, None])[:, None, None, :]
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-

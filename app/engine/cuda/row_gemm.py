@@ -15,21 +15,24 @@ needs no setup and can be replayed inside CUDA graphs. Measured per GEMM (bench/
 5-50 % faster than cuBLAS for tiny.en and small, even for large-v3. int8 weight-only layers are
 read as int8 (half the bytes) with their per-row scale applied in the epilogue.
 
-The partial sums and counters live in app.engine.workspace (one per device).
+The same kernel runs a decode step's LayerNorms and residual adds (app.engine.runners.norm_fold):
+a LayerNorm'd input arrives raw with the norm folded into the weights (RowNorm), and a sub-layer's
+last GEMM adds its output to the residual stream and leaves the rows' statistics for the next one.
+
+The partial sums, counters and row statistics live in app.engine.cuda.workspace (one per device).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from app.engine.kernels import HAVE_TRITON
-from app.engine.logits_gemm import as_rows, streams_weight
-from app.engine.pdl import launch_options, line_elements
-from app.engine.workspace import WORKSPACE
+from app.engine.cuda.common import HAVE_TRITON, launch_args, line_elements
+from app.engine.cuda.logits_gemm import as_rows
+from app.engine.cuda.workspace import WORKSPACE
 
 # Row statistics handed from a residual GEMM (write_stats) to the next GEMM's LayerNorm: sums of the
 # stored values and of their squares per _STAT_COLS-column group, float32 [2, _STAT_GROUPS,
@@ -45,9 +48,8 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from app.engine.kernels import gelu_erf
-    from app.engine.logits_gemm import dot_weight_rows, scale_columns
-    from app.engine.pdl import enter_after_previous, prefetch_weight_rows
+    from app.engine.cuda.common import enter_after_previous, gelu_erf, prefetch_weight_rows
+    from app.engine.cuda.logits_gemm import dot_weight_rows, scale_columns
 
     STAT_COLS = tl.constexpr(_STAT_COLS)
     STAT_ROWS = tl.constexpr(_STAT_ROWS)
@@ -66,7 +68,7 @@ if HAVE_TRITON:
         output into the self-attention caches."""
         if HAS_SCALE:  # int8 weights: one scale per output column
             acc = scale_columns(acc, s_ptr, cols, n)
-        if NORM_IN:  # x W'^T of the raw rows -> LayerNorm(x) W^T (app.engine.norm_fold)
+        if NORM_IN:  # x W'^T of the raw rows -> LayerNorm(x) W^T (app.engine.runners.norm_fold)
             wsum = tl.load(wsum_ptr + cols, mask=cols < n, other=0.0)
             acc = rstd[:, None] * (acc - mean[:, None] * wsum[None, :])
         if HAS_BIAS:
@@ -153,7 +155,7 @@ if HAVE_TRITON:
 
 
 #: Rows the kernel takes: a decode step of up to 64 sequences (one BM tile).
-MAX_ROWS = 64
+MAX_STEP_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -170,7 +172,7 @@ class TileConfig:
 WIDE_MODEL = 1024
 
 
-def choose_tiles(n: int, k: int, m: int = MAX_ROWS) -> TileConfig:
+def choose_tiles(n: int, k: int, m: int = MAX_STEP_ROWS) -> TileConfig:
     """Tiles for an m x k by k x n GEMM, from sweeps of bench/gpu_linear.py on an H200.
 
     Narrow column blocks, with K split where it is longer than the output (the MLP's second GEMM):
@@ -192,17 +194,38 @@ def choose_tiles(n: int, k: int, m: int = MAX_ROWS) -> TileConfig:
     return TileConfig(block_n=32, block_k=256, split=1)
 
 
-def can_row_gemm(x: Tensor, weight: Tensor) -> bool:
-    return streams_weight(x, weight, MAX_ROWS)
+def fixed_tiles(n: int, k: int, m: int = MAX_STEP_ROWS) -> TileConfig:
+    """32 x 128 tiles everywhere, K split four ways where it is longer than the output: the tiles
+    before choose_tiles' sweeps (bench/gpu_ab.py times them against it)."""
+    return TileConfig(block_n=32, block_k=128, split=4 if k > n else 1)
+
+
+#: (n, k, rows) -> the tiles of that GEMM
+TilePolicy = Callable[[int, int, int], TileConfig]
 
 
 @dataclass(frozen=True)
 class RowNorm:
     """The input is the raw residual stream; apply its LayerNorm inside the GEMM. The weight has the
-    norm's scale folded in and `weight_sum` is its float32 row sums (app.engine.norm_fold)."""
+    norm's scale folded in and `weight_sum` is its float32 row sums (app.engine.runners.norm_fold)."""
 
     weight_sum: Tensor
     eps: float
+
+
+@dataclass(frozen=True)
+class LinearWeights:
+    """A linear layer as row_linear reads it: weight [n, k] (the input's dtype, or int8 with its
+    per-row `scale`), optional bias, and, for a folded LayerNorm, the RowNorm of its input."""
+
+    weight: Tensor
+    bias: Tensor | None = None
+    scale: Tensor | None = None
+    norm: RowNorm | None = None
+
+    def __post_init__(self) -> None:
+        if (self.weight.dtype == torch.int8) != (self.scale is not None):
+            raise ValueError("int8 weights need their per-row scale (and only they take one)")
 
 
 @dataclass(frozen=True)
@@ -215,21 +238,20 @@ class KvAppend:
     positions: Tensor
 
 
-def row_linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool = False,
-               tiles: TileConfig | None = None, scale: Tensor | None = None, *, norm: RowNorm | None = None,
+def row_linear(x: Tensor, weights: LinearWeights, *, gelu: bool = False, tiles: TilePolicy = choose_tiles,
                stats_ready: bool = False, residual: Tensor | None = None, write_stats: bool = False,
-               append: KvAppend | None = None) -> Tensor:
-    """act(x @ (weight * scale[:, None]).T + bias) for x [..., k] with at most MAX_ROWS rows (see
-    can_row_gemm). int8 weights need `scale`; they are read as int8, half the bytes of fp16.
+               append: KvAppend | None = None, pdl: bool = False) -> Tensor:
+    """act(x @ (weight * scale[:, None]).T + bias) for x [..., k] (fp16/bf16 on the GPU) with at most
+    MAX_STEP_ROWS rows; int8 weights are read as int8, half the bytes of fp16. `gelu`: exact (erf)
+    GELU in the epilogue.
 
-    `norm`: x is normalised inside (RowNorm), from statistics the kernel gathers itself, or with
-    `stats_ready` from those the last `write_stats` call on this device left for these very rows.
-    `residual` [..., n] (contiguous): the result is added to it in place and returned.
+    `weights.norm`: x is normalised inside (RowNorm), from statistics the kernel gathers itself, or
+    with `stats_ready` from those the last `write_stats` call on this device left for these very
+    rows. `residual` [..., n] (contiguous): the result is added to it in place and returned.
     `append`: see KvAppend."""
-    if (weight.dtype == torch.int8) != (scale is not None):
-        raise ValueError("int8 weights need their per-row scale (and only they take one)")
     flat = as_rows(x)
     m, k = flat.shape
+    weight, norm = weights.weight, weights.norm
     n = weight.shape[0]
     if residual is not None:
         if not residual.is_contiguous() or residual.numel() != m * n:
@@ -237,55 +259,41 @@ def row_linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool = Fals
         out = residual.view(m, n)
     else:
         out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    if tiles is None:
-        tiles = choose_tiles(n, k, m)
+    config = tiles(n, k, m)
     norm_in = 0 if norm is None else _NORM_IN_STATS if stats_ready else _NORM_IN_LOOP
-    if norm_in == _NORM_IN_LOOP and tiles.split != 1:  # the statistics need whole rows in each program
-        tiles = replace(tiles, split=1)
-    if write_stats and (tiles.block_n % _STAT_COLS or n > _STAT_COLS * _STAT_GROUPS or m > _STAT_ROWS):
+    if norm_in == _NORM_IN_LOOP and config.split != 1:  # the statistics need whole rows in each program
+        config = replace(config, split=1)
+    if write_stats and (config.block_n % _STAT_COLS or n > _STAT_COLS * _STAT_GROUPS or m > _STAT_ROWS):
         raise ValueError(f"row statistics need column blocks of a multiple of {_STAT_COLS}, at most "
                          f"{_STAT_COLS * _STAT_GROUPS} columns and {_STAT_ROWS} rows")
     bm = max(16, triton.next_power_of_2(m))
-    blocks = triton.cdiv(n, tiles.block_n)
-    partials = WORKSPACE.get("row_gemm.partials", x.device, blocks * tiles.split * bm * tiles.block_n, torch.float32)
-    counters = WORKSPACE.get("row_gemm.counters", x.device, max(blocks, 256), torch.int32, zeroed=True)
+    blocks = triton.cdiv(n, config.block_n)
+    partials = counters = None
+    if config.split > 1:  # the split programs' partial sums, and their arrival count per block
+        partials = WORKSPACE.get("row_gemm.partials", x.device, blocks * config.split * bm * config.block_n,
+                                 torch.float32)
+        counters = WORKSPACE.get("row_gemm.counters", x.device, max(blocks, 256), torch.int32, zeroed=True)
     stats = WORKSPACE.get("row_gemm.stats", x.device, 2 * _STAT_GROUPS * _STAT_ROWS, torch.float32, zeroed=True) \
-        if norm_in == _NORM_IN_STATS or write_stats else out
-    k_per_split = triton.cdiv(triton.cdiv(k, tiles.split), tiles.block_k) * tiles.block_k
-    caches = (append.k_cache, append.v_cache, append.positions) if append is not None else (out, out, out)
+        if norm_in == _NORM_IN_STATS or write_stats else None
+    k_per_split = triton.cdiv(triton.cdiv(k, config.split), config.block_k) * config.block_k
     if append is not None and (append.k_cache.stride() != append.v_cache.stride() or append.k_cache.stride(3) != 1
-                               or append.k_cache.shape[-1] % tiles.block_n or n % (3 * tiles.block_n)):
+                               or append.k_cache.shape[-1] % config.block_n or n % (3 * config.block_n)):
         raise ValueError("the K and V caches need the same strides, head dimension contiguous and a multiple "
                          "of the column block, as the model width")
-    _row_gemm[(blocks, tiles.split)](
-        flat, weight, scale if scale is not None else weight, bias if bias is not None else weight, out,
-        partials, counters, norm.weight_sum if norm is not None else weight, stats, *caches,
-        m, n, k, flat.stride(0), weight.stride(0), out.stride(0),
-        *(append.k_cache.stride()[:3] if append is not None else (0, 0, 0)), n // 3, k_per_split,
-        norm.eps if norm is not None else 0.0,
-        BM=bm, BN=tiles.block_n, BK=tiles.block_k, SPLIT=tiles.split, HAS_SCALE=scale is not None,
-        HAS_BIAS=bias is not None, GELU=gelu, NORM_IN=norm_in,
+    cache_strides = append.k_cache.stride()[:3] if append is not None else (0, 0, 0)
+    _row_gemm[(blocks, config.split)](
+        x_ptr=flat, w_ptr=weight, s_ptr=weights.scale, b_ptr=weights.bias, out_ptr=out, part_ptr=partials,
+        count_ptr=counters, wsum_ptr=norm.weight_sum if norm is not None else None, stats_ptr=stats,
+        kc_ptr=append.k_cache if append is not None else None, vc_ptr=append.v_cache if append is not None else None,
+        pos_ptr=append.positions if append is not None else None,
+        m=m, n=n, k=k, stride_xm=flat.stride(0), stride_wn=weight.stride(0), stride_om=out.stride(0),
+        stride_cb=cache_strides[0], stride_ch=cache_strides[1], stride_ct=cache_strides[2], d_model=n // 3,
+        k_per_split=k_per_split, eps=norm.eps if norm is not None else 0.0,
+        BM=bm, BN=config.block_n, BK=config.block_k, SPLIT=config.split, HAS_SCALE=weights.scale is not None,
+        HAS_BIAS=weights.bias is not None, GELU=gelu, NORM_IN=norm_in,
         STAT_GROUPS=triton.next_power_of_2(triton.cdiv(k, _STAT_COLS)), RESIDUAL=residual is not None,
         WRITE_STATS=write_stats, APPEND_KV=append is not None,
         HEAD_DIM=append.k_cache.shape[-1] if append is not None else 1,
-        LINE=line_elements(weight), num_warps=tiles.warps, num_stages=tiles.stages,
-        **launch_options(x.device),
+        LINE=line_elements(weight), num_warps=config.warps, num_stages=config.stages, **launch_args(pdl),
     )
     return out.reshape(*x.shape[:-1], n)
-
-
-def step_linear(linear: nn.Module, x: Tensor, gelu: bool = False) -> Tensor:
-    """A decode step's linear layer (optionally followed by exact GELU): row_linear where it
-    applies (CUDA, half precision, <= MAX_ROWS rows, an nn.Linear or an int8 linear with a
-    `weight_scale`), torch elsewhere."""
-    scale = getattr(linear, "weight_scale", None)  # int8 linears only
-    if (isinstance(linear, nn.Linear) or scale is not None) and can_row_gemm(x, linear.weight):
-        return row_linear(x, linear.weight, linear.bias, gelu, scale=scale)
-    y = linear(x)
-    return F.gelu(y) if gelu else y
-
-
-def reference_linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool = False) -> Tensor:
-    """What row_linear replaces: torch's GEMM (+ GELU), for checks and benchmarks."""
-    y = F.linear(x, weight, bias)
-    return F.gelu(y) if gelu else y

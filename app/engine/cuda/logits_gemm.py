@@ -11,23 +11,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from app.engine.kernels import HAVE_TRITON
-from app.engine.pdl import launch_options
+from app.engine.cuda.common import HAVE_TRITON, launch_args
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from app.engine.kernels import load_widened
-    from app.engine.pdl import enter_after_previous
+    from app.engine.cuda.common import enter_after_previous, load_widened
 
     @triton.jit
     def dot_weight_rows(x_ptr, w_ptr, rows, cols, m, n, k, stride_xm, stride_wn, begin, end,
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ROW_STATS: tl.constexpr = False):
         """(sum over k in [begin, end) of x[rows, k] w[cols, k] as float32 [BM, BN], and with
         ROW_STATS the sums of x[rows, k] and of its squares, float32 [BM] each, else zeros): the
-        tile loop of this module's GEMM and app.engine.row_gemm's. int8 weights widen in registers
-        by bit assembly (kernels.load_widened): the plain conversion runs at a quarter of the FMA
+        tile loop of this module's GEMM and app.engine.cuda.row_gemm's. int8 weights widen in registers
+        by bit assembly (common.load_widened): the plain conversion runs at a quarter of the FMA
         rate."""
         rk = tl.arange(0, BK)
         acc = tl.zeros([BM, BN], dtype=tl.float32)
@@ -68,17 +66,9 @@ if HAVE_TRITON:
                  mask=(rows[:, None] < m) & (vocab[None, :] < n_vocab))
 
 
-HALF = (torch.float16, torch.bfloat16)
 # Decode steps and short prompt prefills; the kernel was measured on those shapes only, so longer
 # inputs keep torch's GEMM.
 MAX_LOGITS_ROWS = 256
-
-
-def streams_weight(x: Tensor, weight: Tensor, max_rows: int) -> bool:
-    """The few-rows Triton GEMMs' inputs: x half precision on the GPU with at most max_rows rows,
-    weight of x's dtype or int8, rows contiguous."""
-    return (HAVE_TRITON and x.is_cuda and x.dtype in HALF and weight.dtype in (x.dtype, torch.int8)
-            and weight.stride(-1) == 1 and x.numel() // x.shape[-1] <= max_rows)
 
 
 def as_rows(x: Tensor) -> Tensor:
@@ -87,13 +77,10 @@ def as_rows(x: Tensor) -> Tensor:
     return flat if flat.stride(-1) == 1 else flat.contiguous()
 
 
-def can_logits_fp32(x: Tensor, weight: Tensor) -> bool:
-    return streams_weight(x, weight, MAX_LOGITS_ROWS)
-
-
-def logits_fp32(x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tensor:
-    """x [..., d] @ (weight [V, d] * scale[:, None])^T in float32 (x fp16/bf16 on the GPU; weight
-    of x's dtype, or int8 with its per-token `scale`)."""
+def logits_fp32(x: Tensor, weight: Tensor, scale: Tensor | None = None, *, pdl: bool = False) -> Tensor:
+    """x [..., d] @ (weight [V, d] * scale[:, None])^T in float32, for x fp16/bf16 on the GPU with at
+    most MAX_LOGITS_ROWS rows; weight of x's dtype, or int8 with its per-token `scale`, rows
+    contiguous."""
     flat = as_rows(x)
     m, k = flat.shape
     n_vocab = weight.shape[0]
@@ -101,8 +88,8 @@ def logits_fp32(x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tenso
     bm = min(64, max(16, triton.next_power_of_2(m)))
     bn = 128
     _logits[(triton.cdiv(n_vocab, bn), triton.cdiv(m, bm))](
-        flat, weight, scale if scale is not None else weight, out, m, n_vocab, k, flat.stride(0),
-        weight.stride(0), out.stride(0), BM=bm, BN=bn, BK=64, HAS_SCALE=scale is not None,
-        num_warps=4, num_stages=4, **launch_options(x.device),
+        x_ptr=flat, w_ptr=weight, s_ptr=scale, out_ptr=out, m=m, n_vocab=n_vocab, k=k, stride_xm=flat.stride(0),
+        stride_wv=weight.stride(0), stride_om=out.stride(0), BM=bm, BN=bn, BK=64, HAS_SCALE=scale is not None,
+        num_warps=4, num_stages=4, **launch_args(pdl),
     )
     return out.reshape(*x.shape[:-1], n_vocab)

@@ -1,0 +1,1 @@
+"""CPU-only parts of the engine: oneDNN-packed GEMMs and the engine thread's OpenMP team."""
