@@ -9,8 +9,9 @@ the other in the same run:
 
 - the files in ../shared/data/nonspeech/ (silence, white noise, a 440 Hz tone);
 - one hour of digital silence at 44.1 kHz stereo and ten minutes of white noise (made here);
-- the first --clips dev clips joined with 20-60 s of digital silence between them, and the
-  same clips joined without pauses.
+- the first --clips dev clips joined with 20-60 s of digital silence between them, the same
+  clips joined without pauses, and (a control) joined with the 0.8 s of silence that gating
+  leaves between two speech regions (twice the 400 ms speech padding).
 
 Columns: words returned ("invented" for non-speech: the right transcript is empty), WER %
 against the joined references, wall seconds end to end (ours: the HTTP request, upload and
@@ -32,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from app.audio.vad import VadOptions
 from bench import common
 
 NONSPEECH_DIR = common.REPO_ROOT.parent / "shared" / "data" / "nonspeech"
@@ -92,7 +94,13 @@ def make_inputs(args: argparse.Namespace, workdir: Path) -> list[Input]:
     audio = common.load_audio(items)
     reference = " ".join(item.text for item in items)
     pauses = rng.uniform(20.0, 60.0, max(0, len(audio) - 1))
-    for name, gaps in (("dev-joined-pauses", pauses), ("dev-joined", np.zeros_like(pauses))):
+    # Gating joins speech regions end to end, each widened by the speech padding on both sides,
+    # so between two clips the decoder hears 2 x speech_pad_ms of the pause. The control input
+    # has exactly that gap and no long pause: it separates the effect of the gap on Whisper's
+    # decoding from anything gating does.
+    joined_gap = 2 * VadOptions().speech_pad_ms / 1000
+    for name, gaps in (("dev-joined-pauses", pauses), ("dev-joined", np.zeros_like(pauses)),
+                       (f"dev-joined-{joined_gap:g}s-gaps", np.full_like(pauses, joined_gap))):
         parts, spans, position = [], [], 0.0
         for i, clip in enumerate(audio):
             parts.append(clip)
