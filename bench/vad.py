@@ -10,8 +10,8 @@ the other in the same run:
 - the files in ../shared/data/nonspeech/ (silence, white noise, a 440 Hz tone);
 - one hour of digital silence at 44.1 kHz stereo and ten minutes of white noise (made here);
 - the first --clips dev clips joined with 20-60 s of digital silence between them, the same
-  clips joined without pauses, and (a control) joined with the 0.8 s of silence that gating
-  leaves between two speech regions (twice the 400 ms speech padding).
+  clips joined without pauses, and (a control) joined with the silence that gating leaves
+  between two speech regions (twice the speech padding: 0.8 s by default).
 
 Columns: words returned ("invented" for non-speech: the right transcript is empty), WER %
 against the joined references, wall seconds end to end (ours: the HTTP request, upload and
@@ -74,6 +74,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def server_settings(args: argparse.Namespace) -> dict[str, str]:
+    """The WHISPER_* settings given with --env (the server runs with these and its defaults)."""
+    return dict(item.split("=", 1) for item in args.env)
+
+
 def make_inputs(args: argparse.Namespace, workdir: Path) -> list[Input]:
     inputs = [Input(p.stem, p, sf.info(str(p)).duration) for p in sorted(NONSPEECH_DIR.glob("*.flac"))]
     if not args.no_hour:
@@ -97,8 +102,9 @@ def make_inputs(args: argparse.Namespace, workdir: Path) -> list[Input]:
     # Gating joins speech regions end to end, each widened by the speech padding on both sides,
     # so between two clips the decoder hears 2 x speech_pad_ms of the pause. The control input
     # has exactly that gap and no long pause: it separates the effect of the gap on Whisper's
-    # decoding from anything gating does.
-    joined_gap = 2 * VadOptions().speech_pad_ms / 1000
+    # decoding from anything gating does. The padding is the server's: --env may set it.
+    pad_ms = int(server_settings(args).get("WHISPER_VAD_SPEECH_PAD_MS", VadOptions().speech_pad_ms))
+    joined_gap = 2 * pad_ms / 1000
     for name, gaps in (("dev-joined-pauses", pauses), ("dev-joined", np.zeros_like(pauses)),
                        (f"dev-joined-{joined_gap:g}s-gaps", np.full_like(pauses, joined_gap))):
         parts, spans, position = [], [], 0.0
@@ -151,7 +157,7 @@ def run_ours(args: argparse.Namespace, inputs: list[Input], log: Path) -> list[R
     env.update(WHISPER_ENGINES_DIR=str(common.engine_dir(args.model).parent),
                WHISPER_MODELS=args.model, WHISPER_MAX_UPLOAD_MB="200",
                WHISPER_MAX_AUDIO_SECONDS="7200")
-    env.update(item.split("=", 1) for item in args.env)
+    env.update(server_settings(args))
     rows = []
     with log.open("wb") as out, serve(env, output=out, log=log, startup_timeout_s=600) as server:
         pid = server.process.pid
