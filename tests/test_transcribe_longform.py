@@ -598,3 +598,47 @@ def test_gated_speech_is_decoded_joined_and_timestamps_map_back() -> None:
     assert second.start == pytest.approx(a2 + 12 - (b1 - a1), abs=1e-3)
     assert second.end == pytest.approx(min(b2, a2 + 20 - (b1 - a1)), abs=1e-3)
     assert out.duration == pytest.approx(36.0)
+
+
+def gated_windows(answers: list[WindowResult]) -> tuple[TranscriptionResult, list[int], list[tuple[float, float]]]:
+    """VAD_AUDIO's three regions (~29 s joined, one window) decoded with `answers` in turn:
+    the result, each window's gated start in mel frames, and the regions in seconds."""
+    regions = [(a / SAMPLE_RATE, b / SAMPLE_RATE) for a, b in speech_regions(VAD_AUDIO)]
+    content = round(sum(b - a for a, b in regions) * 100)
+    seeks: list[int] = []
+
+    async def submit(task: WindowTask) -> WindowResult:
+        seeks.append(content - int((task.mel != task.mel[:, -1:]).any(dim=0).sum()))
+        return answers[len(seeks) - 1]
+
+    ctx = ModelContext(TOKENIZER, 80, False, submit)
+    out = asyncio.run(Transcriber(ctx).transcribe(VAD_AUDIO, TranscribeOptions(vad=VadOptions())))
+    return out, seeks, regions
+
+
+def test_a_window_that_ends_early_goes_on_at_the_next_speech_region() -> None:
+    # Whisper's single timestamp ending means "nothing more in this window"; openai-whisper
+    # then skips the whole window, here the two regions after the first. Gated audio goes on
+    # at the next region that starts after the last timestamp instead.
+    out, seeks, regions = gated_windows([result([T(1), 100, T(9)]), result([T(0), 101, T(8)]),
+                                         result([T(0), 102, T(7)])])
+    (a1, b1), (a2, b2), (a3, _) = regions
+    starts = [0, round((b1 - a1) * 100), round((b1 - a1 + b2 - a2) * 100)]
+    assert seeks == pytest.approx(starts, abs=2)
+    assert out.text == "t100 t101 t102"
+    assert [s.start for s in out.segments] == pytest.approx([a1, a2, a3], abs=0.02)
+
+
+def test_a_region_judged_silent_does_not_skip_the_regions_after_it() -> None:
+    silent = result([T(0), 3, T(1)], -1.6, no_speech=0.9)
+    out, seeks, regions = gated_windows([silent, result([T(0), 101, T(8), T(10), 102, T(17)])])
+    (a1, b1), (a2, b2), (a3, b3) = regions
+    assert seeks == pytest.approx([0, round((b1 - a1) * 100)], abs=2)
+    assert out.text == "t101 t102"
+    first, second = out.segments
+    assert first.start == pytest.approx(a2, abs=0.02) and a3 <= second.start < b3
+
+
+def test_a_window_ending_inside_the_last_region_moves_to_its_end() -> None:
+    out, seeks, _ = gated_windows([result([T(1), 100, T(9), T(12), 101, T(27)])])
+    assert seeks == [0] and out.text == "t100 t101"

@@ -43,6 +43,11 @@ class SpeechMap:
             return audio
         return np.concatenate([audio[start:end] for start, end in self.regions])
 
+    def next_start(self, t: float) -> float | None:
+        """Gated time at which the first region starting at or after gated time `t` begins."""
+        index = bisect.bisect_left(self._gated_starts, t)
+        return self._gated_starts[index] if index < len(self._gated_starts) else None
+
     def region_of(self, t: float, *, is_end: bool = False) -> int:
         """Index of the region a gated time falls in; an end exactly at a join belongs to the
         region before it."""

@@ -14,6 +14,7 @@ Everything model-specific is behind `submit` (decode one window, batched by the 
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
@@ -281,10 +282,16 @@ class Transcriber:
                 if result.language_probs:
                     language_prob = result.language_probs.get(result.language)
             if should_skip_window(outcome, options):
-                seek += segment_size
+                seek = self._next_region_seek(time_offset, seek, seek + segment_size)
                 continue
             previous_seek = seek
             raw, seek, single_ending = split_by_timestamps(result.tokens, tb, time_offset, segment_size, seek)
+            if single_ending and options.vad is not None:
+                # Whisper heard nothing after its last timestamp, but a speech region whose
+                # speech (past its padding) starts later in the window is still decoded
+                heard_until = time_offset + (result.tokens[-1] - tb) * TIME_PRECISION
+                seek = self._next_region_seek(heard_until - options.vad.speech_pad_ms / 1000,
+                                              previous_seek, seek)
             if content_frames - seek < MIN_TAIL_FRAMES:
                 if not single_ending:  # the text cut off at the last timestamp pair stays
                     keep_tail(raw, result.tokens, tb, time_offset + segment_size / FRAMES_PER_SECOND)
@@ -309,6 +316,22 @@ class Transcriber:
             if seek <= previous_seek:  # guarantee progress even on degenerate timestamp output
                 seek = previous_seek + segment_size
         return segments, window.language, language_prob
+
+    def _next_region_seek(self, earliest: float, seek: int, window_end: int) -> int:
+        """Where to go on when the decoder heard no speech in a window from some point on.
+
+        openai-whisper skips to the window's end. With gated audio the regions VAD found are
+        known: go to the first one that starts at or after gated time `earliest` and inside
+        the window, so one region judged silent (or a decoder that stops early) does not take
+        the regions after it along; else to `window_end`.
+        """
+        if self._speech_map is None:
+            return window_end
+        start = self._speech_map.next_start(max(earliest, (seek + 1) / FRAMES_PER_SECOND))
+        if start is None:
+            return window_end
+        # up to the next frame: a window that started a hair early would map to the region before
+        return min(math.ceil(start * FRAMES_PER_SECOND - 1e-6), window_end)
 
     async def _transcribe_vad(self, audio: np.ndarray, options: TranscribeOptions,
                               window: WindowOptions) -> tuple[list[Segment], str | None, float | None]:
