@@ -164,30 +164,35 @@ def test_folded_gpu_steps_match_the_unfolded_ones(rows: int) -> None:
 
 
 @cuda_only
-@pytest.mark.parametrize("int8_cross_kv", [False, True])
-def test_the_cuda_runner_follows_the_torch_reference(int8_cross_kv: bool) -> None:
+@pytest.mark.parametrize(("int8_cross_kv", "tolerance"), [(False, 0.1), (True, 0.2)])
+def test_the_cuda_runner_follows_the_torch_reference(int8_cross_kv: bool, tolerance: float) -> None:
     """Kernels, folded steps and int8 K/V read in place against the reference runner's torch ops
-    on the same GPU, in the same dtype."""
+    in float32 on the same GPU.
+
+    A wiring mistake (a wrong norm, bias, row or position) moves logits by about their own size.
+    Rounding moves them less, but this random model's decoder gains amplify it step by step: on
+    an H100 (2026-12-07), by the third step the reference runner in float16 was 1.6 % of the
+    largest logit off, the float16 CUDA runner 4.4 %, and 9.8 % with int8 cross-K/V.
+    """
     rows = 3
-    model = with_random_norms(random_model(0)).to("cuda", torch.float16)
-    reference = copy.deepcopy(model)
-    cache = DecoderCache(model.dims, rows, torch.device("cuda"), torch.float16,
-                         cross_dtype=torch.int8 if int8_cross_kv else None)
+    model = with_random_norms(random_model(0))
+    reference = copy.deepcopy(model).to("cuda", torch.float32)
+    cache = DecoderCache(model.dims, rows, torch.device("cuda"), torch.float32)
     with torch.inference_mode():
-        expected = decode_three_steps(with_cross_kv(ReferenceRunner(reference, cache), rows, "cuda", torch.float16),
+        expected = decode_three_steps(with_cross_kv(ReferenceRunner(reference, cache), rows, "cuda", torch.float32),
                                       rows, "cuda")
-        got = decode_three_steps(cuda_runner(model, rows, fold_norms=True, int8_cross_kv=int8_cross_kv), rows, "cuda")
-    assert_same_logits(expected, got)
+        runner = cuda_runner(model.to("cuda", torch.float16), rows, fold_norms=True, int8_cross_kv=int8_cross_kv)
+        got = decode_three_steps(runner, rows, "cuda")
+    assert_same_logits(expected, [g.float() for g in got], relative=tolerance)
 
 
-def assert_same_logits(expected: list[torch.Tensor], got: list[torch.Tensor]) -> None:
-    """Logits within fp16 rounding of each other, and the same next token unless the expected
-    logits themselves had a near-tie for it."""
+def assert_same_logits(expected: list[torch.Tensor], got: list[torch.Tensor], relative: float = 2e-2) -> None:
+    """Logits within `relative` of the largest expected logit, and the same next token unless the
+    expected logits had a near-tie for it (within twice that: each side may be off by it)."""
     for e, g in zip(expected, got, strict=True):
-        tolerance = 2e-2 * e.abs().max().item()
-        torch.testing.assert_close(g, e, rtol=2e-2, atol=tolerance)
-        # the same next token, unless the expected logits had a near-tie for it
+        tolerance = relative * e.abs().max().item()
+        torch.testing.assert_close(g, e, rtol=relative, atol=tolerance)
         e_last, g_last = e[:, -1], g[:, -1]
         chosen, expected_best = g_last.argmax(-1), e_last.argmax(-1)
         gap = e_last.gather(-1, expected_best[:, None]) - e_last.gather(-1, chosen[:, None])
-        assert bool(((chosen == expected_best) | (gap.squeeze(-1) <= tolerance)).all())
+        assert bool(((chosen == expected_best) | (gap.squeeze(-1) <= 2 * tolerance)).all())
