@@ -1,6 +1,6 @@
 """Speech gating: words invented on non-speech, and speech kept across long pauses.
 
-python -m bench.vad [--model tiny.en] [--clips 8] [--no-hour] [--no-fw] [--seed 0]
+python -m bench.vad [--model tiny.en] [--clips 8] [--no-hour] [--no-fw] [--seed 0] [--shuffle]
 
 One table; for each input, our service (a real server on a loopback port, the service's
 defaults, REST with verbose_json and word timestamps) beside faster-whisper with
@@ -66,7 +66,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=common.MODELS, default="tiny.en")
     p.add_argument("--clips", type=int, default=8, help="dev clips joined with pauses")
-    p.add_argument("--seed", type=int, default=0, help="seeds the pause lengths")
+    p.add_argument("--seed", type=int, default=0, help="seeds the pause lengths (and --shuffle)")
+    p.add_argument("--shuffle", action="store_true",
+                   help="join the clips in an order drawn from --seed instead of the manifest's: "
+                        "sequential decoding's WER moves by a few tenths with the order, so "
+                        "differences that small need several orders")
     p.add_argument("--no-hour", action="store_true", help="skip the hour of silence")
     p.add_argument("--no-fw", action="store_true", help="skip faster-whisper")
     p.add_argument("--env", action="append", default=[], metavar="WHISPER_X=V",
@@ -96,6 +100,8 @@ def make_inputs(args: argparse.Namespace, workdir: Path) -> list[Input]:
     inputs.append(Input("white-noise-10min", path, 600.0))
 
     items = common.load_manifest(limit=args.clips)
+    if args.shuffle:
+        items = [items[i] for i in rng.permutation(len(items))]
     audio = common.load_audio(items)
     reference = " ".join(item.text for item in items)
     pauses = rng.uniform(20.0, 60.0, max(0, len(audio) - 1))
