@@ -4,7 +4,8 @@ Two modes:
 - sequential: openai-whisper's timestamp seeking. Each window starts where the last complete
   segment ended, so no text is lost at 30 s cuts; optionally conditioned on previous text.
   With `options.vad`, only the speech regions Silero VAD finds are decoded, joined end to end,
-  and their timestamps mapped back (app.decoding.speech_map); no speech, no decoding.
+  and their timestamps mapped back (app.decoding.speech_map); no speech, no decoding. A
+  window the decoder ends early (or judges silent) goes on at the next region inside it.
 - vad: cut the audio at pauses into <= 30 s chunks and decode them all at once (batched).
 
 Everything model-specific is behind `submit` (decode one window, batched by the scheduler) and
