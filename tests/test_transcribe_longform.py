@@ -639,6 +639,6 @@ def test_a_region_judged_silent_does_not_skip_the_regions_after_it() -> None:
     assert first.start == pytest.approx(a2, abs=0.02) and a3 <= second.start < b3
 
 
-def test_a_window_ending_inside_the_last_region_moves_to_its_end() -> None:
+def test_a_window_ending_inside_the_last_region_is_its_last() -> None:
     out, seeks, _ = gated_windows([result([T(1), 100, T(9), T(12), 101, T(27)])])
     assert seeks == [0] and out.text == "t100 t101"
